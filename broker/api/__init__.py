@@ -1,0 +1,1 @@
+"""HTTP layer: each handler parses, calls one service, renders. Nothing else."""

@@ -1,0 +1,98 @@
+"""What every handler needs: the services, the caller's identity, a strictly parsed body."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from flask import current_app, request
+from pydantic import BaseModel, ValidationError
+
+from broker.errors import (
+    BodyTooLarge,
+    Forbidden,
+    InvalidTokenError,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from broker.identity import Identity, InvalidToken
+from broker.identity.types import IdentityUse
+from broker.services import Services
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def services() -> Services:
+    found: Services = current_app.extensions["broker.services"]
+    return found
+
+
+def caller(*uses: IdentityUse) -> Identity:
+    """Verify the bearer token and check that its issuer grants one of `uses` (SPEC §3)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidTokenError("missing bearer token")
+    try:
+        identity = services().verifier.verify(token.strip())
+    except InvalidToken as error:
+        raise InvalidTokenError(error.detail) from None
+    if not any(identity.may(use) for use in uses):
+        raise Forbidden(f"this token may not act as {' or '.join(uses)}")
+    return identity
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValidationFailed(f"duplicate keys in JSON body: {', '.join(duplicates)}")
+    return dict(pairs)
+
+
+def json_body(model: type[Model]) -> Model:
+    """Parse the body as JSON into `model`, refusing unknown fields and duplicate keys."""
+    mimetype = request.mimetype or ""
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType("send the body as application/json")
+    limit = services().settings.limits.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"the body may be at most {limit} bytes")
+    raw = request.get_data(cache=False)
+    if len(raw) > limit:
+        raise BodyTooLarge(f"the body may be at most {limit} bytes")
+    try:
+        data = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationFailed("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ValidationFailed("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ValidationFailed(describe_validation(error), errors=_safe_errors(error)) from None
+
+
+def query_args(model: type[Model]) -> Model:
+    data = {key: value for key, value in request.args.items()}
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ValidationFailed(describe_validation(error), errors=_safe_errors(error)) from None
+
+
+def describe_validation(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    if first["type"] == "extra_forbidden":
+        return f"unknown field '{where}'"
+    if first["type"] == "missing":
+        return f"'{where}' is required"
+    return f"'{where}': {first['msg'].removeprefix('Value error, ')}"
+
+
+def _safe_errors(error: ValidationError) -> list[dict[str, Any]]:
+    # The input values are left out on purpose: they may be long or hostile.
+    return [
+        {"field": ".".join(str(p) for p in item["loc"]), "problem": item["type"]} for item in error.errors()
+    ]

@@ -1,0 +1,133 @@
+"""Operator endpoints: the lease inventory, revocation, the kill switch, tasks and audit."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from flask import Blueprint, jsonify
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from broker.api.common import caller, json_body, query_args, services
+from broker.api.render import audit_json, lease_json, task_json
+from broker.errors import NotFound
+from broker.leases.service import Filters
+from broker.models import LEASE_STATES, TASK_STATES
+
+bp = Blueprint("operator", __name__)
+
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state: str | None = None
+    owner: str | None = None
+    workload: str | None = None
+    task: str | None = None
+    task_id: uuid.UUID | None = None
+    limit: Annotated[int, Field(ge=1)] | None = None
+    cursor: str | None = None
+
+    def filters(self) -> Filters:
+        return Filters(self.state, self.owner, self.workload, self.task, self.task_id)
+
+
+class LeaseQuery(ListQuery):
+    @field_validator("state")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        if value is not None and value not in LEASE_STATES:
+            raise ValueError(f"must be one of {', '.join(LEASE_STATES)}")
+        return value
+
+
+class TaskQuery(ListQuery):
+    @field_validator("state")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        if value is not None and value not in TASK_STATES:
+            raise ValueError(f"must be one of {', '.join(TASK_STATES)}")
+        return value
+
+
+class AuditQuery(ListQuery):
+    since: datetime | None = None
+    event: str | None = None
+
+
+class RevokeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    reason: Reason
+
+
+class KillSwitchBody(RevokeBody):
+    workload: Annotated[str, StringConstraints(min_length=1)] | None = None
+    owner: Annotated[str, StringConstraints(min_length=1)] | None = None
+    task: Annotated[str, StringConstraints(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _scoped(self) -> KillSwitchBody:
+        if self.workload is None and self.owner is None and self.task is None:
+            raise ValueError("name at least one of 'workload', 'owner' or 'task'")
+        return self
+
+
+def _lease_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound("no such lease") from None
+
+
+@bp.get("/leases")
+def list_leases() -> Any:
+    caller("operator")
+    query = query_args(LeaseQuery)
+    found = services().operator.leases(query.filters(), query.cursor, query.limit)
+    return jsonify(items=[lease_json(lease) for lease in found.items], next_cursor=found.next_cursor)
+
+
+@bp.get("/leases/<lease_id>")
+def get_lease(lease_id: str) -> Any:
+    caller("operator")
+    return jsonify(lease_json(services().operator.lease(_lease_id(lease_id))))
+
+
+@bp.post("/leases/<lease_id>/revoke")
+def revoke_lease(lease_id: str) -> Any:
+    operator = caller("operator")
+    body = json_body(RevokeBody)
+    lease = services().operator.revoke_lease(operator, _lease_id(lease_id), body.reason)
+    return jsonify(lease_json(lease))
+
+
+@bp.post("/leases/revoke")
+def kill_switch() -> Any:
+    operator = caller("operator")
+    body = json_body(KillSwitchBody)
+    result = services().operator.kill_switch(
+        operator, body.reason, workload=body.workload, owner=body.owner, task=body.task
+    )
+    return jsonify(
+        tasks=[str(task_id) for task_id in result.tasks],
+        revoked=result.revoked,
+        revoke_pending=result.pending,
+    )
+
+
+@bp.get("/tasks")
+def list_tasks() -> Any:
+    caller("operator")
+    query = query_args(TaskQuery)
+    found = services().operator.tasks(query.filters(), query.cursor, query.limit)
+    return jsonify(items=[task_json(task) for task in found.items], next_cursor=found.next_cursor)
+
+
+@bp.get("/audit")
+def list_audit() -> Any:
+    caller("operator")
+    query = query_args(AuditQuery)
+    found = services().operator.audit(query.filters(), query.since, query.event, query.cursor, query.limit)
+    return jsonify(items=[audit_json(row) for row in found.items], next_cursor=found.next_cursor)

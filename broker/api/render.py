@@ -1,0 +1,107 @@
+"""JSON shapes of SPEC §5. Secret values appear only in `credentials`, built per response."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from broker.clock import rfc3339
+from broker.models import AuditEvent, Lease, Task
+
+
+def lease_json(lease: Lease) -> dict[str, Any]:
+    return {
+        "id": str(lease.id),
+        "task_id": str(lease.task_id),
+        "task": lease.task,
+        "name": lease.name,
+        "kind": lease.kind,
+        "workload": lease.workload,
+        "owner": lease.owner,
+        "purpose": lease.purpose,
+        "state": lease.state,
+        "issued_at": rfc3339(lease.issued_at),
+        "expires_at": rfc3339(lease.expires_at),
+        "revoked_at": rfc3339(lease.revoked_at),
+        "revoke_attempts": lease.revoke_attempts,
+        "last_error": lease.last_error,
+        "next_attempt_at": rfc3339(lease.next_attempt_at),
+        "revoke_reason": lease.revoke_reason,
+        "vault_lease_id": lease.vault_lease_id,
+    }
+
+
+def task_json(task: Task, *, with_leases: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "task_id": str(task.id),
+        "task": task.task,
+        "state": task.state,
+        "workload": task.workload,
+        "owner": task.owner,
+        "purpose": task.purpose,
+        "context": task.context,
+        "ttl_seconds": task.ttl_seconds,
+        "created_at": rfc3339(task.created_at),
+        "expires_at": rfc3339(task.expires_at),
+        "finished_at": rfc3339(task.finished_at),
+        "outcome": task.outcome,
+        "end_reason": task.end_reason,
+        "approval_expires_at": rfc3339(task.approval_expires_at),
+        "approval": _approval_json(task),
+    }
+    if with_leases:
+        body["leases"] = [lease_json(lease) for lease in task.leases]
+    return body
+
+
+def _approval_json(task: Task) -> dict[str, Any] | None:
+    if task.approval_expires_at is None:
+        return None
+    if any(a.decision == "deny" for a in task.approvals):
+        state = "denied"
+    elif task.claimed_at is not None:
+        state = "claimed"
+    elif task.approved_at is not None:
+        state = "approved"
+    elif task.state == "approval_expired":
+        state = "lapsed"
+    else:
+        state = "pending"
+    return {
+        "state": state,
+        "expires_at": rfc3339(task.approval_expires_at),
+        "approved_at": rfc3339(task.approved_at),
+        "claimed_at": rfc3339(task.claimed_at),
+        "decisions": [
+            {
+                "approver": a.approver,
+                "decision": a.decision,
+                "reason": a.reason,
+                "at": rfc3339(a.created_at),
+            }
+            for a in task.approvals
+        ],
+    }
+
+
+def credentials_json(credentials: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        name: {"kind": item.kind, "data": dict(item.data), "expires_at": rfc3339(item.expires_at)}
+        for name, item in credentials.items()
+    }
+
+
+def audit_json(row: AuditEvent) -> dict[str, Any]:
+    return {
+        "id": str(row.id),
+        "seq": row.seq,
+        "at": rfc3339(row.at),
+        "event": row.event,
+        "actor": row.actor,
+        "task_id": str(row.task_id) if row.task_id else None,
+        "lease_id": str(row.lease_id) if row.lease_id else None,
+        "owner": row.owner,
+        "purpose": row.purpose,
+        "detail": row.detail,
+        "hash": row.hash,
+    }

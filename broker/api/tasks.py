@@ -1,0 +1,72 @@
+"""Workload endpoints: /task/start, /task/claim, /task/finish, GET /task/{id}."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from broker.api.common import caller, json_body, services
+from broker.api.render import credentials_json, task_json
+from broker.clock import rfc3339
+from broker.errors import NotFound
+from broker.tasks.schemas import FinishTask, StartTask, TaskRef
+from broker.tasks.service import TaskService
+
+bp = Blueprint("tasks", __name__)
+
+
+def task_service() -> TaskService:
+    return services().tasks
+
+
+@bp.post("/task/start")
+def start() -> Any:
+    identity = caller("workload")
+    body = json_body(StartTask)
+    result = task_service().start(identity, body)
+    task = result.task
+    if result.credentials is None:
+        return jsonify(
+            task_id=str(task.id),
+            state=task.state,
+            task=task.task,
+            owner=task.owner,
+            purpose=task.purpose,
+            workload=task.workload,
+            approval_expires_at=rfc3339(task.approval_expires_at),
+        ), 202
+    response = task_json(task)
+    response["credentials"] = credentials_json(result.credentials)
+    return jsonify(response), 201
+
+
+@bp.post("/task/claim")
+def claim() -> Any:
+    identity = caller("workload")
+    body = json_body(TaskRef)
+    result = task_service().claim(identity, body.task_id)
+    response = task_json(result.task)
+    response["credentials"] = credentials_json(result.credentials or {})
+    return jsonify(response)
+
+
+@bp.post("/task/finish")
+def finish() -> Any:
+    identity = caller("workload")
+    body = json_body(FinishTask)
+    return jsonify(task_json(task_service().finish(identity, body.task_id, body.outcome)))
+
+
+@bp.get("/task/<task_id>")
+def read(task_id: str) -> Any:
+    identity = caller("workload", "operator")
+    return jsonify(task_json(task_service().get(identity, parse_task_id(task_id))))
+
+
+def parse_task_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound("no such task") from None

@@ -1,0 +1,39 @@
+"""The Flask application factory. No import-time side effects: everything hangs off Services."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from broker.config import Settings
+from broker.errors import register_error_handlers
+from broker.services import Services, build_services
+
+SERVICES_KEY = "broker.services"
+
+
+def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Flask:
+    if services is None:
+        if settings is None:
+            from broker.config import load_settings
+
+            settings = load_settings()
+        services = build_services(settings)
+    app = Flask("broker")
+    app.config.update(
+        MAX_CONTENT_LENGTH=services.settings.limits.max_body_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions[SERVICES_KEY] = services
+    logging.getLogger("broker").setLevel(services.settings.log_level)
+    register_error_handlers(app)
+    _register_blueprints(app)
+    return app
+
+
+def _register_blueprints(app: Flask) -> None:
+    from broker.api import approvals, health, operator, tasks
+
+    for blueprint in (health.bp, tasks.bp, approvals.bp, operator.bp):
+        app.register_blueprint(blueprint)

@@ -1,0 +1,1 @@
+"""Approvals: a different identity must say yes before a high-risk task gets anything."""

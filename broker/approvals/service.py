@@ -1,0 +1,135 @@
+"""Deciding on pending tasks (SPEC §6.5).
+
+An approval covers one task and its exact request (the request hash), once, until it
+lapses. The approver must differ from the requesting workload and from the owner, and
+must satisfy the task type's `approval.approvers` rule. One `deny` ends the task.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.audit import record
+from broker.clock import Clock
+from broker.db import unit_of_work
+from broker.errors import Conflict, Forbidden, NotFound
+from broker.identity import Identity
+from broker.models import Approval, Task
+from broker.policy import PolicyStore, UnknownTask, approver_allowed
+
+
+def _names_of(identity: Identity) -> set[str]:
+    """Every name under which this human or workload might appear as a requester or owner."""
+    names = {identity.id, identity.subject}
+    for claim in ("email", "preferred_username", "upn"):
+        value = identity.claims.get(claim)
+        if isinstance(value, str) and value:
+            names.add(value)
+    return {name.casefold() for name in names}
+
+
+class ApprovalService:
+    def __init__(self, sessions: sessionmaker[Session], policies: PolicyStore, clock: Clock) -> None:
+        self._sessions = sessions
+        self._policies = policies
+        self._clock = clock
+
+    def decide(self, approver: Identity, task_id: uuid.UUID, decision: str, reason: str) -> Task:
+        with unit_of_work(self._sessions) as session:
+            task = session.get(Task, task_id, with_for_update=True, populate_existing=True)
+            if task is None:
+                raise NotFound("no such task")
+            self._check_may_decide(approver, task)
+            if any(a.approver == approver.id for a in task.approvals):
+                raise Conflict("this approver has already decided on this task")
+            now = session.scalar(select(func.now()))
+            assert now is not None
+            if task.approval_expires_at is not None and task.approval_expires_at <= now:
+                raise Conflict("the approval window has lapsed; the workload must start a new task")
+            if task.approved_at is not None:
+                raise Conflict("the task is already approved")
+            session.add(
+                Approval(
+                    id=uuid.uuid4(),
+                    task_id=task.id,
+                    approver=approver.id,
+                    decision=decision,
+                    reason=reason,
+                    request_hash=task.request_hash,
+                    created_at=now,
+                )
+            )
+            session.flush()
+            session.refresh(task, attribute_names=["approvals"])
+            self._apply(session, approver, task, decision, reason, now)
+            return task
+
+    def _apply(
+        self, session: Session, approver: Identity, task: Task, decision: str, reason: str, now: object
+    ) -> None:
+        detail = {"decision": decision, "reason": reason}
+        if decision == "deny":
+            task.state, task.finished_at, task.end_reason = "denied", now, f"denied: {reason}"  # type: ignore[assignment]
+            record(session, self._clock, "approval.denied", approver.id, task=task, detail=detail)
+            return
+        approvals = {a.approver for a in task.approvals if a.decision == "approve"}
+        needed = self._min_approvals(task)
+        record(
+            session,
+            self._clock,
+            "approval.granted",
+            approver.id,
+            task=task,
+            detail={**detail, "approvals": len(approvals), "needed": needed},
+        )
+        if len(approvals) >= needed:
+            task.approved_at = now  # type: ignore[assignment]
+            record(session, self._clock, "task.approved", approver.id, task=task)
+
+    def _check_may_decide(self, approver: Identity, task: Task) -> None:
+        if task.state != "pending_approval" or task.claimed_at is not None:
+            raise Conflict(f"the task is {task.state}; there is nothing to decide")
+        # Separation of duties: neither the requester nor the accountable owner approves.
+        if task.workload in {approver.id, approver.subject}:
+            raise Forbidden("the requesting workload can't approve its own task")
+        if task.owner.casefold() in _names_of(approver):
+            raise Forbidden("the task's owner can't approve it")
+        try:
+            compiled = self._policies.current().task(task.task)
+        except UnknownTask:
+            raise Conflict("the task type is no longer in the policy") from None
+        verdict = approver_allowed(compiled, approver)
+        if not verdict.passed:
+            raise Forbidden(f"not an approver for this task type: {verdict.detail}")
+
+    def _min_approvals(self, task: Task) -> int:
+        try:
+            approval = self._policies.current().task(task.task).approval
+        except UnknownTask:
+            return 1
+        return approval.min_approvals if approval is not None else 1
+
+    def pending_for(self, approver: Identity, limit: int = 100) -> Sequence[Task]:
+        """Tasks waiting for a decision that this approver may make."""
+        with unit_of_work(self._sessions) as session:
+            rows = session.scalars(
+                select(Task)
+                .where(Task.state == "pending_approval", Task.approved_at.is_(None))
+                .where(Task.approval_expires_at > func.now())
+                .order_by(Task.created_at)
+                .limit(limit * 4)
+            ).all()
+        visible = []
+        for task in rows:
+            try:
+                self._check_may_decide(approver, task)
+            except (Forbidden, Conflict):
+                continue
+            if any(a.approver == approver.id for a in task.approvals):
+                continue
+            visible.append(task)
+        return visible[:limit]

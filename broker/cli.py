@@ -1,0 +1,161 @@
+"""The `broker` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from broker.config import ConfigError, Settings, load_settings
+
+CONFIG_HELP = "YAML config file (default: $BROKER_CONFIG)."
+
+
+def _settings(config: str | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as error:
+        click.echo(str(error), err=True)
+        sys.exit(2)
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="""\b
+Quick start:
+  broker dev                         # a whole local stack, with a worked example
+  broker migrate --config broker.yaml
+  broker serve --config broker.yaml --bind 0.0.0.0:8080 --workers 4
+  broker policy check policy.yaml
+  broker audit verify --config broker.yaml
+""",
+)
+@click.version_option(package_name="credential-broker")
+def main() -> None:
+    """Credential Broker: task-scoped, short-lived Vault/OpenBao credentials for attested workloads.
+
+    Configuration comes from one YAML file (--config or $BROKER_CONFIG); the environment
+    variables BROKER_DATABASE_URL, BROKER_VAULT_ADDR, BROKER_VAULT_TOKEN and
+    BROKER_POLICY_FILE override single keys.
+    """
+
+
+@main.command()
+@click.option("--config", "config", envvar="BROKER_CONFIG", help=CONFIG_HELP)
+@click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to listen on.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
+@click.option(
+    "--threads", default=4, show_default=True, type=click.IntRange(1, 64), help="Threads per worker."
+)
+@click.option(
+    "--no-scheduler",
+    is_flag=True,
+    help="Don't run the revocation scheduler here (run `broker scheduler` elsewhere).",
+)
+def serve(config: str | None, bind: str, workers: int, threads: int, no_scheduler: bool) -> None:
+    """Run the API under gunicorn, with the revocation scheduler beside it.
+
+    Run any number of replicas against one database: the scheduler claims work with
+    row locks, so no lease is revoked twice or missed. SIGHUP reloads the policy.
+    """
+    settings = _settings(config)
+    _logging(settings)
+    _check_policy(settings)
+    from broker.server import serve as run
+
+    run(settings, config, bind=bind, workers=workers, threads=threads, with_scheduler=not no_scheduler)
+
+
+@main.command()
+@click.option("--config", "config", envvar="BROKER_CONFIG", help=CONFIG_HELP)
+def scheduler(config: str | None) -> None:
+    """Run the revocation scheduler alone (deadlines, retries, lapsed approvals, orphans)."""
+    settings = _settings(config)
+    _logging(settings)
+    _check_policy(settings)
+    from broker.scheduler.runner import SchedulerRunner
+    from broker.services import build_services
+
+    services = build_services(settings, pool_size=settings.scheduler.revoke_workers + 4)
+    SchedulerRunner(services).run_forever()
+
+
+@main.command()
+@click.option("--config", "config", envvar="BROKER_CONFIG", help=CONFIG_HELP)
+def migrate(config: str | None) -> None:
+    """Bring the database schema to head (safe to run from several replicas at once)."""
+    settings = _settings(config)
+    from broker.migrate import current_revision, upgrade_to_head
+
+    try:
+        upgrade_to_head(settings.sqlalchemy_url)
+    except Exception as error:
+        click.echo(f"migrate: failed: {type(error).__name__}: {str(error).splitlines()[0]}", err=True)
+        sys.exit(1)
+    click.echo(f"database at revision {current_revision(settings.sqlalchemy_url)}")
+
+
+def _check_policy(settings: Settings) -> None:
+    from broker.policy import PolicyError, load_policy
+
+    try:
+        load_policy(settings.policy_file)
+    except PolicyError as error:
+        click.echo(f"policy_file: {error}", err=True)
+        sys.exit(2)
+
+
+@main.group()
+def audit() -> None:
+    """The tamper-evident audit log."""
+
+
+@audit.command("verify")
+@click.option("--config", "config", envvar="BROKER_CONFIG", help=CONFIG_HELP)
+def audit_verify(config: str | None) -> None:
+    """Walk the audit hash chain; exit 1 if any row was changed, inserted or deleted.
+
+    With an audit key ($BROKER_AUDIT_KEY by default) the chain is HMAC-keyed; run verify
+    with the same key in the environment.
+    """
+    settings = _settings(config)
+    import os
+
+    from broker.audit import verify_chain
+    from broker.db import make_engine, make_session_factory, unit_of_work
+
+    key = os.environ.get(settings.audit.key_env, "").encode() or None
+    engine = make_engine(settings.sqlalchemy_url, pool_size=1)
+    with unit_of_work(make_session_factory(engine)) as session:
+        report = verify_chain(session, key)
+    for problem in report.problems:
+        click.echo(f"seq {problem.seq}: {problem.problem}")
+    if report.ok:
+        click.echo(f"ok: {report.checked} audit events, chain intact")
+        return
+    click.echo(f"TAMPERED: {len(report.problems)} problem(s) in {report.checked} events", err=True)
+    sys.exit(1)
+
+
+def _attach_optional_groups() -> None:
+    from broker.policy.cli import policy
+
+    main.add_command(policy)
+    try:
+        from broker.devcli import dev
+    except ImportError:  # pragma: no cover - dev extras missing
+        return
+    main.add_command(dev)
+
+
+_attach_optional_groups()
+
+
+def run(*args: Any) -> None:  # pragma: no cover
+    main(*args)

@@ -1,0 +1,259 @@
+"""Typed settings: one YAML file plus a few environment overrides (SPEC §2).
+
+Every key is validated at start-up; an unknown or bad key stops the process with a
+one-line message naming it, because a silently ignored typo in a security service
+(say `single_use` spelt `singel_use`) is a hole nobody sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IdentityUse = Literal["workload", "approver", "operator"]
+
+# Asymmetric algorithms only: `none` and HMAC are refused whatever the config says (SPEC §3).
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+# JWT-SVIDs are RS/ES/PS only (SPIFFE JWT-SVID §2.1).
+SPIFFE_ALGORITHMS = ASYMMETRIC_ALGORITHMS - {"EdDSA"}
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as one line that names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VaultAuth(_Strict):
+    method: Literal["token", "approle", "kubernetes"] = "token"
+    token: str | None = None
+    role_id: str | None = None
+    secret_id: str | None = None
+    role: str | None = None
+    mount: str | None = None  # auth mount path; defaults to the method name
+    jwt_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+    @model_validator(mode="after")
+    def _complete(self) -> VaultAuth:
+        needed = {"token": ["token"], "approle": ["role_id", "secret_id"], "kubernetes": ["role"]}
+        for key in needed[self.method]:
+            if not getattr(self, key):
+                raise ValueError(f"method {self.method!r} needs '{key}'")
+        return self
+
+
+class VaultSettings(_Strict):
+    addr: str
+    auth: VaultAuth
+    namespace: str | None = None
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # Token role the per-task tokens are created through (orphan, non-renewable).
+    task_token_role: str = "broker-task"  # noqa: S105 (a role name, not a secret)
+    # Prefix of the Vault ACL policies the broker writes for each task type.
+    policy_prefix: str = "broker-task-"
+    verify_tls: bool = True
+
+
+class IssuerSettings(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+    issuer: Annotated[str, Field(min_length=1)]
+    jwks_file: Path | None = None
+    jwks_uri: str | None = None
+    audiences: Annotated[list[str], Field(min_length=1)]
+    kind: Literal["spiffe", "oidc"] = "oidc"
+    trust_domain: str | None = None
+    groups_claim: str = "groups"
+    use: list[IdentityUse]
+    single_use: bool = False
+    algorithms: list[str] | None = None
+    # Refuse tokens whose exp - iat exceeds this (e.g. year-long Kubernetes tokens).
+    max_token_lifetime_seconds: int | None = Field(default=None, gt=0)
+    jwks_cache_seconds: int = Field(default=300, gt=0)
+    jwks_refresh_cooldown_seconds: int = Field(default=30, ge=0)
+    jwks_stale_seconds: int = Field(default=3600, ge=0)
+
+    @field_validator("use", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            bad = sorted(set(value) - ASYMMETRIC_ALGORITHMS)
+            if bad or not value:
+                raise ValueError(f"only asymmetric algorithms are allowed, not {bad or 'none'}")
+        return value
+
+    @model_validator(mode="after")
+    def _key_source(self) -> IssuerSettings:
+        if (self.jwks_file is None) == (self.jwks_uri is None):
+            raise ValueError("exactly one of 'jwks_file' or 'jwks_uri' is required")
+        if self.jwks_uri is not None and not self.jwks_uri.startswith(("https://", "http://")):
+            raise ValueError("'jwks_uri' must be an http(s) URL")
+        if self.kind == "spiffe" and not self.trust_domain:
+            raise ValueError("kind 'spiffe' needs 'trust_domain'")
+        if self.kind == "spiffe" and self.algorithms:
+            bad = sorted(set(self.algorithms) - SPIFFE_ALGORITHMS)
+            if bad:
+                raise ValueError(f"JWT-SVIDs allow RS/ES/PS algorithms only, not {bad}")
+        return self
+
+    @property
+    def allowed_algorithms(self) -> list[str]:
+        if self.algorithms:
+            return list(self.algorithms)
+        return sorted(SPIFFE_ALGORITHMS if self.kind == "spiffe" else ASYMMETRIC_ALGORITHMS)
+
+
+class OperatorSettings(_Strict):
+    groups: list[str] = Field(default_factory=list)
+
+
+class LimitSettings(_Strict):
+    max_body_bytes: int = Field(default=65536, gt=0)
+    clock_skew_seconds: int = Field(default=30, ge=0, le=300)
+    max_token_bytes: int = Field(default=8192, gt=0)
+    max_context_bytes: int = Field(default=8192, gt=0)
+
+
+class SchedulerSettings(_Strict):
+    sweep_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    revoke_workers: int = Field(default=8, ge=1, le=64)
+    batch_size: int = Field(default=200, ge=1, le=5000)
+    retry_base_seconds: float = Field(default=2.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    # Vault leases no task owns are revoked only after this grace, so a start that is
+    # still between Vault and its commit is never raced.
+    orphan_grace_seconds: int = Field(default=120, ge=0)
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0)
+
+
+class NotifySettings(_Strict):
+    webhook_url: str
+    secret_env: str | None = None
+    timeout_seconds: float = Field(default=3.0, gt=0, le=30)
+
+
+class AuditSettings(_Strict):
+    # Name of the environment variable holding the HMAC key for the audit chain. Without
+    # the key the chain is plain SHA-256: it still detects edits by anyone who doesn't
+    # recompute every later link, but a database admin could; with a key, they can't.
+    key_env: str = "BROKER_AUDIT_KEY"
+
+
+class Settings(_Strict):
+    database_url: str
+    vault: VaultSettings
+    policy_file: Path
+    issuers: list[IssuerSettings] = Field(default_factory=list)
+    operators: OperatorSettings = Field(default_factory=OperatorSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    notify: NotifySettings | None = None
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str) -> str:
+        if not value.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_issuers(self) -> Settings:
+        names = [i.name for i in self.issuers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"issuer names must be unique: {dupes}")
+        isses = [i.issuer for i in self.issuers]
+        if len(set(isses)) != len(isses):
+            raise ValueError("two issuers share one 'issuer' (iss) value")
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL with the psycopg 3 driver spelled out."""
+        url = self.database_url
+        for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+
+ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
+    "BROKER_DATABASE_URL": ("database_url",),
+    "BROKER_VAULT_ADDR": ("vault", "addr"),
+    "BROKER_VAULT_TOKEN": ("vault", "auth", "token"),
+    "BROKER_POLICY_FILE": ("policy_file",),
+}
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    for var, path in ENV_OVERRIDES.items():
+        if var not in env:
+            continue
+        node = raw
+        for key in path[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+        node[path[-1]] = env[var]
+        if var == "BROKER_VAULT_TOKEN":
+            node.setdefault("method", "token")
+    return raw
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"config: unknown key '{key}' (check its spelling)"
+    if kind == "missing":
+        return f"config: missing required key '{key}'"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"config: bad value for '{key}': {message}"
+
+
+def settings_from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+    data = _apply_env(copy.deepcopy(dict(raw)), os.environ if env is None else env)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read the YAML named by `path` or `BROKER_CONFIG`, apply env overrides, validate."""
+    environ = os.environ if env is None else env
+    source = path or environ.get("BROKER_CONFIG")
+    raw: Any = {}
+    if source:
+        try:
+            raw = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise ConfigError(f"config: cannot read {source}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config: {source} is not valid YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: {source} must hold a mapping at the top level")
+    return settings_from_mapping(raw, environ)

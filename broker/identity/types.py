@@ -1,0 +1,32 @@
+"""What a verified attestation tells the rest of the broker."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+IdentityUse = Literal["workload", "approver", "operator"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A caller proven by a verified JWT.
+
+    `id` is `<issuer name>:<sub>`, or the bare SPIFFE ID for `spiffe` issuers (SPEC §3).
+    """
+
+    id: str
+    issuer_name: str
+    issuer: str
+    subject: str
+    kind: Literal["spiffe", "oidc"]
+    uses: frozenset[IdentityUse]
+    groups: frozenset[str]
+    claims: Mapping[str, Any] = field(repr=False)
+    expires_at: datetime
+    jti: str | None = None
+
+    def may(self, use: IdentityUse) -> bool:
+        return use in self.uses

@@ -1,0 +1,1 @@
+"""Leases: revocation (shared by finish, the scheduler and operators) and the inventory."""

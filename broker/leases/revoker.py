@@ -1,0 +1,131 @@
+"""Revocation, the one place a lease or a task dies.
+
+`/task/finish`, the deadline sweep, the retry sweep and operators all end up here, so the
+rules hold everywhere: revoke synchronously; what Vault won't revoke now is
+`revoke_pending` with a backoff, never forgotten; the task's Vault token goes last.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from broker import metrics
+from broker.audit import record
+from broker.clock import Clock
+from broker.models import Lease, Task
+from broker.vault import RevokeHandle, VaultError, VaultGateway
+
+log = logging.getLogger(__name__)
+
+TERMINAL_TASK_STATES = frozenset({"finished", "expired", "revoked", "denied", "approval_expired", "failed"})
+
+
+@dataclass(frozen=True)
+class Backoff:
+    base_seconds: float = 2.0
+    max_seconds: float = 300.0
+
+    def delay(self, attempts: int) -> float:
+        """Capped exponential backoff with full jitter, so a Vault outage ends without a stampede."""
+        ceiling = min(self.max_seconds, self.base_seconds * 2 ** max(0, attempts - 1))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not crypto)
+
+
+class Revoker:
+    def __init__(self, vault: VaultGateway, clock: Clock, backoff: Backoff | None = None) -> None:
+        self._vault = vault
+        self._clock = clock
+        self._backoff = backoff or Backoff()
+
+    def end_task(
+        self,
+        session: Session,
+        task: Task,
+        *,
+        state: str,
+        actor: str,
+        reason: str,
+        trigger: str,
+        outcome: str | None = None,
+    ) -> None:
+        """Move an open task to `state` and revoke everything it holds. Idempotent."""
+        if task.state in TERMINAL_TASK_STATES:
+            return
+        now = self._clock.now()
+        task.state, task.finished_at, task.end_reason = state, now, reason
+        if outcome is not None:
+            task.outcome = outcome
+        for lease in task.leases:
+            self.revoke_lease(session, lease, actor=actor, reason=reason, trigger=trigger)
+        self.revoke_token_if_clear(task)
+        record(
+            session,
+            self._clock,
+            f"task.{state}",
+            actor,
+            task=task,
+            detail={"reason": reason, "outcome": task.outcome, "trigger": trigger},
+        )
+        metrics.TASKS_FINISHED.labels(state).inc()
+
+    def revoke_lease(self, session: Session, lease: Lease, *, actor: str, reason: str, trigger: str) -> bool:
+        """Revoke one lease now; on failure park it in `revoke_pending`. True when revoked."""
+        if lease.state == "revoked":
+            return True
+        now = self._clock.now()
+        lease.revoke_attempts += 1
+        lease.revoke_reason = lease.revoke_reason or reason
+        try:
+            self._vault.revoke(RevokeHandle(kind=lease.revoke_kind, ref=lease.revoke_ref))  # type: ignore[arg-type]
+        except VaultError as error:
+            self._park(lease, now, str(error))
+            metrics.REVOKE_FAILURES.inc()
+            metrics.REVOCATIONS.labels(trigger, "pending").inc()
+            record(
+                session,
+                self._clock,
+                "lease.revoke_failed",
+                actor,
+                lease=lease,
+                detail={"attempt": lease.revoke_attempts, "error": lease.last_error, "trigger": trigger},
+            )
+            return False
+        lease.state, lease.revoked_at, lease.next_attempt_at = "revoked", now, None
+        metrics.REVOCATIONS.labels(trigger, "revoked").inc()
+        record(
+            session,
+            self._clock,
+            "lease.revoked",
+            actor,
+            lease=lease,
+            detail={"reason": reason, "trigger": trigger, "attempts": lease.revoke_attempts},
+        )
+        return True
+
+    def revoke_token_if_clear(self, task: Task) -> bool:
+        """Revoke the task's Vault token once none of its leases is waiting on a retry.
+
+        While a lease is `revoke_pending` the token stays: its lease id is how we retry, and
+        revoking the token would only queue the same backend call inside Vault.
+        """
+        if task.token_accessor is None or task.token_revoked_at is not None:
+            return True
+        if any(lease.state != "revoked" for lease in task.leases):
+            return False
+        try:
+            self._vault.revoke_task_token(task.token_accessor)
+        except VaultError as error:
+            log.warning("task token revoke failed for task %s: %s", task.id, error)
+            return False
+        task.token_revoked_at = self._clock.now()
+        return True
+
+    def _park(self, lease: Lease, now: datetime, error: str) -> None:
+        lease.state = "revoke_pending"
+        lease.last_error = error[:500]
+        lease.next_attempt_at = now + timedelta(seconds=self._backoff.delay(lease.revoke_attempts))

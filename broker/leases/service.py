@@ -1,0 +1,188 @@
+"""The operator's view: inventory of tasks, leases and audit, single revoke and kill switch."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.audit import record
+from broker.clock import Clock
+from broker.db import unit_of_work
+from broker.errors import NotFound
+from broker.identity import Identity
+from broker.leases.paging import clamp_limit, encode_cursor, page
+from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
+from broker.models import TASK_OPEN_STATES, AuditEvent, Lease, Task
+
+Row = TypeVar("Row")
+
+
+@dataclass(frozen=True)
+class Page(Generic[Row]):
+    items: Sequence[Row]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class Filters:
+    state: str | None = None
+    owner: str | None = None
+    workload: str | None = None
+    task: str | None = None
+    task_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class KillResult:
+    tasks: list[uuid.UUID]
+    revoked: int
+    pending: int
+
+
+class OperatorService:
+    def __init__(self, sessions: sessionmaker[Session], revoker: Revoker, clock: Clock) -> None:
+        self._sessions = sessions
+        self._revoker = revoker
+        self._clock = clock
+
+    # ---- inventory ---------------------------------------------------------------------
+
+    def leases(self, filters: Filters, cursor: str | None, limit: int | None) -> Page[Lease]:
+        query = select(Lease)
+        for column, value in (
+            (Lease.state, filters.state),
+            (Lease.owner, filters.owner),
+            (Lease.workload, filters.workload),
+            (Lease.task, filters.task),
+            (Lease.task_id, filters.task_id),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        return self._page(query, Lease.issued_at, Lease.id, cursor, limit, lambda r: (r.issued_at, r.id))
+
+    def tasks(self, filters: Filters, cursor: str | None, limit: int | None) -> Page[Task]:
+        query = select(Task)
+        for column, value in (
+            (Task.state, filters.state),
+            (Task.owner, filters.owner),
+            (Task.workload, filters.workload),
+            (Task.task, filters.task),
+            (Task.id, filters.task_id),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        return self._page(query, Task.created_at, Task.id, cursor, limit, lambda r: (r.created_at, r.id))
+
+    def audit(
+        self,
+        filters: Filters,
+        since: datetime | None,
+        event: str | None,
+        cursor: str | None,
+        limit: int | None,
+    ) -> Page[AuditEvent]:
+        query = select(AuditEvent)
+        if filters.task_id is not None:
+            query = query.where(AuditEvent.task_id == filters.task_id)
+        if filters.owner is not None:
+            query = query.where(AuditEvent.owner == filters.owner)
+        if filters.workload is not None:
+            query = query.where(AuditEvent.actor == filters.workload)
+        if since is not None:
+            query = query.where(AuditEvent.at >= since)
+        if event is not None:
+            query = query.where(AuditEvent.event == event)
+        return self._page(
+            query, AuditEvent.at, AuditEvent.seq, cursor, limit, lambda r: (r.at, r.seq), key_type=int
+        )
+
+    def lease(self, lease_id: uuid.UUID) -> Lease:
+        with unit_of_work(self._sessions) as session:
+            lease = session.get(Lease, lease_id)
+            if lease is None:
+                raise NotFound("no such lease")
+            return lease
+
+    def _page(
+        self,
+        query: Any,
+        at: Any,
+        key: Any,
+        cursor: str | None,
+        limit: int | None,
+        position: Any,
+        key_type: type = uuid.UUID,
+    ) -> Page[Any]:
+        size = clamp_limit(limit)
+        with unit_of_work(self._sessions) as session:
+            rows = list(session.scalars(page(query, at, key, cursor, size, key_type=key_type)).all())
+        next_cursor = None
+        if len(rows) > size:
+            rows = rows[:size]
+            next_cursor = encode_cursor(*position(rows[-1]))
+        return Page(rows, next_cursor)
+
+    # ---- revocation --------------------------------------------------------------------
+
+    def revoke_lease(self, operator: Identity, lease_id: uuid.UUID, reason: str) -> Lease:
+        with unit_of_work(self._sessions) as session:
+            lease = session.get(Lease, lease_id, with_for_update=True)
+            if lease is None:
+                raise NotFound("no such lease")
+            task = session.get(Task, lease.task_id, with_for_update=True, populate_existing=True)
+            assert task is not None
+            why = f"revoked by operator: {reason}"
+            self._revoker.revoke_lease(session, lease, actor=operator.id, reason=why, trigger="operator")
+            if task.state not in TERMINAL_TASK_STATES and all(item.state != "active" for item in task.leases):
+                # Nothing left to hold: the task ends revoked and its token goes too.
+                self._revoker.end_task(
+                    session, task, state="revoked", actor=operator.id, reason=why, trigger="operator"
+                )
+            return lease
+
+    def kill_switch(
+        self, operator: Identity, reason: str, *, workload: str | None, owner: str | None, task: str | None
+    ) -> KillResult:
+        """Revoke every open task matching all given filters (at least one is required)."""
+        query = select(Task.id).where(Task.state.in_(TASK_OPEN_STATES))
+        for column, value in ((Task.workload, workload), (Task.owner, owner), (Task.task, task)):
+            if value is not None:
+                query = query.where(column == value)
+        with unit_of_work(self._sessions) as session:
+            ids = list(session.scalars(query).all())
+            record(
+                session,
+                self._clock,
+                "operator.kill_switch",
+                operator.id,
+                detail={
+                    "reason": reason,
+                    "workload": workload,
+                    "owner": owner,
+                    "task": task,
+                    "tasks": len(ids),
+                },
+            )
+        revoked = pending = 0
+        for task_id in ids:
+            with unit_of_work(self._sessions) as session:
+                row = session.get(Task, task_id, with_for_update=True, populate_existing=True)
+                if row is None or row.state in TERMINAL_TASK_STATES:
+                    continue
+                self._revoker.end_task(
+                    session,
+                    row,
+                    state="revoked",
+                    actor=operator.id,
+                    reason=f"kill switch: {reason}",
+                    trigger="kill_switch",
+                )
+                revoked += sum(1 for lease in row.leases if lease.state == "revoked")
+                pending += sum(1 for lease in row.leases if lease.state == "revoke_pending")
+        return KillResult(tasks=ids, revoked=revoked, pending=pending)

@@ -1,0 +1,227 @@
+"""The ledger: tasks, their leases, approvals, the audit chain and spent token ids.
+
+States are enforced by CHECK constraints so that no code path (or hand-written SQL in
+an incident) can park a row in a state the scheduler does not know how to drive.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from broker.db import Base
+
+TASK_STATES = (
+    "issuing",  # intent recorded, credentials being issued (internal, seconds at most)
+    "pending_approval",
+    "active",
+    "finished",
+    "expired",
+    "revoked",
+    "denied",
+    "approval_expired",
+    "failed",
+)
+TASK_OPEN_STATES = ("issuing", "pending_approval", "active")
+OUTCOMES = ("succeeded", "failed", "cancelled")
+LEASE_STATES = ("active", "revoke_pending", "revoked")
+REVOKE_KINDS = ("lease", "token", "none")
+DECISIONS = ("approve", "deny")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _tz() -> DateTime:
+    return DateTime(timezone=True)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        CheckConstraint(_in("state", TASK_STATES), name="state"),
+        CheckConstraint(f"outcome IS NULL OR {_in('outcome', OUTCOMES)}", name="outcome"),
+        CheckConstraint("ttl_seconds > 0", name="ttl_positive"),
+        # The sweeper's query: open tasks by deadline.
+        Index(
+            "ix_tasks_due",
+            "expires_at",
+            postgresql_where=text("state IN ('active', 'issuing')"),
+        ),
+        Index(
+            "ix_tasks_approval_due",
+            "approval_expires_at",
+            postgresql_where=text("state = 'pending_approval'"),
+        ),
+        Index("ix_tasks_workload_task_created", "workload", "task", "created_at"),
+        Index("ix_tasks_owner_created", "owner", "created_at"),
+        Index("ix_tasks_created", "created_at", "id"),
+        Index("ix_tasks_task_created", "task", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    task: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32))
+    workload: Mapped[str] = mapped_column(Text)
+    workload_issuer: Mapped[str] = mapped_column(String(64))
+    owner: Mapped[str] = mapped_column(String(200))
+    purpose: Mapped[str] = mapped_column(String(500))
+    context: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    ttl_seconds: Mapped[int] = mapped_column(Integer)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+    expires_at: Mapped[datetime | None] = mapped_column(_tz())
+    approval_expires_at: Mapped[datetime | None] = mapped_column(_tz())
+    approved_at: Mapped[datetime | None] = mapped_column(_tz())
+    claimed_at: Mapped[datetime | None] = mapped_column(_tz())
+    finished_at: Mapped[datetime | None] = mapped_column(_tz())
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    end_reason: Mapped[str | None] = mapped_column(Text)
+    # Accessor of the per-task Vault token, committed before any secret is issued so a
+    # crash mid-issue leaves something the reconciler can revoke (SPEC §6.2).
+    token_accessor: Mapped[str | None] = mapped_column(String(128))
+    token_revoked_at: Mapped[datetime | None] = mapped_column(_tz())
+    policy_version: Mapped[str | None] = mapped_column(String(64))
+
+    leases: Mapped[list[Lease]] = relationship(
+        back_populates="task_row", order_by="Lease.name", lazy="selectin"
+    )
+    approvals: Mapped[list[Approval]] = relationship(
+        back_populates="task_row", order_by="Approval.created_at", lazy="selectin"
+    )
+
+
+class Lease(Base):
+    __tablename__ = "leases"
+    __table_args__ = (
+        CheckConstraint(_in("state", LEASE_STATES), name="state"),
+        CheckConstraint(_in("revoke_kind", REVOKE_KINDS), name="revoke_kind"),
+        CheckConstraint("(state = 'revoked') = (revoked_at IS NOT NULL)", name="revoked_at"),
+        UniqueConstraint("task_id", "name"),
+        Index(
+            "ix_leases_retry_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'revoke_pending'"),
+        ),
+        Index("ix_leases_task", "task_id"),
+        Index("ix_leases_state_issued", "state", "issued_at", "id"),
+        Index("ix_leases_owner_issued", "owner", "issued_at"),
+        Index("ix_leases_workload_issued", "workload", "issued_at"),
+        Index("ix_leases_issued", "issued_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="RESTRICT"))
+    task: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    workload: Mapped[str] = mapped_column(Text)
+    owner: Mapped[str] = mapped_column(String(200))
+    purpose: Mapped[str] = mapped_column(String(500))
+    state: Mapped[str] = mapped_column(String(32))
+    issued_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(_tz())
+    revoked_at: Mapped[datetime | None] = mapped_column(_tz())
+    revoke_reason: Mapped[str | None] = mapped_column(Text)
+    revoke_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(_tz())
+    # What to hand Vault to revoke it: a lease id or a token accessor; never a secret.
+    revoke_kind: Mapped[str] = mapped_column(String(16))
+    revoke_ref: Mapped[str] = mapped_column(Text)
+    vault_lease_id: Mapped[str | None] = mapped_column(Text)
+
+    task_row: Mapped[Task] = relationship(back_populates="leases")
+
+
+class Approval(Base):
+    __tablename__ = "approvals"
+    __table_args__ = (
+        CheckConstraint(_in("decision", DECISIONS), name="decision"),
+        # One vote per approver per task: a second vote by the same identity is refused.
+        UniqueConstraint("task_id", "approver"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="RESTRICT"))
+    approver: Mapped[str] = mapped_column(Text)
+    decision: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(500))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+
+    task_row: Mapped[Task] = relationship(back_populates="approvals")
+
+
+class AuditEvent(Base):
+    """One link of the hash chain; `seq` orders the chain, `hash` covers the row and its predecessor."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_task", "task_id", "seq"),
+        Index("ix_audit_events_at", "at", "seq"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True, default=uuid.uuid4)
+    at: Mapped[datetime] = mapped_column(_tz())
+    event: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(Text)
+    task_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    lease_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    owner: Mapped[str | None] = mapped_column(String(200))
+    purpose: Mapped[str | None] = mapped_column(String(500))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class AuditHead(Base):
+    """The newest link, so deleting rows from the end of the chain is detected too."""
+
+    __tablename__ = "audit_head"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class UsedJti(Base):
+    """Spent token ids of `single_use` issuers; shared by every worker and replica."""
+
+    __tablename__ = "used_jtis"
+    __table_args__ = (Index("ix_used_jtis_expires", "expires_at"),)
+
+    issuer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(256), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(_tz())
+
+
+class SchedulerHeartbeat(Base):
+    """Last successful run of each scheduler job (alerting: a sweep that stopped)."""
+
+    __tablename__ = "scheduler_heartbeats"
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_success_at: Mapped[datetime] = mapped_column(_tz())
+    runner: Mapped[str] = mapped_column(Text)

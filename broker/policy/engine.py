@@ -1,0 +1,457 @@
+"""The policy decision: may this workload start this task, now, and does it need approval?
+
+The engine is pure: the caller passes the verified identity, the request, the usage counts it
+read from the database and the clock, and gets a `Decision` back. Every rule is evaluated even
+after one fails, so `broker policy explain` can show the whole picture; the first failure in
+the fixed order below is the one a denial names.
+
+Rule names, in evaluation order (shown to callers in `403 policy_denied`; keep them stable):
+
+    ttl, workloads, owners, when[0], when[1], ...,
+    limits.max_active_per_workload, limits.max_starts_per_minute
+
+`ttl` never appears as a failure for a too-long request: that raises `TtlExceedsMax` instead,
+because the API answers it with `400 ttl_exceeds_max`, not with a policy denial.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from broker.credentials import CredentialSpec
+from broker.identity.types import Identity
+from broker.policy.cel import (
+    CelActivation,
+    CelCompileError,
+    CelRule,
+    compile_rule,
+    to_cel_value,
+    utc,
+)
+from broker.policy.globs import Glob, first_match
+from broker.policy.schema import (
+    PathPart,
+    PolicyError,
+    PolicyFile,
+    PolicyIssue,
+    TaskPolicy,
+    WorkloadMatcher,
+)
+
+RULE_TTL = "ttl"
+RULE_WORKLOADS = "workloads"
+RULE_OWNERS = "owners"
+RULE_MAX_ACTIVE = "limits.max_active_per_workload"
+RULE_MAX_STARTS = "limits.max_starts_per_minute"
+RULE_APPROVERS = "approval.approvers"
+LIMIT_RULES = frozenset({RULE_MAX_ACTIVE, RULE_MAX_STARTS})
+
+# The per-minute window empties within a minute at most.
+STARTS_RETRY_AFTER_SECONDS = 60
+# A slot frees when one of the workload's tasks finishes, which can't be predicted; this is
+# only a polite polling interval for `Retry-After`.
+ACTIVE_RETRY_AFTER_SECONDS = 30
+
+
+_RETRY_AFTER = {
+    RULE_MAX_ACTIVE: ACTIVE_RETRY_AFTER_SECONDS,
+    RULE_MAX_STARTS: STARTS_RETRY_AFTER_SECONDS,
+}
+
+
+def when_rule_name(index: int) -> str:
+    return f"when[{index}]"
+
+
+class UnknownTask(LookupError):
+    """No task type of that name in the policy (the API answers `404 unknown_task`)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown task type {name!r}")
+        self.name = name
+
+
+class TtlExceedsMax(ValueError):
+    """The request asked for more than `ttl.max` (the API answers `400 ttl_exceeds_max`)."""
+
+    def __init__(self, requested: int, max: int) -> None:
+        super().__init__(f"ttl_seconds {requested} exceeds this task type's maximum of {max}")
+        self.requested = requested
+        self.max = max
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    task: str
+    owner: str
+    purpose: str
+    ttl_seconds: int | None
+    context: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the workload already holds, counted by the caller from the database."""
+
+    active_for_workload: int
+    starts_last_minute: int
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    rule: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    task: str
+    allowed: bool
+    rules: tuple[RuleResult, ...]
+    failed_rule: str | None
+    detail: str
+    approval_required: bool
+    ttl_seconds: int
+    retry_after_seconds: int | None  # set when the failed rule is a limit (answer 429)
+    approval_detail: str = ""  # why approval is or isn't required, for `explain`
+
+    @property
+    def limit_exceeded(self) -> bool:
+        """Denied by a rate/concurrency limit (`429`) rather than by policy (`403`)."""
+        return self.failed_rule in LIMIT_RULES
+
+
+@dataclass(frozen=True)
+class CompiledWorkload:
+    issuer: str
+    subject: Glob
+    claims: Mapping[str, Any]
+
+    @classmethod
+    def from_spec(cls, spec: WorkloadMatcher) -> CompiledWorkload:
+        return cls(spec.issuer, Glob(spec.subject), MappingProxyType(dict(spec.claims)))
+
+
+@dataclass(frozen=True)
+class CompiledApproval:
+    required_when: CelRule | None
+    groups: frozenset[str]
+    subjects: tuple[Glob, ...] | None
+    min_approvals: int
+    expires_in: int
+
+
+@dataclass(frozen=True)
+class CompiledTask:
+    name: str
+    spec: TaskPolicy
+    workloads: tuple[CompiledWorkload, ...]
+    owners: tuple[Glob, ...]
+    when: tuple[CelRule, ...]
+    approval: CompiledApproval | None
+    # Top-level CEL variables any of this task's expressions read: only those are converted.
+    cel_variables: frozenset[str]
+
+    @property
+    def description(self) -> str:
+        return self.spec.description
+
+    @property
+    def credentials(self) -> Mapping[str, CredentialSpec]:
+        return self.spec.credentials
+
+    @property
+    def ttl_default(self) -> int:
+        return self.spec.ttl.default
+
+    @property
+    def ttl_max(self) -> int:
+        return self.spec.ttl.max
+
+
+class Policy:
+    """A compiled, immutable policy; share one instance between threads freely."""
+
+    def __init__(self, tasks: Mapping[str, CompiledTask]) -> None:
+        self._tasks: Mapping[str, CompiledTask] = MappingProxyType(dict(tasks))
+
+    @property
+    def tasks(self) -> Mapping[str, CompiledTask]:
+        return self._tasks
+
+    def task(self, name: str) -> CompiledTask:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownTask(name) from None
+
+    def evaluate(
+        self, identity: Identity, request: TaskRequest, usage: Usage, now: dt.datetime
+    ) -> Decision:
+        """Decide on `request`; raises `UnknownTask` and `TtlExceedsMax`, nothing else."""
+        task = self.task(request.task)
+        ttl_rule, ttl_seconds = _check_ttl(task, request.ttl_seconds)
+        activation = CelActivation(
+            _cel_values(identity, request, ttl_seconds, now, task.cel_variables)
+        )
+        rules = (
+            ttl_rule,
+            _check_workloads(task, identity),
+            _check_owners(task, request.owner),
+            *_check_when(task, activation),
+            *_check_limits(task, usage),
+        )
+        approval_required, approval_detail = _approval_requirement(task, activation)
+        return _decide(task.name, rules, ttl_seconds, approval_required, approval_detail)
+
+
+def _decide(
+    task: str,
+    rules: tuple[RuleResult, ...],
+    ttl_seconds: int,
+    approval_required: bool,
+    approval_detail: str,
+) -> Decision:
+    failures = [rule for rule in rules if not rule.passed]
+    first = failures[0] if failures else None
+    return Decision(
+        task=task,
+        allowed=first is None,
+        rules=rules,
+        failed_rule=first.rule if first else None,
+        detail=f"rule {first.rule} failed: {first.detail}" if first else "all rules passed",
+        approval_required=approval_required,
+        ttl_seconds=ttl_seconds,
+        retry_after_seconds=_retry_after(first, failures),
+        approval_detail=approval_detail,
+    )
+
+
+def _retry_after(first: RuleResult | None, failures: list[RuleResult]) -> int | None:
+    if first is None or first.rule not in LIMIT_RULES:
+        return None
+    # Both limits may be hit; retrying before the longer wait would just fail again.
+    return max(_RETRY_AFTER[rule.rule] for rule in failures if rule.rule in _RETRY_AFTER)
+
+
+def _check_ttl(task: CompiledTask, requested: int | None) -> tuple[RuleResult, int]:
+    if requested is None:
+        return RuleResult(RULE_TTL, True, f"{task.ttl_default}s (default)"), task.ttl_default
+    if requested > task.ttl_max:
+        raise TtlExceedsMax(requested, task.ttl_max)
+    if requested < 1:
+        # The API validates this first; still never hand out a zero or negative lifetime.
+        return RuleResult(RULE_TTL, False, f"{requested}s is not a positive TTL"), requested
+    return RuleResult(RULE_TTL, True, f"{requested}s (max {task.ttl_max}s)"), requested
+
+
+def _check_workloads(task: CompiledTask, identity: Identity) -> RuleResult:
+    if not identity.may("workload"):
+        detail = f"issuer {identity.issuer_name!r} is not allowed to start tasks (use: workload)"
+        return RuleResult(RULE_WORKLOADS, False, detail)
+    misses: list[str] = []
+    for index, workload in enumerate(task.workloads):
+        miss = _workload_miss(workload, identity)
+        if miss is None:
+            return RuleResult(RULE_WORKLOADS, True, f"matches workloads[{index}]")
+        misses.append(f"[{index}] {miss}")
+    detail = f"no entry matches {identity.issuer_name}:{identity.subject}: " + "; ".join(misses)
+    return RuleResult(RULE_WORKLOADS, False, detail)
+
+
+def _workload_miss(workload: CompiledWorkload, identity: Identity) -> str | None:
+    """Why `identity` is not this workload entry, or None if it is."""
+    if workload.issuer != identity.issuer_name:
+        return f"issuer is {identity.issuer_name!r}, not {workload.issuer!r}"
+    if not workload.subject.matches(identity.subject):
+        return "subject " + workload.subject.explain_miss(identity.subject)
+    for name, expected in workload.claims.items():
+        if name not in identity.claims:
+            return f"claim {name!r} is missing"
+        if not _exactly_equal(identity.claims[name], expected):
+            return f"claim {name!r} is {identity.claims[name]!r}, not {expected!r}"
+    return None
+
+
+def _exactly_equal(actual: Any, expected: Any) -> bool:
+    """Equality that also compares types, so "true" != true, 1 != true and 1 != 1.0."""
+    if isinstance(expected, list):
+        return (
+            isinstance(actual, list | tuple)
+            and len(actual) == len(expected)
+            and all(_exactly_equal(a, e) for a, e in zip(actual, expected, strict=True))
+        )
+    return type(actual) is type(expected) and actual == expected
+
+
+def _check_owners(task: CompiledTask, owner: str) -> RuleResult:
+    match = first_match(task.owners, owner)
+    if match is not None:
+        return RuleResult(RULE_OWNERS, True, f"{owner!r} matches {match.pattern!r}")
+    patterns = ", ".join(repr(glob.pattern) for glob in task.owners)
+    return RuleResult(RULE_OWNERS, False, f"{owner!r} matches none of {patterns}")
+
+
+def _check_when(task: CompiledTask, activation: CelActivation) -> list[RuleResult]:
+    results = []
+    for index, rule in enumerate(task.when):
+        outcome = activation.evaluate(rule)
+        results.append(RuleResult(when_rule_name(index), outcome.passed, outcome.detail))
+    return results
+
+
+def _check_limits(task: CompiledTask, usage: Usage) -> list[RuleResult]:
+    limits = task.spec.limits
+    checks = [
+        (
+            RULE_MAX_ACTIVE,
+            usage.active_for_workload,
+            limits.max_active_per_workload,
+            "active tasks",
+        ),
+        (RULE_MAX_STARTS, usage.starts_last_minute, limits.max_starts_per_minute, "starts in 60s"),
+    ]
+    return [
+        _below_limit(rule, used, limit, what)
+        for rule, used, limit, what in checks
+        if limit is not None
+    ]
+
+
+def _below_limit(rule: str, used: int, limit: int, what: str) -> RuleResult:
+    # `used` counts what exists before this start, so reaching the limit already denies.
+    return RuleResult(rule, used < limit, f"{used} {what}, limit {limit}")
+
+
+def _approval_requirement(task: CompiledTask, activation: CelActivation) -> tuple[bool, str]:
+    approval = task.approval
+    if approval is None:
+        return False, "no approval configured"
+    if approval.required_when is None:
+        return True, "always required"
+    outcome = activation.evaluate(approval.required_when)
+    if outcome.passed:
+        return True, "required_when is true"
+    if outcome.detail == "false":
+        return False, "required_when is false"
+    # Anything but a clean `false` (an error, a non-bool) means we can't tell: ask a human.
+    return True, f"required because required_when could not be evaluated ({outcome.detail})"
+
+
+def _cel_values(
+    identity: Identity,
+    request: TaskRequest,
+    ttl_seconds: int,
+    now: dt.datetime,
+    needed: frozenset[str],
+) -> dict[str, Any]:
+    """The CEL variables `needed` by the task's expressions, and only those (see cel.py)."""
+    builders: dict[str, Callable[[], Any]] = {
+        "workload": lambda: {
+            "id": identity.id,
+            "issuer": identity.issuer_name,
+            "subject": identity.subject,
+            "claims": to_cel_value(identity.claims),
+        },
+        "request": lambda: {
+            "task": request.task,
+            "owner": request.owner,
+            "purpose": request.purpose,
+            "ttl_seconds": ttl_seconds,
+            "context": to_cel_value(request.context),
+        },
+        "now": lambda: utc(now),
+    }
+    return {name: builders[name]() for name in needed}
+
+
+def approver_allowed(task: CompiledTask, approver: Identity) -> RuleResult:
+    """May `approver` approve tasks of this type? (Not: is it a different identity; see API.)"""
+    approval = task.approval
+    if approval is None:
+        return RuleResult(RULE_APPROVERS, False, f"task type {task.name!r} takes no approvals")
+    if not approver.may("approver"):
+        detail = f"issuer {approver.issuer_name!r} is not allowed to approve (use: approver)"
+        return RuleResult(RULE_APPROVERS, False, detail)
+    if approval.groups and not approval.groups & approver.groups:
+        wanted = ", ".join(sorted(approval.groups))
+        detail = f"{approver.id!r} is in none of the groups {wanted}"
+        return RuleResult(RULE_APPROVERS, False, detail)
+    if approval.subjects is not None and first_match(approval.subjects, approver.id) is None:
+        patterns = ", ".join(repr(glob.pattern) for glob in approval.subjects)
+        return RuleResult(RULE_APPROVERS, False, f"{approver.id!r} matches none of {patterns}")
+    return RuleResult(RULE_APPROVERS, True, f"{approver.id!r} may approve {task.name!r}")
+
+
+# --- compilation -------------------------------------------------------------------------
+
+
+def compile_policy(model: PolicyFile) -> Policy:
+    """Compile every glob and CEL expression; raise `PolicyError` listing all bad ones."""
+    issues: list[PolicyIssue] = []
+    tasks = {}
+    for name, spec in model.tasks.items():
+        task = _compile_task(name, spec, issues)
+        if task is not None:
+            tasks[name] = task
+    if issues:
+        raise PolicyError(f"{len(issues)} error(s) in CEL expressions", issues)
+    return Policy(tasks)
+
+
+def _compile_task(name: str, spec: TaskPolicy, issues: list[PolicyIssue]) -> CompiledTask | None:
+    prefix: tuple[PathPart, ...] = ("tasks", name)
+    when = [
+        _compile_cel(rule, (*prefix, "when", index), issues) for index, rule in enumerate(spec.when)
+    ]
+    approval = _compile_approval(spec, prefix, issues)
+    if any(rule is None for rule in when) or (spec.approval is not None and approval is None):
+        return None
+    when_rules = tuple(rule for rule in when if rule is not None)
+    required_when = approval.required_when if approval else None
+    expressions = [*when_rules, *([required_when] if required_when else [])]
+    return CompiledTask(
+        name=name,
+        spec=spec,
+        workloads=tuple(CompiledWorkload.from_spec(workload) for workload in spec.workloads),
+        owners=tuple(Glob(owner) for owner in spec.owners),
+        when=when_rules,
+        approval=approval,
+        cel_variables=frozenset().union(*(rule.variables for rule in expressions)),
+    )
+
+
+def _compile_approval(
+    spec: TaskPolicy, prefix: tuple[PathPart, ...], issues: list[PolicyIssue]
+) -> CompiledApproval | None:
+    if spec.approval is None:
+        return None
+    required_when = None
+    if spec.approval.required_when is not None:
+        path = (*prefix, "approval", "required_when")
+        required_when = _compile_cel(spec.approval.required_when, path, issues)
+        if required_when is None:
+            return None
+    approvers = spec.approval.approvers
+    return CompiledApproval(
+        required_when=required_when,
+        groups=frozenset(approvers.groups),
+        subjects=None if approvers.subjects is None else tuple(map(Glob, approvers.subjects)),
+        min_approvals=spec.approval.min_approvals,
+        expires_in=spec.approval.expires_in,
+    )
+
+
+def _compile_cel(
+    source: str, path: tuple[PathPart, ...], issues: list[PolicyIssue]
+) -> CelRule | None:
+    try:
+        return compile_rule(source)
+    except CelCompileError as error:
+        issues.append(PolicyIssue(path, f"{error.message}: {source!r}"))
+        return None

@@ -1,0 +1,200 @@
+"""Scheduler jobs. Each claims its rows with `FOR UPDATE SKIP LOCKED` in short
+transactions, so any number of threads, workers and replicas take distinct rows and no
+lease is revoked twice or missed; a killed sweeper's locks vanish with its connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from broker import metrics
+from broker.audit import record
+from broker.db import unit_of_work
+from broker.identity.replay import PostgresJtiStore
+from broker.leases.revoker import TERMINAL_TASK_STATES
+from broker.models import Lease, SchedulerHeartbeat, Task
+from broker.services import Services
+from broker.vault import VaultError
+
+log = logging.getLogger(__name__)
+SYSTEM_ACTOR = "system:scheduler"
+RUNNER = f"{socket.gethostname()}"
+
+
+class Jobs:
+    def __init__(self, services: Services, pool: ThreadPoolExecutor) -> None:
+        self._s = services
+        self._pool = pool
+        self._workers = services.settings.scheduler.revoke_workers
+
+    # ---- deadlines ---------------------------------------------------------------------
+
+    def expire_due(self) -> int:
+        """Expire every active task past its deadline, revoking in parallel."""
+        done = self._drain(self._expire_one)
+        self._heartbeat("expire")
+        return done
+
+    def _expire_one(self, session: Session) -> bool:
+        task = session.scalars(
+            select(Task)
+            .where(Task.state == "active", Task.expires_at <= func.now())
+            .order_by(Task.expires_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if task is None:
+            return False
+        self._s.revoker.end_task(
+            session, task, state="expired", actor=SYSTEM_ACTOR, reason="deadline reached", trigger="deadline"
+        )
+        if task.expires_at is not None and task.finished_at is not None:
+            metrics.REVOCATION_LAG.observe(max(0.0, (task.finished_at - task.expires_at).total_seconds()))
+        return True
+
+    # ---- retries -----------------------------------------------------------------------
+
+    def retry_pending(self) -> int:
+        done = self._drain(self._retry_one)
+        with unit_of_work(self._s.sessions) as session:
+            pending = session.scalar(select(func.count()).where(Lease.state == "revoke_pending"))
+        metrics.PENDING_REVOCATIONS.set(pending or 0)
+        self._heartbeat("retry")
+        return done
+
+    def _retry_one(self, session: Session) -> bool:
+        # Lock the lease and its task together; SKIP LOCKED never waits, so no deadlock with finish.
+        row = session.execute(
+            select(Lease, Task)
+            .join(Task, Task.id == Lease.task_id)
+            .where(Lease.state == "revoke_pending", Lease.next_attempt_at <= func.now())
+            .order_by(Lease.next_attempt_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if row is None:
+            return False
+        lease, task = row
+        self._s.revoker.revoke_lease(
+            session, lease, actor=SYSTEM_ACTOR, reason=lease.revoke_reason or "retry", trigger="retry"
+        )
+        if task.state in TERMINAL_TASK_STATES:
+            self._s.revoker.revoke_token_if_clear(task)
+        return True
+
+    # ---- approvals ---------------------------------------------------------------------
+
+    def lapse_approvals(self) -> int:
+        with unit_of_work(self._s.sessions) as session:
+            lapsed = session.scalars(
+                update(Task)
+                .where(Task.state == "pending_approval", Task.approval_expires_at <= func.now())
+                .values(state="approval_expired", finished_at=func.now(), end_reason="approval lapsed")
+                .returning(Task)
+            ).all()
+            for task in lapsed:
+                record(session, self._s.clock, "task.approval_expired", SYSTEM_ACTOR, task=task)
+        self._heartbeat("approvals")
+        return len(lapsed)
+
+    # ---- orphans -----------------------------------------------------------------------
+
+    def reconcile(self) -> int:
+        """Revoke Vault tokens no live task owns: starts that crashed between Vault and the
+        commit (still `issuing` after the grace), and ended tasks whose token revoke failed."""
+        grace = timedelta(seconds=self._s.settings.scheduler.orphan_grace_seconds)
+        done = self._drain(lambda session: self._reconcile_one(session, grace))
+        self._heartbeat("reconcile")
+        return done
+
+    def _reconcile_one(self, session: Session, grace: timedelta) -> bool:
+        stuck = and_(
+            Task.state == "issuing",
+            func.coalesce(Task.claimed_at, Task.created_at) < func.now() - grace,
+        )
+        unrevoked = and_(
+            Task.state.in_(TERMINAL_TASK_STATES),
+            Task.token_accessor.is_not(None),
+            Task.token_revoked_at.is_(None),
+            ~Task.leases.any(Lease.state != "revoked"),
+        )
+        task = session.scalars(
+            select(Task).where(or_(stuck, unrevoked)).limit(1).with_for_update(skip_locked=True)
+        ).first()
+        if task is None:
+            return False
+        if task.state == "issuing":
+            self._fail_stuck(session, task)
+        elif not self._s.revoker.revoke_token_if_clear(task):
+            # Vault said no: leave the row for the next run, don't spin on it now.
+            return False
+        return True
+
+    def _fail_stuck(self, session: Session, task: Task) -> None:
+        for lease in task.leases:
+            self._s.revoker.revoke_lease(
+                session, lease, actor=SYSTEM_ACTOR, reason="orphaned start", trigger="reconcile"
+            )
+        task.state, task.finished_at = "failed", self._s.clock.now()
+        task.end_reason = "start did not complete; its Vault token was revoked"
+        self._s.revoker.revoke_token_if_clear(task)
+        metrics.ORPHANS_RECONCILED.inc()
+        record(session, self._s.clock, "task.orphan_revoked", SYSTEM_ACTOR, task=task)
+
+    # ---- housekeeping ------------------------------------------------------------------
+
+    def renew_own_token(self) -> None:
+        try:
+            self._s.vault.renew_self()
+        except VaultError as error:
+            log.error("could not renew the broker's Vault token: %s", error)
+            return
+        self._heartbeat("renew")
+
+    def purge_spent_jtis(self) -> None:
+        skew = timedelta(seconds=self._s.settings.limits.clock_skew_seconds)
+        PostgresJtiStore(self._s.engine).purge_expired(self._s.clock.now() - skew)
+
+    # ---- plumbing ----------------------------------------------------------------------
+
+    def _drain(self, claim_one: Callable[[Session], bool]) -> int:
+        """Run `claim_one` in parallel loops until none finds work; each call is one transaction."""
+
+        def loop() -> int:
+            count = 0
+            while True:
+                try:
+                    with unit_of_work(self._s.sessions) as session:
+                        if not claim_one(session):
+                            return count
+                    count += 1
+                except Exception:
+                    log.exception("scheduler step failed; retried next run")
+                    return count
+
+        futures = [self._pool.submit(loop) for _ in range(self._workers)]
+        return sum(future.result() for future in futures)
+
+    def _heartbeat(self, job: str) -> None:
+        now = self._s.clock.now()
+        metrics.LAST_SWEEP.labels(job).set(now.timestamp())
+        try:
+            with unit_of_work(self._s.sessions) as session:
+                session.execute(
+                    insert(SchedulerHeartbeat)
+                    .values(job=job, last_success_at=now, runner=RUNNER)
+                    .on_conflict_do_update(
+                        index_elements=[SchedulerHeartbeat.job],
+                        set_={"last_success_at": now, "runner": RUNNER},
+                    )
+                )
+        except Exception:
+            log.warning("could not record the %s heartbeat", job)

@@ -1,0 +1,119 @@
+"""`broker serve`: gunicorn with the app, plus one scheduler process per replica.
+
+The scheduler never runs inside a request worker: with N workers it would sweep N times
+(flask-apscheduler#51). It runs as a sibling process that `broker serve` starts and stops.
+SIGHUP to the master reloads the policy in every worker and in the scheduler, without
+restarting anything; a bad policy file is logged and the old policy stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
+
+from broker.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _reload_policy_in_worker(worker: Any) -> None:
+    def on_hup(_signum: int, _frame: Any) -> None:
+        services = worker.wsgi.extensions["broker.services"]
+        services.policies.reload()
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
+def _mark_dead_for_metrics(_server: Any, worker: Any) -> None:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+class BrokerArbiter(Arbiter):  # type: ignore[misc]
+    scheduler: subprocess.Popen[bytes] | None = None
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP: reloading the policy in %d workers", len(self.WORKERS))
+        for pid in list(self.WORKERS):
+            os.kill(pid, signal.SIGHUP)
+        if self.scheduler is not None and self.scheduler.poll() is None:
+            self.scheduler.send_signal(signal.SIGHUP)
+
+
+class BrokerApplication(BaseApplication):  # type: ignore[misc]
+    def __init__(self, settings: Settings, options: dict[str, Any]) -> None:
+        self._settings = settings
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+        self.cfg.set("post_worker_init", _reload_policy_in_worker)
+        self.cfg.set("child_exit", _mark_dead_for_metrics)
+
+    def load(self) -> Any:
+        # Runs in each worker after the fork: pools and sessions are per process.
+        from broker.app import create_app
+
+        return create_app(self._settings)
+
+    def run_with(self, scheduler: subprocess.Popen[bytes] | None) -> None:
+        arbiter = BrokerArbiter(self)
+        arbiter.scheduler = scheduler
+        arbiter.run()
+
+
+def serve(
+    settings: Settings,
+    config_path: str | None,
+    *,
+    bind: str,
+    workers: int,
+    threads: int,
+    with_scheduler: bool,
+) -> None:
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="broker-metrics-")
+    scheduler = _start_scheduler(config_path) if with_scheduler else None
+    options = {
+        "bind": bind,
+        "workers": workers,
+        "threads": threads,
+        "worker_class": "gthread" if threads > 1 else "sync",
+        "timeout": 60,
+        "graceful_timeout": 20,
+        "keepalive": 5,
+        "limit_request_field_size": 16384,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": settings.log_level.lower(),
+        "proc_name": "credential-broker",
+    }
+    try:
+        BrokerApplication(settings, options).run_with(scheduler)
+    finally:
+        if scheduler is not None and scheduler.poll() is None:
+            scheduler.terminate()
+            try:
+                scheduler.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                scheduler.kill()
+
+
+def _start_scheduler(config_path: str | None) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "broker", "scheduler"]
+    if config_path:
+        command += ["--config", str(Path(config_path).resolve())]
+    return subprocess.Popen(command)

@@ -1,0 +1,78 @@
+"""The broker's long-lived collaborators, built once per process from Settings.
+
+Nothing here runs at import time; `build_services` is called by the app factory, the
+scheduler and the CLI, each after any fork, so no connection pool crosses a fork.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.approvals.service import ApprovalService
+from broker.audit import AuditRecorder
+from broker.clock import Clock, SystemClock
+from broker.config import Settings
+from broker.db import make_engine, make_session_factory
+from broker.identity import Verifier
+from broker.identity.replay import PostgresJtiStore
+from broker.leases.revoker import Backoff, Revoker
+from broker.leases.service import OperatorService
+from broker.policy import PolicyStore
+from broker.tasks.service import TaskService
+from broker.vault import VaultGateway
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    verifier: Verifier
+    policies: PolicyStore
+    vault: VaultGateway
+    clock: Clock
+    revoker: Revoker
+    tasks: TaskService
+    approvals: ApprovalService
+    operator: OperatorService
+    audit_key: bytes | None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def build_services(settings: Settings, *, clock: Clock | None = None, pool_size: int = 10) -> Services:
+    clock = clock or SystemClock()
+    engine = make_engine(settings.sqlalchemy_url, pool_size=pool_size)
+    sessions = make_session_factory(engine)
+    audit_key = os.environ.get(settings.audit.key_env, "").encode() or None
+    AuditRecorder(audit_key).install(sessions)
+    verifier = Verifier(
+        settings.issuers,
+        clock_skew_seconds=settings.limits.clock_skew_seconds,
+        max_token_bytes=settings.limits.max_token_bytes,
+        jti_store=PostgresJtiStore(engine),
+        operator_groups=settings.operators.groups,
+    )
+    policies = PolicyStore(settings.policy_file)
+    vault = VaultGateway(settings.vault)
+    backoff = Backoff(settings.scheduler.retry_base_seconds, settings.scheduler.retry_max_seconds)
+    revoker = Revoker(vault, clock, backoff)
+    return Services(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        verifier=verifier,
+        policies=policies,
+        vault=vault,
+        clock=clock,
+        revoker=revoker,
+        tasks=TaskService(sessions, policies, vault, clock, revoker),
+        approvals=ApprovalService(sessions, policies, clock),
+        operator=OperatorService(sessions, revoker, clock),
+        audit_key=audit_key,
+    )

@@ -1,0 +1,516 @@
+"""Configure a dev/test OpenBao the way the broker expects a real one to be configured.
+
+`configure_vault` is idempotent (run it again and nothing breaks or duplicates, except
+that it mints a fresh broker token). It mirrors `vault-config/setup.sh`, the operator
+script for real servers: keep the two in step.
+
+What it sets up:
+- `database/` engine with a connection to the target Postgres and two roles,
+  `analytics-ro` (SELECT on schema `analytics`) and `app-rw`, each with an explicit
+  max_ttl, `VALID UNTIL` on the password, and revocation that kills open sessions;
+- `pki/` with a root CA and role `agents` (`*.agents.example.org`, max 1 h,
+  `generate_lease` so each certificate has a lease the task token owns);
+- kv v2 `secret/` holding `secret/reports/q3`, and ACL policy `reports-read` for it;
+- token role `broker-task` for per-task tokens (orphan, non-renewable, max 1 h);
+- ACL policy `broker` (least privilege, no sudo) and a periodic broker token with it;
+- optionally a `jwt/` auth method for agents that log in to OpenBao themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.config import VaultAuth, VaultSettings
+from broker.vault.errors import VaultRejected
+from broker.vault.http import VaultHTTP
+
+ANALYTICS_SCHEMA = "analytics"
+REPORTS_POLICY = "reports-read"
+PEER_POLICY = "peer-analytics"
+PKI_DOMAIN = "agents.example.org"
+TASK_TOKEN_ROLE = "broker-task"  # noqa: S105 (a role name, not a secret)
+POLICY_PREFIX = "broker-task-"
+BROKER_POLICY = "broker"
+BROKER_TOKEN_PERIOD = "24h"  # noqa: S105 (a duration)
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True)
+class PostgresTarget:
+    """Where the database engine connects. `host` is a socket directory or an IP."""
+
+    host: str
+    port: int
+    superuser: str
+    password: str | None = field(default=None, repr=False)
+    dbname: str = "analytics"
+
+    @property
+    def is_socket(self) -> bool:
+        return self.host.startswith("/")
+
+
+@dataclass(frozen=True)
+class VaultSetup:
+    addr: str
+    broker_token: str = field(repr=False)
+    broker_token_accessor: str
+    broker_policy: str
+    task_token_role: str
+    policy_prefix: str
+    database_mount: str
+    database_connection: str
+    database_roles: tuple[str, ...]
+    database_name: str
+    pki_mount: str
+    pki_role: str
+    pki_domain: str
+    kv_mount: str
+    reports_policy: str
+    reports_path: str
+    jwt_mount: str | None = None
+    jwt_role: str | None = None
+    peer_policy: str | None = None
+
+    def vault_settings(self, **overrides: Any) -> VaultSettings:
+        """Settings that run the broker with the least-privilege broker token."""
+        values: dict[str, Any] = {
+            "addr": self.addr,
+            "auth": VaultAuth(method="token", token=self.broker_token),
+            "task_token_role": self.task_token_role,
+            "policy_prefix": self.policy_prefix,
+        }
+        values.update(overrides)
+        return VaultSettings(**values)
+
+
+# -- policies --------------------------------------------------------------------------
+
+
+def render_broker_policy(
+    task_token_role: str = TASK_TOKEN_ROLE, policy_prefix: str = POLICY_PREFIX
+) -> str:
+    """The broker's own ACL policy: exactly what VaultGateway calls, and no sudo."""
+    return f"""\
+# ACL policy for the credential broker's own token. Nothing here needs sudo.
+
+# Mint per-task tokens, only through the task token role (orphan, non-renewable,
+# TTL-capped; the role's allowed_policies bound what a task token can carry).
+path "auth/token/create/{task_token_role}" {{
+  capabilities = ["update"]
+}}
+
+# Revoke per-task tokens and vault_token children by accessor; check if one is alive.
+path "auth/token/revoke-accessor" {{
+  capabilities = ["update"]
+}}
+path "auth/token/lookup-accessor" {{
+  capabilities = ["update"]
+}}
+
+# Its own token: look up (renewable?) and renew (periodic token).
+path "auth/token/lookup-self" {{
+  capabilities = ["read"]
+}}
+path "auth/token/renew-self" {{
+  capabilities = ["update"]
+}}
+
+# Revoke one lease synchronously, then confirm it is gone.
+path "sys/leases/revoke" {{
+  capabilities = ["update"]
+}}
+path "sys/leases/lookup" {{
+  capabilities = ["update"]
+}}
+
+# Write the generated per-task-type ACL policies, and only those.
+path "sys/policies/acl/{policy_prefix}*" {{
+  capabilities = ["create", "update"]
+}}
+
+# Not granted: listing leases (sys/leases/lookup/<prefix>/ with LIST) needs sudo. The
+# broker does not need it: a crash leaves leases tied to a recorded task token, which
+# revoke-accessor cleans up. Grant it only if you run an orphan sweep by listing:
+# path "sys/leases/lookup/database/creds/*" {{
+#   capabilities = ["list", "sudo"]
+# }}
+"""
+
+
+def render_reports_policy(kv_mount: str = "secret") -> str:
+    return f'path "{kv_mount}/data/reports/*" {{\n  capabilities = ["read"]\n}}\n'
+
+
+def render_peer_policy(database_mount: str, pki_mount: str) -> str:
+    """What an agent logging in with its own JWT (the benchmark's direct flow) may read."""
+    return (
+        f'path "{database_mount}/creds/analytics-ro" {{\n  capabilities = ["read"]\n}}\n'
+        f'path "{pki_mount}/issue/agents" {{\n  capabilities = ["update"]\n}}\n'
+    )
+
+
+# -- database ----------------------------------------------------------------------------
+
+
+def database_connection_config(
+    target: PostgresTarget, allowed_roles: Sequence[str]
+) -> dict[str, Any]:
+    """Body for `database/config/<name>`; the URL keeps `{{username}}`/`{{password}}`
+    templates so the password is stored once, in its own (write-only) field."""
+    _identifier(target.dbname)
+    auth = "{{username}}:{{password}}@" if target.password is not None else f"{target.superuser}@"
+    if target.is_socket:
+        url = f"postgresql://{auth}/{target.dbname}?host={target.host}&port={target.port}"
+    else:
+        url = f"postgresql://{auth}{target.host}:{target.port}/{target.dbname}?sslmode=disable"
+    body: dict[str, Any] = {
+        "plugin_name": "postgresql-database-plugin",
+        "connection_url": url,
+        "allowed_roles": list(allowed_roles),
+        "verify_connection": True,
+    }
+    if target.password is not None:
+        body["username"] = target.superuser
+        body["password"] = target.password
+    return body
+
+
+# Vault templates use {{name}}/{{password}}/{{expiration}}; <schema> and <db> are ours.
+_CREATE = [
+    """CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';""",
+    'GRANT CONNECT ON DATABASE "<db>" TO "{{name}}";',
+    'GRANT USAGE ON SCHEMA <schema> TO "{{name}}";',
+]
+_GRANT_READ = 'GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO "{{name}}";'
+_GRANT_WRITE = [
+    'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA <schema> TO "{{name}}";',
+    'GRANT USAGE ON ALL SEQUENCES IN SCHEMA <schema> TO "{{name}}";',
+]
+# Idempotent (Vault retries a failed revocation) and session-killing: VALID UNTIL stops
+# new logins but not sessions already open (vault#10681), so: NOLOGIN, terminate the
+# role's backends (waiting up to 5 s for each), revoke what was granted, drop. Vault runs
+# a statement containing $$ as one unit instead of splitting it at each ';'.
+_REVOKE = """DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{{name}}') THEN
+    ALTER ROLE "{{name}}" NOLOGIN;
+    PERFORM pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = '{{name}}';
+    REVOKE ALL ON ALL TABLES IN SCHEMA <schema> FROM "{{name}}";
+    REVOKE ALL ON ALL SEQUENCES IN SCHEMA <schema> FROM "{{name}}";
+    REVOKE USAGE ON SCHEMA <schema> FROM "{{name}}";
+    REVOKE CONNECT ON DATABASE "<db>" FROM "{{name}}";
+    DROP ROLE "{{name}}";
+  END IF;
+END
+$$;"""
+
+
+def database_roles(dbname: str, connection: str) -> dict[str, dict[str, Any]]:
+    """Bodies for `database/roles/<name>`, each with an explicit max_ttl (V12)."""
+
+    def fill(statements: list[str]) -> list[str]:
+        return [
+            s.replace("<schema>", ANALYTICS_SCHEMA).replace("<db>", _identifier(dbname))
+            for s in statements
+        ]
+
+    common = {"db_name": connection, "default_ttl": 300, "max_ttl": 900}
+    return {
+        "analytics-ro": {
+            **common,
+            "creation_statements": fill([*_CREATE, _GRANT_READ]),
+            "revocation_statements": fill([_REVOKE]),
+        },
+        "app-rw": {
+            **common,
+            "creation_statements": fill([*_CREATE, *_GRANT_WRITE]),
+            "revocation_statements": fill([_REVOKE]),
+        },
+    }
+
+
+def prepare_database(target: PostgresTarget) -> None:
+    """Create the target database and the `analytics` schema with a table to read."""
+    from psycopg import sql
+
+    _identifier(target.dbname)
+    with _connect(target, "postgres") as conn:
+        if not conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,)
+        ).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
+    with _connect(target, target.dbname) as conn, conn.transaction():
+        # Only roles granted CONNECT (the engine's dynamic users) may log in here.
+        conn.execute(
+            sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(
+                sql.Identifier(target.dbname)
+            )
+        )
+        schema = sql.Identifier(ANALYTICS_SCHEMA)
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {}.events (id bigserial PRIMARY KEY,"
+                " name text NOT NULL, at timestamptz NOT NULL DEFAULT now())"
+            ).format(schema)
+        )
+        count = conn.execute(sql.SQL("SELECT count(*) FROM {}.events").format(schema)).fetchone()
+        if count == (0,):
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {}.events (name) VALUES ('signup'), ('login'), ('purchase')"
+                ).format(schema)
+            )
+
+
+def _connect(target: PostgresTarget, dbname: str) -> Any:
+    import psycopg
+
+    return psycopg.connect(
+        host=target.host,
+        port=target.port,
+        user=target.superuser,
+        password=target.password,
+        dbname=dbname,
+        autocommit=True,
+        connect_timeout=10,
+    )
+
+
+def _identifier(name: str) -> str:
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"{name!r} is not a plain lower-case SQL identifier")
+    return name
+
+
+# -- OpenBao -----------------------------------------------------------------------------
+
+
+class _Admin:
+    """Root-token calls for setup; errors carry no bodies (VaultHTTP)."""
+
+    def __init__(self, addr: str, token: str, timeout: float) -> None:
+        self.http = VaultHTTP(addr, timeout=timeout)
+        self._token = token
+
+    def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        reply = self.http.call(
+            method, path, operation=f"setup {method} {path}", token=self._token, json=body
+        )
+        return reply.body
+
+    def ensure_mount(self, path: str, body: Mapping[str, Any]) -> None:
+        mounts = self.call("GET", "sys/mounts").get("data") or {}
+        if f"{path}/" not in mounts:
+            self.call("POST", f"sys/mounts/{path}", body)
+
+    def ensure_auth(self, path: str, kind: str) -> None:
+        methods = self.call("GET", "sys/auth").get("data") or {}
+        if f"{path}/" not in methods:
+            self.call("POST", f"sys/auth/{path}", {"type": kind})
+
+    def write_policy(self, name: str, text: str) -> None:
+        self.call("PUT", f"sys/policies/acl/{name}", {"policy": text})
+
+
+def configure_vault(
+    addr: str,
+    root_token: str,
+    *,
+    postgres: PostgresTarget,
+    task_token_role: str = TASK_TOKEN_ROLE,
+    policy_prefix: str = POLICY_PREFIX,
+    broker_policy: str = BROKER_POLICY,
+    broker_token_period: str = BROKER_TOKEN_PERIOD,
+    database_mount: str = "database",
+    database_connection: str = "analytics",
+    pki_mount: str = "pki",
+    kv_mount: str = "secret",
+    child_token_policies: Sequence[str] = (REPORTS_POLICY,),
+    jwt_jwks_pem_keys: Sequence[str] | None = None,
+    jwt_bound_issuer: str | None = None,
+    jwt_role: str = "agent",
+    jwt_audiences: Sequence[str] = ("openbao",),
+    timeout: float = 15.0,
+) -> VaultSetup:
+    """Idempotently configure OpenBao for the broker; returns names and a broker token."""
+    prepare_database(postgres)
+    admin = _Admin(addr, root_token, timeout)
+    try:
+        roles = _setup_database(admin, postgres, database_mount, database_connection)
+        _setup_pki(admin, pki_mount)
+        _setup_kv(admin, kv_mount)
+        _setup_task_token_role(
+            admin, task_token_role, policy_prefix, child_token_policies, broker_policy
+        )
+        admin.write_policy(broker_policy, render_broker_policy(task_token_role, policy_prefix))
+        token, accessor = _create_broker_token(admin, broker_policy, broker_token_period)
+        jwt = None
+        if jwt_jwks_pem_keys:
+            admin.write_policy(PEER_POLICY, render_peer_policy(database_mount, pki_mount))
+            jwt = _setup_jwt(admin, jwt_jwks_pem_keys, jwt_bound_issuer, jwt_role, jwt_audiences)
+    finally:
+        admin.http.close()
+    return VaultSetup(
+        addr=addr.rstrip("/"),
+        broker_token=token,
+        broker_token_accessor=accessor,
+        broker_policy=broker_policy,
+        task_token_role=task_token_role,
+        policy_prefix=policy_prefix,
+        database_mount=database_mount,
+        database_connection=database_connection,
+        database_roles=roles,
+        database_name=postgres.dbname,
+        pki_mount=pki_mount,
+        pki_role="agents",
+        pki_domain=PKI_DOMAIN,
+        kv_mount=kv_mount,
+        reports_policy=REPORTS_POLICY,
+        reports_path=f"{kv_mount}/data/reports/q3",
+        jwt_mount="jwt" if jwt else None,
+        jwt_role=jwt_role if jwt else None,
+        peer_policy=PEER_POLICY if jwt else None,
+    )
+
+
+def _setup_database(
+    admin: _Admin, target: PostgresTarget, mount: str, connection: str
+) -> tuple[str, ...]:
+    admin.ensure_mount(mount, {"type": "database"})
+    roles = database_roles(target.dbname, connection)
+    admin.call(
+        "POST", f"{mount}/config/{connection}", database_connection_config(target, list(roles))
+    )
+    for name, body in roles.items():
+        admin.call("POST", f"{mount}/roles/{name}", body)
+    return tuple(roles)
+
+
+def _setup_pki(admin: _Admin, mount: str) -> None:
+    admin.ensure_mount(mount, {"type": "pki", "config": {"max_lease_ttl": "87600h"}})
+    if not _has_ca(admin, mount):
+        admin.call(
+            "POST",
+            f"{mount}/root/generate/internal",
+            {"common_name": "Credential Broker Dev Root CA", "ttl": "87600h", "key_type": "ec"},
+        )
+    admin.call(
+        "POST",
+        f"{mount}/roles/agents",
+        {
+            "allowed_domains": [PKI_DOMAIN],
+            "allow_subdomains": True,
+            "allow_bare_domains": False,
+            "allow_localhost": False,
+            "allow_ip_sans": False,
+            "max_ttl": "1h",
+            # A lease per certificate, owned by the task token: revoking the token or the
+            # lease revokes the certificate (V17). Fine at dev scale; see README.
+            "generate_lease": True,
+            # EC keys: generated in microseconds, where RSA-2048 costs tens of ms per start.
+            "key_type": "ec",
+            "key_bits": 256,
+        },
+    )
+
+
+def _has_ca(admin: _Admin, mount: str) -> bool:
+    try:
+        data = admin.call("GET", f"{mount}/cert/ca").get("data") or {}
+    except VaultRejected:  # 400 "no default issuer currently configured"
+        return False
+    return bool(data.get("certificate"))
+
+
+def _setup_kv(admin: _Admin, mount: str) -> None:
+    admin.ensure_mount(mount, {"type": "kv", "options": {"version": "2"}})
+    admin.call(
+        "POST", f"{mount}/data/reports/q3", {"data": {"quarter": "q3", "revenue": "4200000"}}
+    )
+    admin.write_policy(REPORTS_POLICY, render_reports_policy(mount))
+
+
+def _setup_task_token_role(
+    admin: _Admin, role: str, policy_prefix: str, child_policies: Sequence[str], broker_policy: str
+) -> None:
+    admin.call(
+        "POST",
+        f"auth/token/roles/{role}",
+        {
+            # Task-type policies the broker writes, plus every policy a vault_token
+            # credential may hand out. Nothing else, whatever the broker asks for.
+            "allowed_policies_glob": [f"{policy_prefix}*"],
+            "allowed_policies": list(child_policies),
+            "disallowed_policies": [broker_policy, "root"],
+            # Orphan: the broker's own token expiring must not take task credentials
+            # with it, and a task's credentials must not outlive its token.
+            "orphan": True,
+            "renewable": False,
+            "token_type": "service",  # batch tokens can't be revoked by accessor
+            "token_explicit_max_ttl": 3600,
+        },
+    )
+
+
+def _create_broker_token(admin: _Admin, policy: str, period: str) -> tuple[str, str]:
+    body = admin.call(
+        "POST",
+        "auth/token/create-orphan",
+        {
+            "policies": [policy],
+            "no_default_policy": True,
+            "period": period,
+            "renewable": True,
+            "display_name": "credential-broker",
+        },
+    )
+    auth = body.get("auth") or {}
+    return str(auth["client_token"]), str(auth["accessor"])
+
+
+def _setup_jwt(
+    admin: _Admin,
+    pem_keys: Sequence[str],
+    bound_issuer: str | None,
+    role: str,
+    audiences: Sequence[str],
+) -> str:
+    admin.ensure_auth("jwt", "jwt")
+    config: dict[str, Any] = {"jwt_validation_pubkeys": list(pem_keys)}
+    if bound_issuer:
+        config["bound_issuer"] = bound_issuer
+    admin.call("POST", "auth/jwt/config", config)
+    admin.call(
+        "POST",
+        f"auth/jwt/role/{role}",
+        {
+            "role_type": "jwt",
+            "user_claim": "sub",
+            "bound_audiences": list(audiences),
+            "token_policies": [PEER_POLICY],
+            "token_ttl": 900,
+            "token_max_ttl": 900,
+            "token_no_default_policy": True,
+        },
+    )
+    return role
+
+
+def jwks_to_pem(jwks: Mapping[str, Any]) -> list[str]:
+    """PEM public keys from a JWKS document, for `jwt_jwks_pem_keys`."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+
+    pems = []
+    for key in jwt.PyJWKSet.from_dict(dict(jwks)).keys:
+        public = key.key.public_key() if hasattr(key.key, "private_bytes") else key.key
+        pem = public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        pems.append(pem.decode())
+    return pems

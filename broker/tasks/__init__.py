@@ -1,0 +1,1 @@
+"""The task lifecycle: start, claim, finish, read."""

@@ -1,0 +1,452 @@
+"""Start, claim, finish and read tasks.
+
+The order of a start is the broker's central promise (SPEC §6.1-6.2):
+  1. decide and record the task (`issuing`) in one transaction;
+  2. create the task's own Vault token and commit its accessor;
+  3. issue every credential with that token, all or nothing;
+  4. commit the leases, and only then hand the secrets out.
+A crash anywhere after 2 leaves an accessor the reconciler revokes, and with the token
+Vault revokes every lease it issued, recorded or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker import metrics
+from broker.audit import record
+from broker.clock import Clock
+from broker.credentials import CredentialSpec, VaultTokenCredential
+from broker.db import DatabaseUnavailable, unit_of_work
+from broker.errors import (
+    Conflict,
+    DatabaseUnavailableError,
+    IssuanceFailed,
+    LimitExceeded,
+    NotFound,
+    PolicyDenied,
+    VaultUnavailableError,
+)
+from broker.errors import TtlExceedsMax as TtlExceedsMaxError
+from broker.errors import UnknownTask as UnknownTaskError
+from broker.identity import Identity
+from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
+from broker.models import TASK_OPEN_STATES, Lease, Task
+from broker.policy import Decision, PolicyStore, TaskRequest, TtlExceedsMax, UnknownTask, Usage
+from broker.tasks.schemas import StartTask
+from broker.vault import IssuedSecret, TaskToken, VaultError, VaultGateway, VaultUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IssuedCredential:
+    name: str
+    kind: str
+    data: Mapping[str, Any]
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class StartResult:
+    task: Task
+    credentials: dict[str, IssuedCredential] | None
+
+
+def request_hash(identity: Identity, body: StartTask) -> str:
+    """Binds an approval to this exact request: who, which task, for whom, why, how long, with what."""
+    canonical = json.dumps(
+        {
+            "workload": identity.id,
+            "task": body.task,
+            "owner": body.owner,
+            "purpose": body.purpose,
+            "ttl_seconds": body.ttl_seconds,
+            "context": body.context,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _workload_lock_key(workload: str, task: str) -> int:
+    digest = hashlib.blake2b(f"{workload}\x00{task}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class TaskService:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        policies: PolicyStore,
+        vault: VaultGateway,
+        clock: Clock,
+        revoker: Revoker,
+    ) -> None:
+        self._sessions = sessions
+        self._policies = policies
+        self._vault = vault
+        self._clock = clock
+        self._revoker = revoker
+
+    # ---- start -------------------------------------------------------------------------
+
+    def start(self, identity: Identity, body: StartTask) -> StartResult:
+        policy = self._policies.current()
+        try:
+            compiled = policy.task(body.task)
+        except UnknownTask:
+            raise UnknownTaskError(f"no task type named '{body.task}' in the policy") from None
+        task, decision = self._decide_and_record(identity, body)
+        if not decision.allowed:
+            metrics.TASKS_STARTED.labels(body.task, "denied").inc()
+            raise _denial(decision)
+        if task.state == "pending_approval":
+            metrics.TASKS_STARTED.labels(body.task, "pending_approval").inc()
+            return StartResult(task=task, credentials=None)
+        active, credentials = self._issue(task, identity.id, compiled.credentials, actor=identity.id)
+        metrics.TASKS_STARTED.labels(body.task, "active").inc()
+        return StartResult(task=active, credentials=credentials)
+
+    def _decide_and_record(self, identity: Identity, body: StartTask) -> tuple[Task, Decision]:
+        policy = self._policies.current()
+        request = TaskRequest(
+            task=body.task,
+            owner=body.owner,
+            purpose=body.purpose,
+            ttl_seconds=body.ttl_seconds,
+            context=body.context,
+        )
+        with self._uow() as session:
+            # Serialise starts of one workload for one task type so limits can't be raced.
+            session.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"),
+                {"key": _workload_lock_key(identity.id, body.task)},
+            )
+            now = self._db_now(session)
+            usage = self._usage(session, identity.id, body.task, now)
+            try:
+                decision = policy.evaluate(identity, request, usage, now)
+            except TtlExceedsMax as error:
+                raise TtlExceedsMaxError(str(error)) from None
+            task = Task(
+                id=uuid.uuid4(),
+                task=body.task,
+                workload=identity.id,
+                workload_issuer=identity.issuer_name,
+                owner=body.owner,
+                purpose=body.purpose,
+                context=body.context,
+                ttl_seconds=decision.ttl_seconds,
+                request_hash=request_hash(identity, body),
+                created_at=now,
+                policy_version=getattr(self._policies, "version_label", None),
+            )
+            if not decision.allowed:
+                record(
+                    session,
+                    self._clock,
+                    "task.denied",
+                    identity.id,
+                    detail={
+                        "task": body.task,
+                        "owner": body.owner,
+                        "purpose": body.purpose,
+                        "rule": decision.failed_rule,
+                        "why": decision.detail,
+                    },
+                )
+                return task, decision
+            if decision.approval_required:
+                approval = policy.task(body.task).approval
+                task.state = "pending_approval"
+                task.approval_expires_at = now + timedelta(seconds=approval.expires_in if approval else 600)
+                session.add(task)
+                session.flush()
+                record(session, self._clock, "task.approval_requested", identity.id, task=task)
+            else:
+                task.state = "issuing"
+                task.expires_at = now + timedelta(seconds=decision.ttl_seconds)
+                session.add(task)
+                session.flush()
+                record(
+                    session,
+                    self._clock,
+                    "task.start_requested",
+                    identity.id,
+                    task=task,
+                    detail={"ttl_seconds": task.ttl_seconds},
+                )
+        return task, decision
+
+    def _usage(self, session: Session, workload: str, task: str, now: datetime) -> Usage:
+        active = session.scalar(
+            select(func.count())
+            .select_from(Task)
+            .where(Task.workload == workload, Task.task == task, Task.state.in_(TASK_OPEN_STATES))
+        )
+        recent = session.scalar(
+            select(func.count())
+            .select_from(Task)
+            .where(
+                Task.workload == workload,
+                Task.task == task,
+                Task.created_at > now - timedelta(seconds=60),
+            )
+        )
+        return Usage(active_for_workload=int(active or 0), starts_last_minute=int(recent or 0))
+
+    # ---- issuing -----------------------------------------------------------------------
+
+    def _issue(
+        self, task: Task, workload: str, specs: Mapping[str, CredentialSpec], *, actor: str
+    ) -> tuple[Task, dict[str, IssuedCredential]]:
+        token = self._task_token(task, specs)
+        issued: dict[str, IssuedSecret] = {}
+        try:
+            for name, spec in specs.items():
+                issued[name] = self._vault.issue(
+                    token, spec, ttl_seconds=task.ttl_seconds, task_id=str(task.id), workload=workload
+                )
+        except VaultError as error:
+            self._abandon(task, token.accessor, issued, error, actor)
+            if isinstance(error, VaultUnavailable):
+                raise VaultUnavailableError("Vault could not be reached; nothing was issued") from None
+            raise IssuanceFailed("Vault refused one of the task's credentials; nothing was issued") from None
+        active = self._commit_leases(task, specs, issued, token, actor)
+        return active, {
+            name: IssuedCredential(
+                name=name,
+                kind=specs[name].kind,
+                data=secret.data,
+                expires_at=min(secret.expires_at, task.expires_at or secret.expires_at),
+            )
+            for name, secret in issued.items()
+        }
+
+    def _task_token(self, task: Task, specs: Mapping[str, CredentialSpec]) -> TaskToken:
+        try:
+            policies = [self._vault.sync_task_policy(task.task, specs)]
+            for spec in specs.values():
+                if isinstance(spec, VaultTokenCredential):
+                    policies.extend(p for p in spec.policies if p not in policies)
+            token = self._vault.create_task_token(
+                task_id=str(task.id),
+                task=task.task,
+                policies=policies,
+                ttl_seconds=task.ttl_seconds,
+                meta={"task_id": str(task.id), "task": task.task, "owner": task.owner[:100]},
+            )
+        except VaultError as error:
+            self._mark_failed(task, f"task token: {error}", "system")
+            if isinstance(error, VaultUnavailable):
+                raise VaultUnavailableError("Vault could not be reached; nothing was issued") from None
+            raise IssuanceFailed("Vault refused to create the task's token") from None
+        try:
+            with self._uow() as session:
+                session.execute(update(Task).where(Task.id == task.id).values(token_accessor=token.accessor))
+        except DatabaseUnavailable:
+            self._revoke_quietly(token.accessor, {})
+            raise DatabaseUnavailableError("the database is unavailable; nothing was issued") from None
+        task.token_accessor = token.accessor
+        return token
+
+    def _commit_leases(
+        self,
+        task: Task,
+        specs: Mapping[str, CredentialSpec],
+        issued: Mapping[str, IssuedSecret],
+        token: TaskToken,
+        actor: str,
+    ) -> Task:
+        try:
+            with self._uow() as session:
+                row = session.get(Task, task.id, with_for_update=True, populate_existing=True)
+                if row is None or row.state != "issuing":
+                    raise Conflict("the task ended while its credentials were being issued")
+                row.state = "active"
+                now = self._clock.now()
+                for name, secret in issued.items():
+                    lease = _lease_row(row, name, specs[name].kind, secret, now)
+                    row.leases.append(lease)
+                    session.flush()
+                    record(
+                        session,
+                        self._clock,
+                        "lease.issued",
+                        actor,
+                        lease=lease,
+                        detail={"name": name, "kind": lease.kind, "vault_lease_id": secret.vault_lease_id},
+                    )
+                    metrics.LEASES_ISSUED.labels(lease.kind).inc()
+                record(
+                    session,
+                    self._clock,
+                    "task.started",
+                    actor,
+                    task=row,
+                    detail={"credentials": sorted(issued), "expires_at": str(row.expires_at)},
+                )
+                task.state = "active"
+            return row
+        except (DatabaseUnavailable, Conflict) as error:
+            # Record before release: without committed leases, nothing leaves the broker.
+            self._revoke_quietly(token.accessor, issued)
+            if isinstance(error, Conflict):
+                raise
+            raise DatabaseUnavailableError("the database is unavailable; nothing was issued") from None
+        except Exception:
+            self._revoke_quietly(token.accessor, issued)
+            raise
+
+    def _abandon(
+        self, task: Task, accessor: str, issued: Mapping[str, IssuedSecret], error: VaultError, actor: str
+    ) -> None:
+        """All or nothing (SPEC §6.1): revoke what was issued before the error is returned."""
+        leftovers = self._revoke_quietly(accessor, issued)
+        self._mark_failed(task, f"issuing failed: {error}", actor, token_revoked=not leftovers)
+
+    def _revoke_quietly(self, accessor: str, issued: Mapping[str, IssuedSecret]) -> list[str]:
+        """Best effort; what stays alive is left to the reconciler (the accessor is on record)."""
+        failed = []
+        for name, secret in issued.items():
+            try:
+                self._vault.revoke(secret.handle)
+            except VaultError:
+                failed.append(name)
+        try:
+            self._vault.revoke_task_token(accessor)
+        except VaultError:
+            failed.append("(task token)")
+        if failed:
+            log.warning("compensating revoke incomplete: %s", ", ".join(failed))
+        return failed
+
+    def _mark_failed(self, task: Task, reason: str, actor: str, *, token_revoked: bool = False) -> None:
+        try:
+            with self._uow() as session:
+                row = session.get(Task, task.id, with_for_update=True, populate_existing=True)
+                if row is None or row.state in TERMINAL_TASK_STATES:
+                    return
+                now = self._clock.now()
+                row.state, row.finished_at, row.end_reason = "failed", now, reason[:500]
+                if token_revoked and row.token_accessor:
+                    row.token_revoked_at = now
+                record(session, self._clock, "task.failed", actor, task=row, detail={"reason": reason[:500]})
+            task.state = "failed"
+        except DatabaseUnavailable:
+            log.warning("could not record failure of task %s; the reconciler will", task.id)
+        metrics.TASKS_FINISHED.labels("failed").inc()
+
+    # ---- claim (approved tasks) --------------------------------------------------------
+
+    def claim(self, identity: Identity, task_id: uuid.UUID) -> StartResult:
+        policy = self._policies.current()
+        with self._uow() as session:
+            task = self._owned(session, identity, task_id, lock=True)
+            if task.claimed_at is not None or task.state != "pending_approval":
+                raise Conflict(f"the task is {task.state}; an approval can be claimed once")
+            now = self._db_now(session)
+            if task.approved_at is None:
+                raise Conflict("the task is still waiting for approval")
+            if task.approval_expires_at is not None and task.approval_expires_at <= now:
+                raise Conflict("the approval lapsed; start a new task")
+            if any(a.request_hash != task.request_hash for a in task.approvals):
+                raise Conflict("the approval does not cover this exact request")
+            try:
+                compiled = policy.task(task.task)
+            except UnknownTask:
+                raise Conflict("the task type is no longer in the policy") from None
+            task.claimed_at = now
+            task.state = "issuing"
+            task.expires_at = now + timedelta(seconds=task.ttl_seconds)
+            record(session, self._clock, "task.claimed", identity.id, task=task)
+        active, credentials = self._issue(task, identity.id, compiled.credentials, actor=identity.id)
+        return StartResult(task=active, credentials=credentials)
+
+    # ---- finish and read ---------------------------------------------------------------
+
+    def finish(self, identity: Identity, task_id: uuid.UUID, outcome: str) -> Task:
+        with self._uow() as session:
+            task = self._owned(session, identity, task_id, lock=True)
+            if task.state not in TERMINAL_TASK_STATES:
+                final_outcome = "cancelled" if task.state == "pending_approval" else outcome
+                self._revoker.end_task(
+                    session,
+                    task,
+                    state="finished",
+                    actor=identity.id,
+                    reason=f"finished by workload ({final_outcome})",
+                    trigger="finish",
+                    outcome=final_outcome,
+                )
+        return task
+
+    def get(self, identity: Identity, task_id: uuid.UUID) -> Task:
+        with self._uow() as session:
+            if identity.may("operator"):
+                task = session.get(Task, task_id)
+                if task is None:
+                    raise NotFound("no such task")
+                return task
+            return self._owned(session, identity, task_id, lock=False)
+
+    def _owned(self, session: Session, identity: Identity, task_id: uuid.UUID, *, lock: bool) -> Task:
+        task = session.get(Task, task_id, with_for_update=lock or None, populate_existing=lock)
+        # Another workload's task is indistinguishable from a missing one (SPEC §6.6).
+        if task is None or task.workload != identity.id:
+            raise NotFound("no such task")
+        return task
+
+    # ---- plumbing ----------------------------------------------------------------------
+
+    def _uow(self) -> AbstractContextManager[Session]:
+        return unit_of_work(self._sessions)
+
+    @staticmethod
+    def _db_now(session: Session) -> datetime:
+        # The database's clock, so every replica measures deadlines against one time.
+        value: datetime = session.scalar(select(func.now()))  # type: ignore[assignment]
+        return value
+
+
+def _lease_row(task: Task, name: str, kind: str, secret: IssuedSecret, now: datetime) -> Lease:
+    expires = min(secret.expires_at, task.expires_at) if task.expires_at else secret.expires_at
+    return Lease(
+        id=uuid.uuid4(),
+        task_id=task.id,
+        task=task.task,
+        name=name,
+        kind=kind,
+        workload=task.workload,
+        owner=task.owner,
+        purpose=task.purpose,
+        state="active",
+        issued_at=now,
+        expires_at=expires,
+        revoke_attempts=0,
+        revoke_kind=secret.handle.kind,
+        revoke_ref=secret.handle.ref,
+        vault_lease_id=secret.vault_lease_id,
+    )
+
+
+def _denial(decision: Decision) -> Exception:
+    rule = decision.failed_rule or "policy"
+    if rule.startswith("limits."):
+        return LimitExceeded(
+            f"{rule}: {decision.detail}", retry_after=decision.retry_after_seconds or 1, rule=rule
+        )
+    return PolicyDenied(f"{rule}: {decision.detail}", rule=rule)

@@ -1,0 +1,18 @@
+"""Vault/OpenBao access: per-task tokens, dynamic secrets, synchronous revocation."""
+
+from broker.vault.errors import VaultError, VaultRejected, VaultUnavailable
+from broker.vault.gateway import IssuedSecret, RevokeHandle, TaskToken, VaultGateway
+from broker.vault.policies import policy_name, render_task_policy, task_token_policies
+
+__all__ = [
+    "IssuedSecret",
+    "RevokeHandle",
+    "TaskToken",
+    "VaultError",
+    "VaultGateway",
+    "VaultRejected",
+    "VaultUnavailable",
+    "policy_name",
+    "render_task_policy",
+    "task_token_policies",
+]

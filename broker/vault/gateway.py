@@ -1,0 +1,421 @@
+"""Everything the broker asks of Vault/OpenBao, as a handful of synchronous calls.
+
+The lifecycle of one task (the caller owns the database side):
+
+1. `sync_task_policy` makes sure the task type's ACL policy exists (cached by content).
+2. `create_task_token` mints an orphan, non-renewable token through the task token
+   role, with a TTL equal to the task's. The caller records its accessor *before* step 3.
+3. `issue` reads each credential *with that token*, so Vault ties every lease to it.
+4. On finish, `revoke` revokes each lease synchronously and checks it is gone, then
+   `revoke_task_token` revokes the token by accessor, which also makes Vault revoke any
+   lease the broker never got to record (a crash between Vault and the database).
+
+If the broker dies and nobody calls step 4, the task token's own TTL still bounds every
+lease (a lease never outlives the token that created it), as does each role's max_ttl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from broker.clock import Clock, SystemClock
+from broker.config import VaultSettings
+from broker.credentials import (
+    CredentialSpec,
+    DatabaseCredential,
+    LeaseCredential,
+    PkiCredential,
+    VaultTokenCredential,
+)
+from broker.vault.errors import VaultRejected, VaultUnavailable
+from broker.vault.http import Reply, VaultHTTP
+from broker.vault.login import BrokerLogin
+from broker.vault.policies import policy_name, render_task_policy, render_template
+
+log = logging.getLogger(__name__)
+
+# If Vault ever answers a revoke with 202 (queued), how long to wait for the lease to go.
+_QUEUED_REVOKE_WAIT = 1.0
+_QUEUED_REVOKE_POLL = 0.05
+
+
+@dataclass(frozen=True)
+class TaskToken:
+    """The per-task Vault token. Only `accessor` may be stored or logged."""
+
+    token: str = field(repr=False)
+    accessor: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class RevokeHandle:
+    """How to revoke one credential: a lease id, or a token accessor (a child token has no
+    lease id), or nothing (a path that answered without a lease)."""
+
+    kind: Literal["lease", "token", "none"]
+    ref: str
+
+
+@dataclass(frozen=True)
+class IssuedSecret:
+    data: dict[str, Any] = field(repr=False)
+    expires_at: datetime
+    handle: RevokeHandle
+    vault_lease_id: str | None
+
+
+class VaultGateway:
+    """Thread-safe; one per process, sharing one pooled HTTP session."""
+
+    def __init__(
+        self, settings: VaultSettings, *, clock: Clock | None = None, pool_size: int = 32
+    ) -> None:
+        self._settings = settings
+        self._clock: Clock = clock or SystemClock()
+        self._http = VaultHTTP(
+            settings.addr,
+            timeout=settings.timeout_seconds,
+            verify_tls=settings.verify_tls,
+            namespace=settings.namespace,
+            pool_size=pool_size,
+        )
+        self._login = BrokerLogin(settings.auth, self._http, self._clock)
+        self._policy_digests: dict[str, str] = {}
+        self._policy_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- health and the broker's own token -------------------------------------------
+
+    def health(self) -> None:
+        """Raise VaultUnavailable unless Vault answers, initialised and unsealed."""
+        params = {"standbyok": "true", "perfstandbyok": "true"}
+        try:
+            self._http.call("GET", "sys/health", operation="health", params=params)
+        except VaultRejected as error:
+            # 472/473 (DR or perf standby not accepted) and friends: not ready for us.
+            raise VaultUnavailable("health", error.reason, status=error.status) from None
+
+    def renew_self(self) -> None:
+        """Renew the broker's token if renewable (re-login for AppRole/Kubernetes)."""
+        self._login.renew()
+
+    # -- per task --------------------------------------------------------------------
+
+    def sync_task_policy(self, task: str, credentials: Mapping[str, CredentialSpec]) -> str:
+        """Write `{policy_prefix}{task}` unless this process already wrote the same text."""
+        name = policy_name(self._settings.policy_prefix, task)
+        text = render_task_policy(task, credentials)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if self._policy_digests.get(name) == digest:
+            return name
+        self._as_broker(
+            "PUT",
+            f"sys/policies/acl/{name}",
+            operation=f"write policy {name}",
+            json={"policy": text},
+        )
+        with self._policy_lock:
+            self._policy_digests[name] = digest
+        log.info("vault policy %s written", name)
+        return name
+
+    def create_task_token(
+        self,
+        *,
+        task_id: str,
+        task: str,
+        policies: Sequence[str],
+        ttl_seconds: int,
+        meta: Mapping[str, str],
+    ) -> TaskToken:
+        """An orphan, non-renewable token via the task token role, living `ttl_seconds`."""
+        _positive(ttl_seconds)
+        role = self._settings.task_token_role
+        ttl = f"{ttl_seconds}s"
+        body = {
+            "policies": list(policies),
+            "ttl": ttl,
+            "explicit_max_ttl": ttl,
+            "renewable": False,
+            "display_name": f"task-{task}",
+            "meta": {**meta, "task_id": task_id, "task": task},
+        }
+        started = self._clock.now()
+        reply = self._as_broker(
+            "POST",
+            f"auth/token/create/{role}",
+            operation=f"create task token via {role}",
+            json=body,
+        )
+        auth = _auth(reply, "create task token")
+        return TaskToken(
+            token=str(auth["client_token"]),
+            accessor=str(auth["accessor"]),
+            expires_at=started + timedelta(seconds=int(auth.get("lease_duration") or ttl_seconds)),
+        )
+
+    def issue(
+        self,
+        token: TaskToken,
+        spec: CredentialSpec,
+        *,
+        ttl_seconds: int,
+        task_id: str,
+        workload: str,
+    ) -> IssuedSecret:
+        """One credential, requested with the task token so its lease belongs to it."""
+        _positive(ttl_seconds)
+        started = self._clock.now()
+        if isinstance(spec, DatabaseCredential):
+            # Database roles take no per-request TTL: the task token's TTL bounds the lease.
+            path = f"{spec.mount}/creds/{spec.role}"
+            reply = self._as_task(token, "GET", path, operation=f"issue {path}")
+            return _leased(reply, started, token, f"issue {path}")
+        if isinstance(spec, PkiCredential):
+            return self._issue_pki(
+                token,
+                spec,
+                ttl_seconds=ttl_seconds,
+                task_id=task_id,
+                workload=workload,
+                started=started,
+            )
+        if isinstance(spec, VaultTokenCredential):
+            return self._issue_child_token(token, spec, ttl_seconds, task_id, started)
+        return self._issue_lease(token, spec, task_id, workload, started)
+
+    def _issue_pki(
+        self,
+        token: TaskToken,
+        spec: PkiCredential,
+        *,
+        ttl_seconds: int,
+        task_id: str,
+        workload: str,
+        started: datetime,
+    ) -> IssuedSecret:
+        path = f"{spec.mount}/issue/{spec.role}"
+        body: dict[str, Any] = {
+            "common_name": render_template(spec.common_name, task_id=task_id, workload=workload),
+            "ttl": f"{ttl_seconds}s",
+        }
+        if spec.alt_names:
+            names = (render_template(n, task_id=task_id, workload=workload) for n in spec.alt_names)
+            body["alt_names"] = ",".join(names)
+        reply = self._as_task(token, "POST", path, operation=f"issue {path}", json=body)
+        issued = _leased(reply, started, token, f"issue {path}")
+        if issued.handle.kind == "none":
+            # Role without generate_lease: nothing to revoke, the certificate simply
+            # lives until its notAfter (which ttl_seconds bounded).
+            log.warning("pki role %s issues certificates without a lease", path)
+            not_after = issued.data.get("expiration")
+            if isinstance(not_after, int):
+                issued = IssuedSecret(
+                    issued.data, datetime.fromtimestamp(not_after, UTC), issued.handle, None
+                )
+        return issued
+
+    def _issue_child_token(
+        self,
+        token: TaskToken,
+        spec: VaultTokenCredential,
+        ttl_seconds: int,
+        task_id: str,
+        started: datetime,
+    ) -> IssuedSecret:
+        # A (non-orphan) child of the task token: revoking or expiry of the task token
+        # revokes it too. Its policies must be a subset of the task token's.
+        ttl = f"{ttl_seconds}s"
+        body = {
+            "policies": list(spec.policies),
+            "ttl": ttl,
+            "explicit_max_ttl": ttl,
+            "renewable": False,
+            "display_name": f"task-{task_id}",
+            "meta": {"task_id": task_id},
+        }
+        reply = self._as_task(
+            token, "POST", "auth/token/create", operation="issue child token", json=body
+        )
+        auth = _auth(reply, "issue child token")
+        accessor = str(auth["accessor"])
+        lifetime = timedelta(seconds=int(auth.get("lease_duration") or ttl_seconds))
+        return IssuedSecret(
+            data={
+                "token": str(auth["client_token"]),
+                "accessor": accessor,
+                "policies": list(auth.get("policies") or spec.policies),
+            },
+            expires_at=min(started + lifetime, token.expires_at),
+            handle=RevokeHandle("token", accessor),
+            vault_lease_id=None,
+        )
+
+    def _issue_lease(
+        self,
+        token: TaskToken,
+        spec: LeaseCredential,
+        task_id: str,
+        workload: str,
+        started: datetime,
+    ) -> IssuedSecret:
+        path = render_template(spec.path, task_id=task_id, workload=workload)
+        operation = f"issue {spec.path}"
+        if spec.method == "read":
+            reply = self._as_task(
+                token, "GET", path, operation=operation, params=spec.params or None
+            )
+        else:
+            reply = self._as_task(token, "POST", path, operation=operation, json=spec.params)
+        return _leased(reply, started, token, operation)
+
+    # -- revocation ------------------------------------------------------------------
+
+    def revoke(self, handle: RevokeHandle) -> None:
+        """Revoke one credential synchronously; already gone counts as success."""
+        if handle.kind == "lease":
+            self._revoke_lease(handle.ref)
+        elif handle.kind == "token":
+            self.revoke_task_token(handle.ref)
+
+    def _revoke_lease(self, lease_id: str) -> None:
+        # hvac's revoke_lease can't send `sync`; the CLI and OpenBao docs default it to
+        # false, which only queues the revocation (202). With sync=true Vault runs the
+        # engine's revocation (e.g. DROP ROLE) before answering and fails if it fails.
+        reply = self._as_broker(
+            "PUT",
+            "sys/leases/revoke",
+            operation="revoke lease",
+            json={"lease_id": lease_id, "sync": True},
+        )
+        # A 204 also answers for an unknown lease id (V02), so "gone" is only believed
+        # when a lookup no longer finds the lease.
+        waited = 0.0
+        while self._lease_exists(lease_id):
+            if reply.status != 202 or waited >= _QUEUED_REVOKE_WAIT:
+                raise VaultUnavailable("revoke lease", "lease still present after revoke")
+            time.sleep(_QUEUED_REVOKE_POLL)
+            waited += _QUEUED_REVOKE_POLL
+
+    def _lease_exists(self, lease_id: str) -> bool:
+        try:
+            self._as_broker(
+                "PUT", "sys/leases/lookup", operation="lookup lease", json={"lease_id": lease_id}
+            )
+        except VaultRejected as error:
+            if error.status == 400:  # "invalid lease": revoked, expired or never existed
+                return False
+            raise
+        return True
+
+    def revoke_task_token(self, accessor: str) -> None:
+        """Revoke a token (and its children) by accessor; an unknown accessor is success.
+
+        The token tree goes at once. Leases the token created are then revoked by Vault
+        in the background (within moments, not before this returns): revoke the leases
+        you know with `revoke` first when you need them gone synchronously.
+        """
+        try:
+            self._as_broker(
+                "POST",
+                "auth/token/revoke-accessor",
+                operation="revoke token",
+                json={"accessor": accessor},
+            )
+        except VaultRejected as error:
+            # Vault answers 400 "invalid accessor"/"token not found" for a token already
+            # revoked or expired (V09); OpenBao answers 200 with a warning instead.
+            if error.status != 400:
+                raise
+
+    def token_alive(self, accessor: str) -> bool:
+        try:
+            self._as_broker(
+                "POST",
+                "auth/token/lookup-accessor",
+                operation="lookup token",
+                json={"accessor": accessor},
+            )
+        except VaultRejected as error:
+            if error.status == 400:
+                return False
+            raise
+        return True
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _as_broker(
+        self,
+        method: str,
+        path: str,
+        *,
+        operation: str,
+        json: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Reply:
+        """A call with the broker's own token; after a 403 a login token is renewed once."""
+        token = self._login.token()
+        try:
+            return self._http.call(
+                method, path, operation=operation, token=token, json=json, params=params
+            )
+        except VaultRejected as error:
+            if error.status != 403 or not self._login.forget(token):
+                raise
+        return self._http.call(
+            method, path, operation=operation, token=self._login.token(), json=json, params=params
+        )
+
+    def _as_task(
+        self,
+        token: TaskToken,
+        method: str,
+        path: str,
+        *,
+        operation: str,
+        json: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Reply:
+        return self._http.call(
+            method, path, operation=operation, token=token.token, json=json, params=params
+        )
+
+
+def _positive(ttl_seconds: int) -> None:
+    if ttl_seconds <= 0:
+        raise ValueError("ttl_seconds must be positive")
+
+
+def _auth(reply: Reply, operation: str) -> dict[str, Any]:
+    auth = reply.body.get("auth")
+    if not isinstance(auth, dict) or not auth.get("client_token") or not auth.get("accessor"):
+        raise VaultUnavailable(operation, "answer without a token")
+    return auth
+
+
+def _leased(reply: Reply, started: datetime, token: TaskToken, operation: str) -> IssuedSecret:
+    """An engine answer with (usually) a lease; expiry is the earlier of lease and token."""
+    data = reply.body.get("data")
+    if not isinstance(data, dict):
+        raise VaultRejected(operation, "answer without data")
+    lease_id = str(reply.body.get("lease_id") or "") or None
+    # Vault reports the role's TTL even when the token will die first (and take the
+    # lease with it), so the token's expiry caps what we promise.
+    duration = int(reply.body.get("lease_duration") or 0)
+    expires_at = token.expires_at
+    if lease_id is not None and duration > 0:
+        expires_at = min(started + timedelta(seconds=duration), token.expires_at)
+    handle = RevokeHandle("lease", lease_id) if lease_id else RevokeHandle("none", "")
+    return IssuedSecret(
+        data=dict(data), expires_at=expires_at, handle=handle, vault_lease_id=lease_id
+    )

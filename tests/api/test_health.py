@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+
+from broker.config import settings_from_mapping
+from broker.stack.postgres import free_port, start_postgres
+from tests.conftest import broker_config
+
+
+def test_healthz_is_always_ok(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+def test_readyz_is_ok_when_both_answer(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.get_json()["checks"] == {"database": "ok", "vault": "ok"}
+
+
+def _client_for(config):
+    from broker.app import create_app
+
+    return create_app(settings_from_mapping(config, env={})).test_client()
+
+
+def test_readyz_names_vault_when_it_is_down(stack, issuers, policy_file):
+    config = broker_config(stack, issuers, policy_file)
+    config["vault"]["addr"] = f"http://127.0.0.1:{free_port()}"
+    response = _client_for(config).get("/readyz")
+    assert response.status_code == 503
+    assert response.mimetype == "application/problem+json"
+    assert response.get_json()["checks"] == {"database": "ok", "vault": "unavailable"}
+    assert "vault" in response.get_json()["detail"]
+
+
+@pytest.mark.slow
+def test_readyz_names_the_database_when_postgres_stops(stack, issuers, policy_file, workdir):
+    own = start_postgres(workdir / "readyz-pg")
+    config = broker_config(stack, issuers, policy_file)
+    config["database_url"] = own.url("postgres")
+    client = _client_for(config)
+    assert client.get("/readyz").status_code == 200
+    own.stop()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["checks"]["database"] == "unavailable"
+    assert "database" in response.get_json()["detail"]
+    assert response.headers["Retry-After"]
+    own.start()
+    assert client.get("/readyz").status_code == 200
+    own.stop()

@@ -1,0 +1,101 @@
+"""Every error is application/problem+json with a stable code, never a stack trace."""
+
+from __future__ import annotations
+
+import pytest
+
+AGENT = "spiffe://example.org/agents/reporter"
+
+
+def assert_problem(response, status, code):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    body = response.get_json()
+    assert body["code"] == code
+    assert body["status"] == status
+    assert set(body) >= {"type", "title", "status", "detail", "code"}
+    assert "Traceback" not in response.get_data(as_text=True)
+    return body
+
+
+def test_unknown_path_is_a_json_404(client):
+    assert_problem(client.get("/nope"), 404, "not_found")
+
+
+def test_wrong_method_is_a_json_405_with_allow(client):
+    response = client.put("/task/start")
+    assert_problem(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_oversized_body_is_413(client, issuers):
+    big = {"task": "analytics-read", "owner": "a@example.com", "purpose": "x" * 70000}
+    response = client.post("/task/start", json=big, headers=issuers["spire"].bearer(AGENT))
+    assert_problem(response, 413, "body_too_large")
+
+
+def test_oversized_body_is_refused_before_authentication(client):
+    response = client.post("/task/start", data=b"{" + b" " * 70000 + b"}", content_type="application/json")
+    assert response.status_code in (401, 413)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"task": "analytics-read", "task": "other"}', "duplicate keys"),
+        (b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "short"}', "purpose"),
+        (
+            b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "policies": ["root"]}',
+            "unknown field 'policies'",
+        ),
+        (b'{"task": "analytics-read", "owner": ["a"], "purpose": "long enough"}', "owner"),
+        (
+            b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "ttl_seconds": 0}',
+            "ttl_seconds",
+        ),
+        (
+            b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "ttl_seconds": "60"}',
+            "ttl_seconds",
+        ),
+        (b'{"task": "analytics-read", "owner": "a\\u0000b", "purpose": "long enough"}', "owner"),
+        (b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "evil \\u202e text"}', "purpose"),
+        (b'{"task": "analytics-read", "owner": "' + b"o" * 201 + b'", "purpose": "long enough"}', "owner"),
+    ],
+    ids=[
+        "malformed",
+        "array",
+        "duplicate-key",
+        "short-purpose",
+        "unknown-field",
+        "owner-list",
+        "ttl-zero",
+        "ttl-string",
+        "nul",
+        "bidi",
+        "owner-too-long",
+    ],
+)
+def test_bad_bodies_are_400_validation_error(client, issuers, body, fragment):
+    response = client.post(
+        "/task/start", data=body, content_type="application/json", headers=issuers["spire"].bearer(AGENT)
+    )
+    problem = assert_problem(response, 400, "validation_error")
+    assert fragment in problem["detail"]
+
+
+def test_non_json_content_type_is_415(client, issuers):
+    response = client.post(
+        "/task/start",
+        data="task=x",
+        headers=issuers["spire"].bearer(AGENT),
+        content_type="application/x-www-form-urlencoded",
+    )
+    assert_problem(response, 415, "unsupported_media_type")
+
+
+def test_missing_token_is_401_with_www_authenticate(client):
+    response = client.post("/task/start", json={})
+    assert_problem(response, 401, "invalid_token")
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")

@@ -1,0 +1,1 @@
+"""Helpers shared by test packages (token minting: `tests.support.tokens`)."""

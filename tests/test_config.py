@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from broker.config import ConfigError, load_settings, settings_from_mapping
+
+BASE = {
+    "database_url": "postgresql://broker@127.0.0.1:5432/broker",
+    "vault": {"addr": "http://127.0.0.1:8200", "auth": {"method": "token", "token": "t"}},
+    "policy_file": "/etc/broker/policy.yaml",
+    "issuers": [
+        {
+            "name": "spire",
+            "issuer": "https://spire.example.org",
+            "jwks_file": "/k.json",
+            "audiences": ["credential-broker"],
+            "kind": "spiffe",
+            "trust_domain": "example.org",
+            "use": "workload",
+        }
+    ],
+}
+
+
+def with_changes(**changes):
+    config = yaml.safe_load(yaml.safe_dump(BASE))
+    for dotted, value in changes.items():
+        node = config
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[key] if not key.isdigit() else node[int(key)]
+        if value is ...:
+            del node[last]
+        else:
+            node[last] = value
+    return config
+
+
+def test_a_good_config_loads_with_defaults():
+    settings = settings_from_mapping(BASE, env={})
+    assert settings.limits.max_body_bytes == 65536
+    assert settings.issuers[0].use == ["workload"]
+    assert settings.sqlalchemy_url.startswith("postgresql+psycopg://")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"database_url": ...}, "config: missing required key 'database_url'"),
+        ({"databse_url": "x"}, "config: unknown key 'databse_url' (check its spelling)"),
+        ({"database_url": "mysql://x"}, "config: bad value for 'database_url': must be a postgresql:// URL"),
+        ({"vault__auth__token": ...}, "config: bad value for 'vault.auth': method 'token' needs 'token'"),
+        ({"vault__auth__method": "ldap"}, "config: bad value for 'vault.auth.method'"),
+        ({"issuers__0__singel_use": True}, "config: unknown key 'issuers.0.singel_use' (check its spelling)"),
+        ({"issuers__0__trust_domain": ...}, "kind 'spiffe' needs 'trust_domain'"),
+        ({"issuers__0__algorithms": ["HS256"]}, "only asymmetric algorithms are allowed"),
+        ({"issuers__0__jwks_uri": "https://x"}, "exactly one of 'jwks_file' or 'jwks_uri'"),
+        ({"limits": {"max_body_bytes": 0}}, "config: bad value for 'limits.max_body_bytes'"),
+    ],
+    ids=lambda value: str(value)[:40],
+)
+def test_a_bad_config_names_the_key_in_one_line(changes, message):
+    with pytest.raises(ConfigError) as raised:
+        settings_from_mapping(with_changes(**changes), env={})
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_environment_overrides_single_keys():
+    env = {
+        "BROKER_DATABASE_URL": "postgresql://other/db",
+        "BROKER_VAULT_ADDR": "http://vault:8200",
+        "BROKER_VAULT_TOKEN": "from-env",
+        "BROKER_POLICY_FILE": "/p.yaml",
+    }
+    settings = settings_from_mapping(BASE, env=env)
+    assert settings.database_url == "postgresql://other/db"
+    assert settings.vault.addr == "http://vault:8200"
+    assert settings.vault.auth.token == "from-env"
+    assert settings.policy_file == Path("/p.yaml")
+
+
+def test_env_completes_a_config_that_lacks_keys():
+    partial = {k: v for k, v in BASE.items() if k != "database_url"}
+    settings = settings_from_mapping(partial, env={"BROKER_DATABASE_URL": "postgresql://h/db"})
+    assert settings.database_url == "postgresql://h/db"
+
+
+def test_file_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml", env={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vault: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_settings(bad, env={})
+
+
+def test_the_config_file_comes_from_broker_config(tmp_path):
+    path = tmp_path / "broker.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    assert load_settings(env={"BROKER_CONFIG": str(path)}).vault.addr == "http://127.0.0.1:8200"
+
+
+def test_broker_migrate_with_a_typo_exits_nonzero_with_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from broker.cli import main
+
+    path = tmp_path / "broker.yaml"
+    path.write_text(yaml.safe_dump(with_changes(databse_url="x")))
+    result = CliRunner().invoke(main, ["migrate", "--config", str(path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == "config: unknown key 'databse_url' (check its spelling)"
