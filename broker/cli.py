@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
 
 import click
 
 from broker.config import ConfigError, Settings, load_settings
+from broker.devcli import dev
+from broker.policy.cli import policy
 
 CONFIG_HELP = "YAML config file (default: $BROKER_CONFIG)."
 
@@ -143,19 +144,5 @@ def audit_verify(config: str | None) -> None:
     sys.exit(1)
 
 
-def _attach_optional_groups() -> None:
-    from broker.policy.cli import policy
-
-    main.add_command(policy)
-    try:
-        from broker.devcli import dev
-    except ImportError:  # pragma: no cover - dev extras missing
-        return
-    main.add_command(dev)
-
-
-_attach_optional_groups()
-
-
-def run(*args: Any) -> None:  # pragma: no cover
-    main(*args)
+main.add_command(policy)
+main.add_command(dev)

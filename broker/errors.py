@@ -146,7 +146,23 @@ def _from_unexpected(error: Exception) -> Response:
     return problem(500, "internal_error", "Internal error", "An unexpected error occurred")
 
 
+def _database_down(_error: Exception) -> Response:
+    return _from_broker(DatabaseUnavailableError("the database could not be reached; try again shortly"))
+
+
+def _vault_down(_error: Exception) -> Response:
+    return _from_broker(VaultUnavailableError("Vault could not be reached; try again shortly"))
+
+
 def register_error_handlers(app: Flask) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from broker.db import DatabaseUnavailable
+    from broker.vault import VaultUnavailable
+
     app.register_error_handler(BrokerError, _from_broker)
+    app.register_error_handler(DatabaseUnavailable, _database_down)
+    app.register_error_handler(OperationalError, _database_down)
+    app.register_error_handler(VaultUnavailable, _vault_down)
     app.register_error_handler(HTTPException, _from_http)
     app.register_error_handler(Exception, _from_unexpected)

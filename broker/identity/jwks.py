@@ -101,6 +101,7 @@ class JwksCache:
         self._negative_lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
         self._next_attempt = -math.inf
+        self._failed_tag: object = object()
         self._fetches = 0
         self._failures = 0
         self._path: Path | None = issuer.jwks_file
@@ -157,15 +158,13 @@ class JwksCache:
             current = self._snapshot
             if current is not None and not self._expired(current, now):
                 return current
-            if now >= self._next_attempt:
+            if self._may_refresh(now):
                 self._refresh(now)
             current = self._snapshot
         finally:
             self._lock.release()
         if current is None or now >= current.stale_until:
             raise KeysUnavailable("signing keys of the issuer are unavailable")
-        if now >= current.fresh_until:
-            log.warning("jwks %s: serving stale keys while refreshes fail", self.issuer_name)
         return current
 
     def _refresh_for_unknown_kid(self, kid: str, algorithm: str, now: float) -> PyJWK:
@@ -207,20 +206,27 @@ class JwksCache:
             if not self._refresh(self._clock()):
                 raise JwksError(f"issuer {self.issuer_name!r}: cannot load jwks_file {self._path}")
 
+    def _may_refresh(self, now: float) -> bool:
+        # A URL waits out the cooldown; a file that failed to load waits until it changes.
+        if self._path is not None:
+            return _file_tag(self._path) != self._failed_tag
+        return now >= self._next_attempt
+
     def _refresh(self, now: float) -> bool:
         self._fetches += 1
+        # Tag before reading: a write racing the read then shows up as a change next time.
+        tag = _file_tag(self._path) if self._path is not None else None
         try:
-            raw, tag = self._read()
-            keys = self._parse(raw)
+            keys = self._parse(self._read())
         except JwksError as error:
             self._failures += 1
-            backoff = MIN_RETRY_SECONDS if self._path is not None else self._cooldown
-            self._next_attempt = now + max(backoff, MIN_RETRY_SECONDS)
+            self._failed_tag = tag
+            self._next_attempt = now + max(self._cooldown, MIN_RETRY_SECONDS)
             self._mark_failed(now)
             log.warning("jwks %s: refresh failed: %s", self.issuer_name, error)
             return False
-        # A file only changes when someone edits it: re-read it as soon as it does.
-        self._next_attempt = now + (0.0 if self._path is not None else self._cooldown)
+        self._next_attempt = now + self._cooldown
+        # A file only changes when someone edits it, and is re-read as soon as it does.
         fresh_until = math.inf if self._path is not None else now + self._cache_seconds
         self._snapshot = _Snapshot(keys, fresh_until, fresh_until + self._stale_seconds, tag)
         if not keys:
@@ -231,15 +237,13 @@ class JwksCache:
         # A file's keys never expire on their own; its stale window starts at the failed read.
         snapshot = self._snapshot
         if snapshot is not None and snapshot.fresh_until == math.inf:
-            self._snapshot = _Snapshot(
-                snapshot.keys, now, now + self._stale_seconds, snapshot.tag
-            )
+            self._snapshot = _Snapshot(snapshot.keys, now, now + self._stale_seconds, snapshot.tag)
 
-    def _read(self) -> tuple[bytes, object]:
+    def _read(self) -> bytes:
         if self._path is not None:
             return _read_file(self._path, self._max_bytes)
         assert self._uri is not None and self._session is not None
-        return self._fetch(self._session, self._uri), None
+        return self._fetch(self._session, self._uri)
 
     def _fetch(self, session: requests.Session, uri: str) -> bytes:
         deadline = time.monotonic() + self._fetch_timeout
@@ -371,7 +375,9 @@ def _read_capped(response: requests.Response, max_bytes: int, deadline: float) -
     if declared.isdigit() and int(declared) > max_bytes:
         raise JwksError("document too large")
     body = bytearray()
-    for chunk in response.iter_content(chunk_size=16384):
+    # read1 returns whatever one socket read gives: a server dripping a byte at a time
+    # cannot hold us past the deadline (iter_content would wait to fill each chunk).
+    while chunk := response.raw.read1(16384, decode_content=True):
         body += chunk
         if len(body) > max_bytes:
             raise JwksError("document too large")
@@ -388,9 +394,7 @@ def _file_tag(path: Path) -> object:
     return (info.st_mtime_ns, info.st_size, info.st_ino)
 
 
-def _read_file(path: Path, max_bytes: int) -> tuple[bytes, object]:
-    # Tag before reading: a write racing the read then shows up as a change next time.
-    tag = _file_tag(path)
+def _read_file(path: Path, max_bytes: int) -> bytes:
     try:
         with open(path, "rb") as handle:
             raw = handle.read(max_bytes + 1)
@@ -398,4 +402,4 @@ def _read_file(path: Path, max_bytes: int) -> tuple[bytes, object]:
         raise JwksError(f"cannot read file: {error.strerror}") from None
     if len(raw) > max_bytes:
         raise JwksError("document too large")
-    return raw, tag
+    return raw

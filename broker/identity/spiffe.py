@@ -44,6 +44,5 @@ def _valid_trust_domain(domain: str) -> bool:
 def _valid_path(path: str) -> bool:
     # `path` is what follows the first `/`; `?` and `#` are outside the segment alphabet.
     return all(
-        _SEGMENT.fullmatch(segment) is not None and segment not in {".", ".."}
-        for segment in path.split("/")
+        _SEGMENT.fullmatch(segment) is not None and segment not in {".", ".."} for segment in path.split("/")
     )

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import jwt
 import requests
@@ -166,7 +166,6 @@ class Verifier:
         subject = claims.get("sub")
         if not _valid_subject(subject):
             raise InvalidToken("invalid sub claim")
-        assert isinstance(subject, str)
         if issuer.kind == "spiffe":
             assert issuer.trust_domain is not None
             workload_id = parse_spiffe_id(subject, issuer.trust_domain)
@@ -357,13 +356,9 @@ def _timestamp(claims: dict[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def _valid_subject(subject: object) -> bool:
+def _valid_subject(subject: object) -> TypeGuard[str]:
     # Control characters in a workload id would end up in logs, audit rows and globs.
-    return (
-        isinstance(subject, str)
-        and 0 < len(subject) <= MAX_SUBJECT_LENGTH
-        and subject.isprintable()
-    )
+    return isinstance(subject, str) and 0 < len(subject) <= MAX_SUBJECT_LENGTH and subject.isprintable()
 
 
 def _groups(value: object) -> frozenset[str]:

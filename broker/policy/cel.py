@@ -68,8 +68,12 @@ class CelRule:
 
 @dataclass(frozen=True)
 class CelOutcome:
-    passed: bool
+    value: bool | None  # None: the expression errored or gave a non-bool, so it decides nothing
     detail: str
+
+    @property
+    def passed(self) -> bool:
+        return self.value is True
 
 
 def compile_rule(source: str) -> CelRule:
@@ -83,9 +87,7 @@ def compile_rule(source: str) -> CelRule:
     unknown = referenced - VARIABLE_NAMES - _macro_bound_names(source)
     if unknown:
         names = ", ".join(sorted(unknown))
-        raise CelCompileError(
-            source, f"unknown variable {names} (available: workload, request, now)"
-        )
+        raise CelCompileError(source, f"unknown variable {names} (available: workload, request, now)")
     return CelRule(source=source, program=program, variables=referenced & VARIABLE_NAMES)
 
 
@@ -139,17 +141,17 @@ class CelActivation:
 
     def evaluate(self, rule: CelRule) -> CelOutcome:
         if self._context is None:
-            return CelOutcome(False, self._error)
+            return CelOutcome(None, self._error)
         try:
             result = rule.program.execute(self._context)
         except BaseException as error:  # fail closed, with the reason
             _reraise_control_flow(error)
-            return CelOutcome(False, _one_line(f"error: {_describe_runtime_error(error)}"))
+            return CelOutcome(None, _one_line(f"error: {_describe_runtime_error(error)}"))
         if result is True:
             return CelOutcome(True, "true")
         if result is False:
             return CelOutcome(False, "false")
-        return CelOutcome(False, f"result is {_cel_type_name(result)}, not bool")
+        return CelOutcome(None, f"result is {_cel_type_name(result)}, not bool")
 
 
 def _describe_runtime_error(error: BaseException) -> str:

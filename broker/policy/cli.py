@@ -118,9 +118,7 @@ Examples:
 @click.option("--task", "task_name", required=True, help="Task type to evaluate.")
 @click.option("--claims", "claims_file", type=_FILE, help="JSON file of token claims.")
 @click.option("--token", help="A real JWT, verified with the issuers of --config.")
-@click.option(
-    "--config", "config_file", type=_FILE, envvar="BROKER_CONFIG", help="Broker config (--token)."
-)
+@click.option("--config", "config_file", type=_FILE, envvar="BROKER_CONFIG", help="Broker config (--token).")
 @click.option("--issuer", help="Configured issuer name (required with --claims).")
 @click.option("--subject", help="Subject / SPIFFE ID (with --claims; default: the 'sub' claim).")
 @click.option("--owner", required=True, help="Declared owner.")
@@ -131,13 +129,9 @@ Examples:
     help="Declared purpose.",
 )
 @click.option("--context", "context_json", default="{}", help="Request context as a JSON object.")
-@click.option(
-    "--ttl", type=click.IntRange(min=1), help="Requested ttl_seconds [default: the task's]."
-)
+@click.option("--ttl", type=click.IntRange(min=1), help="Requested ttl_seconds [default: the task's].")
 @click.option("--active", type=click.IntRange(min=0), default=0, help="Simulated active tasks.")
-@click.option(
-    "--starts", type=click.IntRange(min=0), default=0, help="Simulated starts last minute."
-)
+@click.option("--starts", type=click.IntRange(min=0), default=0, help="Simulated starts last minute.")
 @click.option("--now", "now_text", help="Evaluation time, RFC 3339 (default: the current time).")
 @click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
 def explain(
@@ -283,11 +277,7 @@ def identity_from_claims(
 
 
 def _string_set(value: Any) -> frozenset[str]:
-    return (
-        frozenset(v for v in value if isinstance(v, str))
-        if isinstance(value, list)
-        else frozenset()
-    )
+    return frozenset(v for v in value if isinstance(v, str)) if isinstance(value, list) else frozenset()
 
 
 class _DryRunJtiStore:
@@ -329,7 +319,9 @@ def _decision_json(decision: Decision, identity: Identity) -> dict[str, Any]:
 
 
 def _print_decision(task: CompiledTask, identity: Identity, decision: Decision) -> None:
-    verdict = "ALLOWED" if decision.allowed else f"DENIED ({decision.detail})"
+    verdict = "ALLOWED"
+    if not decision.allowed:
+        verdict = f"DENIED (rule {decision.failed_rule} failed: {decision.detail})"
     click.echo(f"task:     {task.name}")
     click.echo(f"workload: {identity.id} (issuer {identity.issuer_name})")
     click.echo(f"decision: {verdict}")
@@ -348,9 +340,7 @@ def _print_decision(task: CompiledTask, identity: Identity, decision: Decision) 
             click.echo(f"        {'':<{width}}  {expressions[rule.rule]}")
 
 
-def _print_ttl_exceeded(
-    task: CompiledTask, identity: Identity, error: TtlExceedsMax, as_json: bool
-) -> None:
+def _print_ttl_exceeded(task: CompiledTask, identity: Identity, error: TtlExceedsMax, as_json: bool) -> None:
     if as_json:
         body = {
             "workload": identity.id,

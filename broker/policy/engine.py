@@ -55,8 +55,6 @@ STARTS_RETRY_AFTER_SECONDS = 60
 # A slot frees when one of the workload's tasks finishes, which can't be predicted; this is
 # only a polite polling interval for `Retry-After`.
 ACTIVE_RETRY_AFTER_SECONDS = 30
-
-
 _RETRY_AFTER = {
     RULE_MAX_ACTIVE: ACTIVE_RETRY_AFTER_SECONDS,
     RULE_MAX_STARTS: STARTS_RETRY_AFTER_SECONDS,
@@ -114,7 +112,7 @@ class Decision:
     allowed: bool
     rules: tuple[RuleResult, ...]
     failed_rule: str | None
-    detail: str
+    detail: str  # the failed rule's detail (callers prefix `failed_rule`), or "all rules passed"
     approval_required: bool
     ttl_seconds: int
     retry_after_seconds: int | None  # set when the failed rule is a limit (answer 429)
@@ -163,7 +161,8 @@ class CompiledTask:
 
     @property
     def credentials(self) -> Mapping[str, CredentialSpec]:
-        return self.spec.credentials
+        # Read-only view: the frozen pydantic model still holds a plain, mutable dict.
+        return MappingProxyType(self.spec.credentials)
 
     @property
     def ttl_default(self) -> int:
@@ -190,15 +189,11 @@ class Policy:
         except KeyError:
             raise UnknownTask(name) from None
 
-    def evaluate(
-        self, identity: Identity, request: TaskRequest, usage: Usage, now: dt.datetime
-    ) -> Decision:
+    def evaluate(self, identity: Identity, request: TaskRequest, usage: Usage, now: dt.datetime) -> Decision:
         """Decide on `request`; raises `UnknownTask` and `TtlExceedsMax`, nothing else."""
         task = self.task(request.task)
         ttl_rule, ttl_seconds = _check_ttl(task, request.ttl_seconds)
-        activation = CelActivation(
-            _cel_values(identity, request, ttl_seconds, now, task.cel_variables)
-        )
+        activation = CelActivation(_cel_values(identity, request, ttl_seconds, now, task.cel_variables))
         rules = (
             ttl_rule,
             _check_workloads(task, identity),
@@ -224,7 +219,7 @@ def _decide(
         allowed=first is None,
         rules=rules,
         failed_rule=first.rule if first else None,
-        detail=f"rule {first.rule} failed: {first.detail}" if first else "all rules passed",
+        detail=first.detail if first else "all rules passed",
         approval_required=approval_required,
         ttl_seconds=ttl_seconds,
         retry_after_seconds=_retry_after(first, failures),
@@ -259,8 +254,8 @@ def _check_workloads(task: CompiledTask, identity: Identity) -> RuleResult:
         miss = _workload_miss(workload, identity)
         if miss is None:
             return RuleResult(RULE_WORKLOADS, True, f"matches workloads[{index}]")
-        misses.append(f"[{index}] {miss}")
-    detail = f"no entry matches {identity.issuer_name}:{identity.subject}: " + "; ".join(misses)
+        misses.append(f"workloads[{index}]: {miss}")
+    detail = f"no entry matches {identity.issuer_name}:{identity.subject} (" + "; ".join(misses) + ")"
     return RuleResult(RULE_WORKLOADS, False, detail)
 
 
@@ -307,20 +302,16 @@ def _check_when(task: CompiledTask, activation: CelActivation) -> list[RuleResul
 
 def _check_limits(task: CompiledTask, usage: Usage) -> list[RuleResult]:
     limits = task.spec.limits
-    checks = [
-        (
-            RULE_MAX_ACTIVE,
-            usage.active_for_workload,
-            limits.max_active_per_workload,
-            "active tasks",
-        ),
-        (RULE_MAX_STARTS, usage.starts_last_minute, limits.max_starts_per_minute, "starts in 60s"),
-    ]
-    return [
-        _below_limit(rule, used, limit, what)
-        for rule, used, limit, what in checks
-        if limit is not None
-    ]
+    results = []
+    if limits.max_active_per_workload is not None:
+        limit = limits.max_active_per_workload
+        used = usage.active_for_workload
+        results.append(_below_limit(RULE_MAX_ACTIVE, used, limit, "active tasks"))
+    if limits.max_starts_per_minute is not None:
+        limit = limits.max_starts_per_minute
+        used = usage.starts_last_minute
+        results.append(_below_limit(RULE_MAX_STARTS, used, limit, "starts in the last minute"))
+    return results
 
 
 def _below_limit(rule: str, used: int, limit: int, what: str) -> RuleResult:
@@ -335,9 +326,9 @@ def _approval_requirement(task: CompiledTask, activation: CelActivation) -> tupl
     if approval.required_when is None:
         return True, "always required"
     outcome = activation.evaluate(approval.required_when)
-    if outcome.passed:
+    if outcome.value is True:
         return True, "required_when is true"
-    if outcome.detail == "false":
+    if outcome.value is False:
         return False, "required_when is false"
     # Anything but a clean `false` (an error, a non-bool) means we can't tell: ask a human.
     return True, f"required because required_when could not be evaluated ({outcome.detail})"
@@ -406,9 +397,7 @@ def compile_policy(model: PolicyFile) -> Policy:
 
 def _compile_task(name: str, spec: TaskPolicy, issues: list[PolicyIssue]) -> CompiledTask | None:
     prefix: tuple[PathPart, ...] = ("tasks", name)
-    when = [
-        _compile_cel(rule, (*prefix, "when", index), issues) for index, rule in enumerate(spec.when)
-    ]
+    when = [_compile_cel(rule, (*prefix, "when", index), issues) for index, rule in enumerate(spec.when)]
     approval = _compile_approval(spec, prefix, issues)
     if any(rule is None for rule in when) or (spec.approval is not None and approval is None):
         return None
@@ -447,9 +436,7 @@ def _compile_approval(
     )
 
 
-def _compile_cel(
-    source: str, path: tuple[PathPart, ...], issues: list[PolicyIssue]
-) -> CelRule | None:
+def _compile_cel(source: str, path: tuple[PathPart, ...], issues: list[PolicyIssue]) -> CelRule | None:
     try:
         return compile_rule(source)
     except CelCompileError as error:

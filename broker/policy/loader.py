@@ -199,9 +199,7 @@ def _issue_from_pydantic(detail: ErrorDetails, lines: LineMap) -> PolicyIssue:
 
 def _without_union_tags(loc: tuple[PathPart, ...]) -> tuple[PathPart, ...]:
     """Drop the discriminator pydantic inserts: tasks.t.credentials.db.<kind>.role."""
-    is_credential_field = (
-        len(loc) > 4 and loc[0] == "tasks" and loc[2] == "credentials" and loc[4] != "[key]"
-    )
+    is_credential_field = len(loc) > 4 and loc[0] == "tasks" and loc[2] == "credentials" and loc[4] != "[key]"
     return (*loc[:4], *loc[5:]) if is_credential_field else loc
 
 
@@ -266,9 +264,7 @@ class PolicyStore:
                     return True
                 policy = parse_policy(raw, str(self.path))
             except PolicyError as error:
-                log.warning(
-                    "policy reload failed, keeping version %d: %s", old.version, _summary(error)
-                )
+                log.warning("policy reload failed, keeping version %d: %s", old.version, _summary(error))
                 return False
             self._snapshot = PolicySnapshot(policy, old.version + 1, digest)
         log.info(

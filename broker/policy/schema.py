@@ -66,9 +66,7 @@ class WorkloadMatcher(_Strict):
         for name, value in claims.items():
             items = value if isinstance(value, list) else [value]
             if not all(isinstance(item, _SCALAR_TYPES) for item in items):
-                raise ValueError(
-                    f"claim {name!r} must be a string, number, boolean or a list of them"
-                )
+                raise ValueError(f"claim {name!r} must be a string, number, boolean or a list of them")
         return claims
 
 

@@ -443,10 +443,19 @@ def _lease_row(task: Task, name: str, kind: str, secret: IssuedSecret, now: date
     )
 
 
+_DENIAL_TEXT = {
+    "workloads": "this workload may not start this task",
+    "owners": "this owner is not allowed for this task",
+    "ttl": "the requested TTL is not allowed",
+}
+
+
 def _denial(decision: Decision) -> Exception:
+    """The caller learns which rule failed, not the policy's patterns (operators see those in audit)."""
     rule = decision.failed_rule or "policy"
-    if rule.startswith("limits."):
+    if decision.limit_exceeded:
         return LimitExceeded(
-            f"{rule}: {decision.detail}", retry_after=decision.retry_after_seconds or 1, rule=rule
+            f"{rule}: limit reached, retry later", retry_after=decision.retry_after_seconds or 1, rule=rule
         )
-    return PolicyDenied(f"{rule}: {decision.detail}", rule=rule)
+    why = _DENIAL_TEXT.get(rule, "the condition is not met")
+    return PolicyDenied(f"{rule}: {why}", rule=rule)

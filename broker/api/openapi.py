@@ -1,0 +1,154 @@
+"""The API document (OpenAPI 3.1), built from the same pydantic models that parse requests."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from broker import __version__
+from broker.api.operator import KillSwitchBody, RevokeBody
+from broker.models import LEASE_STATES, TASK_STATES
+from broker.tasks.schemas import Decide, FinishTask, StartTask, TaskRef
+
+_TIME = {"type": ["string", "null"], "format": "date-time"}
+_STR = {"type": "string"}
+_NSTR = {"type": ["string", "null"]}
+
+LEASE = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "format": "uuid"}, "task_id": {"type": "string", "format": "uuid"},
+        "task": _STR, "name": _STR, "kind": _STR, "workload": _STR, "owner": _STR, "purpose": _STR,
+        "state": {"enum": list(LEASE_STATES)}, "issued_at": _TIME, "expires_at": _TIME,
+        "revoked_at": _TIME, "revoke_attempts": {"type": "integer"}, "last_error": _NSTR,
+    },
+}  # fmt: skip
+TASK = {
+    "type": "object",
+    "properties": {
+        "task_id": {"type": "string", "format": "uuid"}, "task": _STR,
+        "state": {"enum": list(TASK_STATES)}, "workload": _STR, "owner": _STR, "purpose": _STR,
+        "context": {"type": "object"}, "created_at": _TIME, "expires_at": _TIME,
+        "finished_at": _TIME, "outcome": {"enum": ["succeeded", "failed", "cancelled", None]},
+        "leases": {"type": "array", "items": {"$ref": "#/components/schemas/Lease"}},
+        "credentials": {
+            "type": "object",
+            "description": "Only in /task/start (201) and /task/claim answers.",
+            "additionalProperties": {
+                "type": "object",
+                "properties": {"kind": _STR, "data": {"type": "object"}, "expires_at": _TIME},
+            },
+        },
+    },
+}  # fmt: skip
+AUDIT = {
+    "type": "object",
+    "properties": {
+        "id": _STR, "at": _TIME, "event": _STR, "actor": _STR, "task_id": _NSTR,
+        "lease_id": _NSTR, "owner": _NSTR, "purpose": _NSTR, "detail": {"type": "object"},
+    },
+}  # fmt: skip
+PROBLEM = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "code"],
+    "properties": {"type": _STR, "title": _STR, "status": {"type": "integer"}, "detail": _STR, "code": _STR},
+}
+
+
+SINCE = {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}}
+
+
+def _list_of(ref: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": {"$ref": ref}}, "next_cursor": _NSTR},
+    }
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+    }
+
+
+def _answer(description: str, ref: str | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description}
+    if ref:
+        answer["content"] = {"application/json": {"schema": {"$ref": ref}}}
+    return answer
+
+
+ERRORS = {
+    "default": {
+        "description": "Any error, with a stable `code`",
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+}
+FILTERS = [
+    {"name": name, "in": "query", "schema": {"type": "string"}}
+    for name in ("state", "owner", "workload", "task", "task_id", "cursor")
+] + [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
+
+
+def _op(summary: str, responses: dict[str, Any], body: str | None = None, **extra: Any) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary, "responses": {**responses, **ERRORS}, **extra}
+    if body:
+        operation["requestBody"] = _body(body)
+    return operation
+
+
+@cache
+def document() -> dict[str, Any]:
+    task_ref, lease_ref = "#/components/schemas/Task", "#/components/schemas/Lease"
+    id_param = [
+        {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    ]
+    schemas: dict[str, Any] = {"Task": TASK, "Lease": LEASE, "AuditEvent": AUDIT, "Problem": PROBLEM}
+    for model in (StartTask, FinishTask, TaskRef, Decide, RevokeBody, KillSwitchBody):
+        schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
+    paths = {
+        "/task/start": {"post": _op("Start a task (workload)", {
+            "201": _answer("Active, with credentials", task_ref),
+            "202": _answer("Pending approval")}, "StartTask", security=bearer)},
+        "/task/claim": {"post": _op("Claim an approved task's credentials, once", {
+            "200": _answer("Active, with credentials", task_ref)}, "TaskRef", security=bearer)},
+        "/task/finish": {"post": _op("Finish a task; every lease is revoked before the answer", {
+            "200": _answer("The ended task", task_ref)}, "FinishTask", security=bearer)},
+        "/task/{id}": {"get": _op("Read a task (its workload, or an operator)", {
+            "200": _answer("The task", task_ref)}, parameters=id_param, security=bearer)},
+        "/approvals/{id}": {"post": _op("Approve or deny a pending task", {
+            "200": _answer("The task", task_ref)}, "Decide", parameters=id_param, security=bearer)},
+        "/approvals": {"get": _op("Tasks waiting for this approver", {
+            "200": _answer("A list", "#/components/schemas/TaskList")}, security=bearer)},
+        "/leases": {"get": _op("The lease inventory (operator)", {
+            "200": _answer("A page", "#/components/schemas/LeaseList")}, parameters=FILTERS, security=bearer)},
+        "/leases/{id}": {"get": _op("One lease (operator)", {
+            "200": _answer("The lease", lease_ref)}, parameters=id_param, security=bearer)},
+        "/leases/{id}/revoke": {"post": _op("Revoke one lease (operator)", {
+            "200": _answer("The lease", lease_ref)}, "RevokeBody", parameters=id_param, security=bearer)},
+        "/leases/revoke": {"post": _op("Kill switch: revoke by workload, owner or task (operator)", {
+            "200": _answer("What was revoked")}, "KillSwitchBody", security=bearer)},
+        "/tasks": {"get": _op("Tasks (operator)", {
+            "200": _answer("A page", "#/components/schemas/TaskList")}, parameters=FILTERS, security=bearer)},
+        "/audit": {"get": _op("Audit events (operator)", {
+            "200": _answer("A page", "#/components/schemas/AuditList")},
+            parameters=[*FILTERS, SINCE],
+            security=bearer)},
+        "/healthz": {"get": _op("Liveness", {"200": _answer("Alive")})},
+        "/readyz": {"get": _op("Database and Vault reachable", {"200": _answer("Ready")})},
+        "/metrics": {"get": _op("Prometheus metrics", {"200": _answer("Text exposition")})},
+    }  # fmt: skip
+    schemas["TaskList"] = _list_of(task_ref)
+    schemas["LeaseList"] = _list_of(lease_ref)
+    schemas["AuditList"] = _list_of("#/components/schemas/AuditEvent")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Credential Broker", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        },
+    }
