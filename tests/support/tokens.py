@@ -312,9 +312,7 @@ class TestIssuer:
         claims.update(extra_claims or {})
         header = {"alg": signing_key.algorithm, "kid": signing_key.kid, "typ": "JWT"}
         header.update(headers or {})
-        return encode_token(
-            _without_omitted(header), _without_omitted(claims), key=signing_key
-        )
+        return encode_token(_without_omitted(header), _without_omitted(claims), key=signing_key)
 
     def bearer(self, sub: Any, **mint_options: Any) -> dict[str, str]:
         """`{"Authorization": "Bearer <token>"}` for a test client request."""
