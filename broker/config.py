@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +26,16 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 # JWT-SVIDs are RS/ES/PS only (SPIFFE JWT-SVID §2.1).
 SPIFFE_ALGORITHMS = ASYMMETRIC_ALGORITHMS - {"EdDSA"}
+
+
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+
+
+def _trusted_jwks_uri(uri: str) -> bool:
+    parsed = urlsplit(uri)
+    if parsed.scheme == "https":
+        return bool(parsed.hostname)
+    return parsed.scheme == "http" and parsed.hostname in {"127.0.0.1", "localhost", "::1"}
 
 
 class ConfigError(Exception):
@@ -100,8 +112,10 @@ class IssuerSettings(_Strict):
     def _key_source(self) -> IssuerSettings:
         if (self.jwks_file is None) == (self.jwks_uri is None):
             raise ValueError("exactly one of 'jwks_file' or 'jwks_uri' is required")
-        if self.jwks_uri is not None and not self.jwks_uri.startswith(("https://", "http://")):
-            raise ValueError("'jwks_uri' must be an http(s) URL")
+        if self.jwks_uri is not None and not _trusted_jwks_uri(self.jwks_uri):
+            raise ValueError("'jwks_uri' must be https:// (plain http only on a loopback address)")
+        if self.trust_domain is not None and not _TRUST_DOMAIN.fullmatch(self.trust_domain):
+            raise ValueError("'trust_domain' must be lowercase letters, digits, '.', '-' or '_'")
         if self.kind == "spiffe" and not self.trust_domain:
             raise ValueError("kind 'spiffe' needs 'trust_domain'")
         if self.kind == "spiffe" and self.algorithms:

@@ -103,6 +103,10 @@ class DatabaseUnavailableError(ServiceUnavailable):
     code, title = "database_unavailable", "The database is unavailable; nothing was issued"
 
 
+class IdentityUnavailable(ServiceUnavailable):
+    code, title = "identity_unavailable", "The token issuer's keys are unavailable"
+
+
 class IssuanceFailed(BrokerError):
     status, code, title = 502, "issuance_failed", "Vault refused to issue a credential"
 

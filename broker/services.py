@@ -42,6 +42,8 @@ class Services:
     audit_key: bytes | None
 
     def close(self) -> None:
+        self.verifier.close()
+        self.vault.close()
         self.engine.dispose()
 
 

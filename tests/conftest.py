@@ -115,7 +115,6 @@ def services(settings: Settings) -> Iterator[Any]:
 
     built = build_services(settings)
     yield built
-    built.vault.close()
     built.close()
 
 

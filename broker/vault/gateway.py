@@ -75,9 +75,7 @@ class IssuedSecret:
 class VaultGateway:
     """Thread-safe; one per process, sharing one pooled HTTP session."""
 
-    def __init__(
-        self, settings: VaultSettings, *, clock: Clock | None = None, pool_size: int = 32
-    ) -> None:
+    def __init__(self, settings: VaultSettings, *, clock: Clock | None = None, pool_size: int = 32) -> None:
         self._settings = settings
         self._clock: Clock = clock or SystemClock()
         self._http = VaultHTTP(
@@ -173,7 +171,11 @@ class VaultGateway:
         task_id: str,
         workload: str,
     ) -> IssuedSecret:
-        """One credential, requested with the task token so its lease belongs to it."""
+        """One credential, requested with the task token so its lease belongs to it.
+
+        On any error (a timeout included: Vault may have issued before the answer was
+        lost) revoke the task token: that revokes whatever this call may have created.
+        """
         _positive(ttl_seconds)
         started = self._clock.now()
         if isinstance(spec, DatabaseCredential):
@@ -244,9 +246,7 @@ class VaultGateway:
             "display_name": f"task-{task_id}",
             "meta": {"task_id": task_id},
         }
-        reply = self._as_task(
-            token, "POST", "auth/token/create", operation="issue child token", json=body
-        )
+        reply = self._as_task(token, "POST", "auth/token/create", operation="issue child token", json=body)
         auth = _auth(reply, "issue child token")
         accessor = str(auth["accessor"])
         lifetime = timedelta(seconds=int(auth.get("lease_duration") or ttl_seconds))
@@ -272,9 +272,7 @@ class VaultGateway:
         path = render_template(spec.path, task_id=task_id, workload=workload)
         operation = f"issue {spec.path}"
         if spec.method == "read":
-            reply = self._as_task(
-                token, "GET", path, operation=operation, params=spec.params or None
-            )
+            reply = self._as_task(token, "GET", path, operation=operation, params=spec.params or None)
         else:
             reply = self._as_task(token, "POST", path, operation=operation, json=spec.params)
         return _leased(reply, started, token, operation)
@@ -282,7 +280,12 @@ class VaultGateway:
     # -- revocation ------------------------------------------------------------------
 
     def revoke(self, handle: RevokeHandle) -> None:
-        """Revoke one credential synchronously; already gone counts as success."""
+        """Revoke one credential synchronously; already gone counts as success.
+
+        VaultUnavailable: not revoked now, retry with backoff (Vault down or sealed, the
+        engine's backend down, the lease still present afterwards). VaultRejected: the
+        broker token may not revoke (a configuration fault: alert, and retry anyway).
+        """
         if handle.kind == "lease":
             self._revoke_lease(handle.ref)
         elif handle.kind == "token":
@@ -292,12 +295,19 @@ class VaultGateway:
         # hvac's revoke_lease can't send `sync`; the CLI and OpenBao docs default it to
         # false, which only queues the revocation (202). With sync=true Vault runs the
         # engine's revocation (e.g. DROP ROLE) before answering and fails if it fails.
-        reply = self._as_broker(
-            "PUT",
-            "sys/leases/revoke",
-            operation="revoke lease",
-            json={"lease_id": lease_id, "sync": True},
-        )
+        try:
+            reply = self._as_broker(
+                "PUT",
+                "sys/leases/revoke",
+                operation="revoke lease",
+                json={"lease_id": lease_id, "sync": True},
+            )
+        except VaultRejected as error:
+            if error.status != 400:
+                raise
+            # A sync revocation the engine could not carry out (its database is down,
+            # V03) comes back as 400: nothing was revoked, it is worth retrying.
+            raise VaultUnavailable("revoke lease", error.reason, status=400) from None
         # A 204 also answers for an unknown lease id (V02), so "gone" is only believed
         # when a lookup no longer finds the lease.
         waited = 0.0
@@ -309,9 +319,7 @@ class VaultGateway:
 
     def _lease_exists(self, lease_id: str) -> bool:
         try:
-            self._as_broker(
-                "PUT", "sys/leases/lookup", operation="lookup lease", json={"lease_id": lease_id}
-            )
+            self._as_broker("PUT", "sys/leases/lookup", operation="lookup lease", json={"lease_id": lease_id})
         except VaultRejected as error:
             if error.status == 400:  # "invalid lease": revoked, expired or never existed
                 return False
@@ -366,9 +374,7 @@ class VaultGateway:
         """A call with the broker's own token; after a 403 a login token is renewed once."""
         token = self._login.token()
         try:
-            return self._http.call(
-                method, path, operation=operation, token=token, json=json, params=params
-            )
+            return self._http.call(method, path, operation=operation, token=token, json=json, params=params)
         except VaultRejected as error:
             if error.status != 403 or not self._login.forget(token):
                 raise
@@ -386,9 +392,7 @@ class VaultGateway:
         json: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> Reply:
-        return self._http.call(
-            method, path, operation=operation, token=token.token, json=json, params=params
-        )
+        return self._http.call(method, path, operation=operation, token=token.token, json=json, params=params)
 
 
 def _positive(ttl_seconds: int) -> None:
@@ -416,6 +420,4 @@ def _leased(reply: Reply, started: datetime, token: TaskToken, operation: str) -
     if lease_id is not None and duration > 0:
         expires_at = min(started + timedelta(seconds=duration), token.expires_at)
     handle = RevokeHandle("lease", lease_id) if lease_id else RevokeHandle("none", "")
-    return IssuedSecret(
-        data=dict(data), expires_at=expires_at, handle=handle, vault_lease_id=lease_id
-    )
+    return IssuedSecret(data=dict(data), expires_at=expires_at, handle=handle, vault_lease_id=lease_id)

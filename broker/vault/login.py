@@ -110,9 +110,7 @@ class BrokerLogin:
         self._refresh_at = self._clock.now() + ttl - min(ttl * _REFRESH_SHARE, _REFRESH_MAX)
 
     def _lookup_renewable(self, token: str) -> bool:
-        reply = self._http.call(
-            "GET", "auth/token/lookup-self", operation="lookup-self", token=token
-        )
+        reply = self._http.call("GET", "auth/token/lookup-self", operation="lookup-self", token=token)
         data = reply.body.get("data") or {}
         return bool(data.get("renewable"))
 

@@ -12,7 +12,6 @@ from tests.factories import (
     can_log_in,
     dynamic_roles,
     live_leases,
-    role_exists,
     start_body,
     vault,
 )
@@ -222,7 +221,7 @@ def test_no_secret_reaches_the_database_logs_or_audit(client, issuers, stack, ca
         dump = "\n".join(
             str(row)
             for table in ("tasks", "leases", "approvals", "audit_events", "audit_head", "used_jtis")
-            for row in conn.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608
+            for row in conn.execute(f"SELECT * FROM {table}").fetchall()
         )
     operator = issuers["sso"].bearer("sre-sam@example.com", groups=["sre"])
     audit = client.get("/audit", headers=operator).get_data(as_text=True)

@@ -1,0 +1,171 @@
+"""Revocation without anyone calling finish: deadlines, retries after outages, orphans."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from broker.config import settings_from_mapping
+from tests.conftest import broker_config
+from tests.factories import AGENT, can_log_in, dynamic_roles, start_body
+from tests.support.proxy import TcpProxy
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def parse(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def test_a_task_is_revoked_at_its_deadline_with_nobody_calling_finish(client, issuers, stack, running_scheduler):
+    headers = issuers["spire"].bearer(AGENT)
+    started = client.post("/task/start", json=start_body("short"), headers=headers).get_json()
+    creds = started["credentials"]["db"]["data"]
+    assert can_log_in(stack, creds)
+
+    def ended():
+        task = client.get(f"/task/{started['task_id']}", headers=headers).get_json()
+        return task if task["state"] == "expired" else None
+
+    task = wait_for(ended, timeout=10)
+    [lease] = task["leases"]
+    assert lease["state"] == "revoked"
+    lag = (parse(lease["revoked_at"]) - parse(task["expires_at"])).total_seconds()
+    assert 0 <= lag <= 2.0
+    assert not can_log_in(stack, creds)
+
+
+def test_finish_during_a_vault_outage_parks_leases_then_revokes_them(stack, issuers, policy_file, clean_db):
+    from broker.app import create_app
+    from broker.scheduler.runner import SchedulerRunner
+    from broker.services import build_services
+
+    host, port = stack.vault.addr.removeprefix("http://").split(":")
+    proxy = TcpProxy(host, int(port))
+    config = broker_config(stack, issuers, policy_file)
+    config["vault"]["addr"] = proxy.addr
+    config["vault"]["timeout_seconds"] = 1
+    config["scheduler"].update(retry_base_seconds=0.2, retry_max_seconds=1)
+    services = build_services(settings_from_mapping(config, env={}))
+    client = create_app(services=services).test_client()
+    headers = issuers["spire"].bearer(AGENT)
+    runner = SchedulerRunner(services)
+    try:
+        started = client.post("/task/start", json=start_body(), headers=headers).get_json()
+        creds = started["credentials"]["db"]["data"]
+        proxy.cut()
+        finished = client.post("/task/finish", json={"task_id": started["task_id"]}, headers=headers)
+        assert finished.status_code == 200
+        [lease] = finished.get_json()["leases"]
+        assert finished.get_json()["state"] == "finished"
+        assert lease["state"] == "revoke_pending"
+        assert lease["revoke_attempts"] == 1
+        assert lease["last_error"]
+        assert can_log_in(stack, creds)  # not yet: Vault never heard the revoke
+
+        runner.start()
+        time.sleep(1.5)  # retries keep failing while Vault is away
+        during = client.get(f"/task/{started['task_id']}", headers=headers).get_json()["leases"][0]
+        assert during["state"] == "revoke_pending"
+        assert during["revoke_attempts"] >= 2
+
+        proxy.restore()
+
+        def revoked():
+            task = client.get(f"/task/{started['task_id']}", headers=headers).get_json()
+            return task["leases"][0]["state"] == "revoked"
+
+        wait_for(revoked, timeout=10)
+        assert not can_log_in(stack, creds)
+    finally:
+        runner.stop()
+        proxy.close()
+        services.close()
+
+
+CRASH_SCRIPT = """
+import os, signal, sys
+from broker.config import load_settings
+from broker.services import build_services
+from broker.tasks.service import TaskService
+from broker.tasks.schemas import StartTask
+from broker.identity import Identity
+from datetime import datetime, UTC
+
+def crash(*args, **kwargs):
+    # Vault has issued; the leases were never committed.
+    os.kill(os.getpid(), signal.SIGKILL)
+
+TaskService._commit_leases = crash
+services = build_services(load_settings(sys.argv[1]))
+identity = Identity(
+    id=sys.argv[2], issuer_name="spire", issuer="https://spire.test", subject=sys.argv[2],
+    kind="spiffe", uses=frozenset({"workload"}), groups=frozenset(), claims={}, expires_at=datetime.now(UTC),
+)
+body = StartTask(task="analytics-read", owner="alice@example.com", purpose="crash between vault and commit",
+                 context={"environment": "staging"})
+services.tasks.start(identity, body)
+print("not reached")
+"""
+
+
+def test_a_crash_between_vault_and_commit_leaves_nothing_alive(stack, config_file, services, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    before = dynamic_roles(stack)
+    result = subprocess.run([sys.executable, str(script), str(config_file), AGENT], capture_output=True, timeout=60, check=False)
+    assert result.returncode == -9, result.stderr.decode()[-2000:]
+    orphans = dynamic_roles(stack) - before
+    assert len(orphans) == 1  # Vault issued a database user the broker never recorded
+
+    engine = create_engine(stack.database_url)
+    with engine.connect() as connection:
+        state, accessor = connection.execute(text("SELECT state, token_accessor FROM tasks")).one()
+    assert state == "issuing" and accessor
+
+    from broker.scheduler.jobs import Jobs
+
+    time.sleep(services.settings.scheduler.orphan_grace_seconds + 0.5)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        assert Jobs(services, pool).reconcile() == 1
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT state FROM tasks")).scalar_one() == "failed"
+    engine.dispose()
+    wait_for(lambda: not (dynamic_roles(stack) & orphans), timeout=10)
+
+
+def test_an_unclaimed_approval_lapses(client, issuers, services):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from broker.scheduler.jobs import Jobs
+
+    headers = issuers["spire"].bearer(AGENT)
+    body = start_body("deploy-prod", context={"environment": "prod"})
+    pending = client.post("/task/start", json=body, headers=headers)
+    assert pending.status_code == 202
+    engine = create_engine(services.settings.database_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE tasks SET approval_expires_at = now() - interval '1 second'"))
+    engine.dispose()
+    with ThreadPoolExecutor(2) as pool:
+        assert Jobs(services, pool).lapse_approvals() == 1
+    task = client.get(f"/task/{pending.get_json()['task_id']}", headers=headers).get_json()
+    assert task["state"] == "approval_expired"
