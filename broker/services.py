@@ -61,7 +61,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
         operator_groups=settings.operators.groups,
     )
     policies = PolicyStore(settings.policy_file)
-    vault = VaultGateway(settings.vault)
+    vault = VaultGateway(settings.vault, clock=clock)
     backoff = Backoff(settings.scheduler.retry_base_seconds, settings.scheduler.retry_max_seconds)
     revoker = Revoker(vault, clock, backoff)
     return Services(

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker import metrics
 from broker.audit import record
 from broker.clock import Clock
-from broker.credentials import CredentialSpec, VaultTokenCredential
+from broker.credentials import CredentialSpec
 from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import (
     Conflict,
@@ -45,7 +45,14 @@ from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
 from broker.models import TASK_OPEN_STATES, Lease, Task
 from broker.policy import Decision, PolicyStore, TaskRequest, TtlExceedsMax, UnknownTask, Usage
 from broker.tasks.schemas import StartTask
-from broker.vault import IssuedSecret, TaskToken, VaultError, VaultGateway, VaultUnavailable
+from broker.vault import (
+    IssuedSecret,
+    TaskToken,
+    VaultError,
+    VaultGateway,
+    VaultUnavailable,
+    task_token_policies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +245,7 @@ class TaskService:
 
     def _task_token(self, task: Task, specs: Mapping[str, CredentialSpec]) -> TaskToken:
         try:
-            policies = [self._vault.sync_task_policy(task.task, specs)]
-            for spec in specs.values():
-                if isinstance(spec, VaultTokenCredential):
-                    policies.extend(p for p in spec.policies if p not in policies)
+            policies = task_token_policies(self._vault.sync_task_policy(task.task, specs), specs)
             token = self._vault.create_task_token(
                 task_id=str(task.id),
                 task=task.task,

@@ -1,0 +1,156 @@
+"""The operator API: inventory, revocation, kill switch, audit (SPEC §5, §6.8)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from broker.cli import main
+from tests.factories import AGENT, can_log_in, start_body
+
+OTHER = "spiffe://example.org/agents/builder"
+
+
+def sre(issuers):
+    return issuers["sso"].bearer("sre-sam@example.com", groups=["sre"])
+
+
+def start(client, issuers, sub=AGENT, task="analytics-read", **overrides):
+    response = client.post("/task/start", json=start_body(task, **overrides), headers=issuers["spire"].bearer(sub))
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()
+
+
+@pytest.mark.parametrize(
+    ("who", "status"),
+    [("workload", 403), ("sso-without-sre-group", 403), ("sre", 200), ("none", 401)],
+)
+@pytest.mark.parametrize("path", ["/leases", "/tasks", "/audit"])
+def test_only_operators_use_the_operator_api(client, issuers, who, status, path):
+    headers = {
+        "workload": issuers["spire"].bearer(AGENT),
+        "sso-without-sre-group": issuers["sso"].bearer("bob@example.com", groups=["dba"]),
+        "sre": sre(issuers),
+        "none": {},
+    }[who]
+    assert client.get(path, headers=headers).status_code == status
+
+
+def test_leases_filter_and_page(client, issuers):
+    for owner in ("alice@example.com", "alice@example.com", "bob@example.com"):
+        start(client, issuers, owner=owner)
+    start(client, issuers, sub=OTHER, owner="carol@example.com")
+    everything = client.get("/leases", headers=sre(issuers)).get_json()
+    assert len(everything["items"]) == 4 and everything["next_cursor"] is None
+
+    alice = client.get("/leases?owner=alice@example.com", headers=sre(issuers)).get_json()["items"]
+    assert {lease["owner"] for lease in alice} == {"alice@example.com"} and len(alice) == 2
+    other = client.get(f"/leases?workload={OTHER}", headers=sre(issuers)).get_json()["items"]
+    assert [lease["workload"] for lease in other] == [OTHER]
+
+    seen, cursor = [], None
+    while True:
+        query = "/leases?limit=1" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(query, headers=sre(issuers)).get_json()
+        seen += [lease["id"] for lease in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(lease["id"] for lease in everything["items"])
+    assert len(set(seen)) == 4
+
+
+@pytest.mark.parametrize("query", ["state=bogus", "limit=0", "limit=x", "task_id=nope", "cursor=%%%", "colour=red"])
+def test_bad_list_queries_are_400(client, issuers, query):
+    response = client.get(f"/leases?{query}", headers=sre(issuers))
+    assert response.status_code == 400
+    assert response.get_json()["code"] == "validation_error"
+
+
+def test_limit_is_capped_at_500(client, issuers):
+    start(client, issuers)
+    assert client.get("/leases?limit=100000", headers=sre(issuers)).status_code == 200
+
+
+def test_revoke_one_lease(client, issuers, stack):
+    task = start(client, issuers)
+    lease_id = task["leases"][0]["id"]
+    creds = task["credentials"]["db"]["data"]
+    response = client.post(f"/leases/{lease_id}/revoke", json={"reason": "suspicious queries"}, headers=sre(issuers))
+    assert response.status_code == 200
+    assert response.get_json()["state"] == "revoked"
+    assert not can_log_in(stack, creds)
+    read = client.get(f"/task/{task['task_id']}", headers=issuers["spire"].bearer(AGENT)).get_json()
+    assert read["state"] == "revoked"
+    assert client.get(f"/leases/{lease_id}", headers=sre(issuers)).get_json()["revoked_at"]
+
+
+def test_unknown_lease_is_404(client, issuers):
+    assert client.get("/leases/00000000-0000-4000-8000-000000000000", headers=sre(issuers)).status_code == 404
+    assert client.get("/leases/not-a-uuid", headers=sre(issuers)).status_code == 404
+
+
+def test_kill_switch_revokes_everything_of_one_workload(client, issuers, stack):
+    mine = [start(client, issuers) for _ in range(2)]
+    theirs = start(client, issuers, sub=OTHER)
+    response = client.post("/leases/revoke", json={"reason": "agent compromised", "workload": AGENT}, headers=sre(issuers))
+    assert response.status_code == 200
+    assert sorted(response.get_json()["tasks"]) == sorted(task["task_id"] for task in mine)
+    for task in mine:
+        assert not can_log_in(stack, task["credentials"]["db"]["data"])
+    assert can_log_in(stack, theirs["credentials"]["db"]["data"])
+    again = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
+    assert again.status_code == 201  # the kill switch revokes; blocking is the policy's job
+
+
+def test_kill_switch_needs_a_filter(client, issuers):
+    response = client.post("/leases/revoke", json={"reason": "oops"}, headers=sre(issuers))
+    assert response.status_code == 400
+
+
+def test_audit_names_actor_owner_purpose_and_filters_by_task(client, issuers):
+    task = start(client, issuers)
+    client.post("/task/finish", json={"task_id": task["task_id"]}, headers=issuers["spire"].bearer(AGENT))
+    events = client.get(f"/audit?task_id={task['task_id']}", headers=sre(issuers)).get_json()["items"]
+    names = [event["event"] for event in events]
+    assert {"task.start_requested", "lease.issued", "task.started", "lease.revoked", "task.finished"} <= set(names)
+    for event in events:
+        assert event["actor"] == AGENT
+        assert event["owner"] == "alice@example.com"
+        assert event["purpose"] == "weekly revenue report"
+        assert event["task_id"] == task["task_id"]
+    since = events[0]["at"]
+    later = client.get(f"/audit?since={since}", headers=sre(issuers)).get_json()["items"]
+    assert all(event["at"] >= since for event in later)
+
+
+def test_audit_verify_detects_changed_inserted_and_deleted_rows(client, issuers, config_file, services):
+    for _ in range(3):
+        task = start(client, issuers)
+        client.post("/task/finish", json={"task_id": task["task_id"]}, headers=issuers["spire"].bearer(AGENT))
+
+    def verify():
+        return CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file)])
+
+    assert verify().exit_code == 0, verify().output
+    with services.engine.begin() as connection:
+        seqs = [row[0] for row in connection.execute(text("SELECT seq FROM audit_events ORDER BY seq"))]
+        connection.execute(text("UPDATE audit_events SET purpose = 'innocent' WHERE seq = :s"), {"s": seqs[2]})
+    changed = verify()
+    assert changed.exit_code == 1 and f"seq {seqs[2]}" in changed.output
+    with services.engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET purpose = 'weekly revenue report' WHERE seq = :s"), {"s": seqs[2]})
+    assert verify().exit_code == 0
+    with services.engine.begin() as connection:
+        connection.execute(text("DELETE FROM audit_events WHERE seq = :s"), {"s": seqs[4]})
+    assert verify().exit_code == 1
+    with services.engine.begin() as connection:
+        connection.execute(text("TRUNCATE audit_events, audit_head"))
+    for _ in range(2):
+        start(client, issuers)
+    with services.engine.begin() as connection:
+        last = connection.execute(text("SELECT max(seq) FROM audit_events")).scalar_one()
+        connection.execute(text("DELETE FROM audit_events WHERE seq = :s"), {"s": last})
+    tail = verify()
+    assert tail.exit_code == 1 and "head mismatch" in tail.output
