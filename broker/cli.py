@@ -9,6 +9,7 @@ import click
 
 from broker.config import ConfigError, Settings, load_settings
 from broker.devcli import dev
+from broker.opscli import leases, tasks
 from broker.policy.cli import policy
 
 CONFIG_HELP = "YAML config file (default: $BROKER_CONFIG)."
@@ -144,5 +145,5 @@ def audit_verify(config: str | None) -> None:
     sys.exit(1)
 
 
-main.add_command(policy)
-main.add_command(dev)
+for command in (policy, dev, leases, tasks):
+    main.add_command(command)

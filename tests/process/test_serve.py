@@ -50,3 +50,26 @@ def test_sighup_reloads_the_policy_in_every_worker_and_keeps_it_on_a_bad_file(se
     time.sleep(1)
     assert start_status(served, issuers, "bob@partner.example") in (201, 429)  # the last good policy stays
     assert requests.get(f"{served.url}/readyz", timeout=5).status_code == 200
+
+
+def test_the_operator_cli_lists_and_revokes_over_rest(served, issuers):
+    from click.testing import CliRunner
+
+    from broker.cli import main
+
+    started = requests.post(
+        f"{served.url}/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT), timeout=30
+    ).json()
+    lease_id = started["leases"][0]["id"]
+    env = {"BROKER_URL": served.url, "BROKER_TOKEN": issuers["sso"].mint("sre-sam@example.com", groups=["sre"])}
+    runner = CliRunner()
+    listed = runner.invoke(main, ["leases", "list", "--state", "active"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert lease_id in listed.output and "alice@example.com" in listed.output
+    revoked = runner.invoke(main, ["leases", "revoke", lease_id, "--reason", "INC-1 test"], env=env)
+    assert revoked.exit_code == 0, revoked.output
+    assert f"{lease_id}: revoked" in revoked.output
+    killed = runner.invoke(main, ["leases", "kill", "--owner", "nobody@example.com", "--reason", "drill"], env=env)
+    assert killed.exit_code == 0 and "0 task(s) ended" in killed.output
+    denied = runner.invoke(main, ["leases", "list"], env={**env, "BROKER_TOKEN": issuers["spire"].mint(AGENT)})
+    assert denied.exit_code == 1 and "HTTP 403 forbidden" in denied.output
