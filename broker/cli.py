@@ -104,12 +104,24 @@ def migrate(config: str | None) -> None:
 
 
 def _check_policy(settings: Settings) -> None:
+    """Fail at start, in the master, naming what is wrong: not in every worker's boot."""
+    from broker.identity import JwksError, Verifier
     from broker.policy import PolicyError, load_policy
 
     try:
         load_policy(settings.policy_file)
     except PolicyError as error:
         click.echo(f"policy_file: {error}", err=True)
+        sys.exit(2)
+
+    class _NoReplayCheck:
+        def claim(self, issuer_name: str, jti: str, expires_at: object) -> bool:
+            return True
+
+    try:
+        Verifier.from_settings(settings, jti_store=_NoReplayCheck()).close()
+    except (JwksError, ValueError) as error:
+        click.echo(f"issuers: {error}", err=True)
         sys.exit(2)
 
 

@@ -1,0 +1,89 @@
+"""F02/F03: the broker's Postgres goes away during a start.
+
+Before anything was decided: 503 and Vault is never called. After Vault issued but
+before the leases were committed (the Vault proxy cuts the Postgres proxy the moment
+Vault answers `database/creds/...`): 503, no secret leaves the broker, and the start's
+own compensation has already revoked the credential and the task token by the time the
+error is returned. Once Postgres is back, the reconciler closes the stuck task row.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.factories import AGENT, dynamic_roles, role_exists, start_body
+from tests.faults.faultkit import assert_unavailable, lease_alive, token_alive, wait_for
+from tests.support.proxy import TcpProxy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pg_proxy(stack):
+    proxy = TcpProxy("127.0.0.1", stack.postgres.port)
+    yield proxy
+    proxy.close()
+
+
+def via(proxy: TcpProxy, url: str) -> str:
+    return make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+
+
+def test_postgres_down_before_start_answers_503_without_calling_vault(
+    stack, issuers, vault_proxy, pg_proxy, fault_config, in_process, ledger
+):
+    _, client = in_process(
+        fault_config(vault_addr=vault_proxy.addr, database_url=via(pg_proxy, stack.database_url))
+    )
+    pg_proxy.cut()
+
+    answer = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
+
+    assert_unavailable(answer, "database_unavailable")
+    assert vault_proxy.exchanges == []
+    assert ledger.tasks() == []
+
+
+def test_postgres_cut_between_vault_and_commit_revokes_before_answering(
+    stack, issuers, vault_proxy, pg_proxy, fault_config, in_process, scheduler_for, ledger
+):
+    services, client = in_process(
+        fault_config(vault_addr=vault_proxy.addr, database_url=via(pg_proxy, stack.database_url))
+    )
+    creds = vault_proxy.add_rule(r"^/v1/database/creds/", after=lambda _: pg_proxy.cut())
+    roles_before = dynamic_roles(stack)
+
+    answer = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
+
+    assert_unavailable(answer, "database_unavailable")
+    [exchange] = creds.wait_fired(1)
+    assert exchange.status == 200 and exchange.outcome == "answered"  # Vault did issue
+    issued = exchange.response_json()
+    # Revoked synchronously, before the 503 went out: no reconciler has run yet.
+    assert not lease_alive(stack, issued["lease_id"])
+    assert not role_exists(stack, issued["data"]["username"])
+    assert dynamic_roles(stack) <= roles_before
+    task = ledger.only_task()
+    assert task["state"] == "issuing"  # the broker could not write anything more
+    assert task["token_accessor"]
+    assert not token_alive(stack, task["token_accessor"])
+    assert ledger.leases(task["id"]) == []
+    revokes = vault_proxy.requests_to(r"^/v1/(sys/leases/revoke|auth/token/revoke-accessor)")
+    assert revokes, "the compensation went to Vault"
+    assert all(ex.outcome == "answered" for ex in revokes)
+
+    pg_proxy.restore()
+    scheduler_for(services)
+
+    wait_for(lambda: ledger.task(task["id"])["state"] == "failed", what="stuck start closed as failed")
+    final = ledger.task(task["id"])
+    assert final["token_revoked_at"] is not None
+    assert ledger.events("task.orphan_revoked", task["id"])
+    assert ledger.leases(task["id"]) == []
+    # The broker works again once Postgres is back.
+    again = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
+    assert again.status_code == 201, again.get_json()
+    assert client.post(
+        "/task/finish", json={"task_id": again.get_json()["task_id"]}, headers=issuers["spire"].bearer(AGENT)
+    ).status_code == 200
