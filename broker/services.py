@@ -21,6 +21,7 @@ from broker.identity import Verifier
 from broker.identity.replay import PostgresJtiStore
 from broker.leases.revoker import Backoff, Revoker
 from broker.leases.service import OperatorService
+from broker.notify import Notifier
 from broker.policy import PolicyStore
 from broker.tasks.service import TaskService
 from broker.vault import VaultGateway
@@ -40,6 +41,7 @@ class Services:
     approvals: ApprovalService
     operator: OperatorService
     audit_key: bytes | None
+    notifier: Notifier
 
     def close(self) -> None:
         self.verifier.close()
@@ -64,6 +66,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
     vault = VaultGateway(settings.vault, clock=clock)
     backoff = Backoff(settings.scheduler.retry_base_seconds, settings.scheduler.retry_max_seconds)
     revoker = Revoker(vault, clock, backoff)
+    notifier = Notifier(settings.notify)
     return Services(
         settings=settings,
         engine=engine,
@@ -73,8 +76,9 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
         vault=vault,
         clock=clock,
         revoker=revoker,
-        tasks=TaskService(sessions, policies, vault, clock, revoker),
-        approvals=ApprovalService(sessions, policies, clock),
+        tasks=TaskService(sessions, policies, vault, clock, revoker, notifier),
+        approvals=ApprovalService(sessions, policies, clock, notifier),
         operator=OperatorService(sessions, revoker, clock),
         audit_key=audit_key,
+        notifier=notifier,
     )

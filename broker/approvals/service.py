@@ -19,6 +19,7 @@ from broker.db import unit_of_work
 from broker.errors import Conflict, Forbidden, NotFound
 from broker.identity import Identity
 from broker.models import Approval, Task
+from broker.notify import Notifier
 from broker.policy import PolicyStore, UnknownTask, approver_allowed
 
 
@@ -33,7 +34,14 @@ def _names_of(identity: Identity) -> set[str]:
 
 
 class ApprovalService:
-    def __init__(self, sessions: sessionmaker[Session], policies: PolicyStore, clock: Clock) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        policies: PolicyStore,
+        clock: Clock,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self._notifier = notifier or Notifier(None)
         self._sessions = sessions
         self._policies = policies
         self._clock = clock
@@ -66,7 +74,18 @@ class ApprovalService:
             session.flush()
             session.refresh(task, attribute_names=["approvals"])
             self._apply(session, approver, task, decision, reason, now)
-            return task
+        self._notifier.send(
+            f"approval.{decision}",
+            {
+                "task_id": str(task.id),
+                "task": task.task,
+                "approver": approver.id,
+                "reason": reason,
+                "state": task.state,
+                "workload": task.workload,
+            },
+        )
+        return task
 
     def _apply(
         self, session: Session, approver: Identity, task: Task, decision: str, reason: str, now: object

@@ -43,6 +43,7 @@ from broker.errors import UnknownTask as UnknownTaskError
 from broker.identity import Identity
 from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
 from broker.models import TASK_OPEN_STATES, Lease, Task
+from broker.notify import Notifier
 from broker.policy import Decision, PolicyStore, TaskRequest, TtlExceedsMax, UnknownTask, Usage
 from broker.tasks.schemas import StartTask
 from broker.vault import (
@@ -101,7 +102,9 @@ class TaskService:
         vault: VaultGateway,
         clock: Clock,
         revoker: Revoker,
+        notifier: Notifier | None = None,
     ) -> None:
+        self._notifier = notifier or Notifier(None)
         self._sessions = sessions
         self._policies = policies
         self._vault = vault
@@ -122,6 +125,7 @@ class TaskService:
             raise _denial(decision)
         if task.state == "pending_approval":
             metrics.TASKS_STARTED.labels(body.task, "pending_approval").inc()
+            self._notifier.send("approval.requested", _approval_summary(task))
             return StartResult(task=task, credentials=None)
         active, credentials = self._issue(task, identity.id, compiled.credentials, actor=identity.id)
         metrics.TASKS_STARTED.labels(body.task, "active").inc()
@@ -424,6 +428,19 @@ class TaskService:
         # The database's clock, so every replica measures deadlines against one time.
         value: datetime = session.scalar(select(func.now()))  # type: ignore[assignment]
         return value
+
+
+def _approval_summary(task: Task) -> dict[str, Any]:
+    return {
+        "task_id": str(task.id),
+        "task": task.task,
+        "workload": task.workload,
+        "owner": task.owner,
+        "purpose": task.purpose,
+        "context": task.context,
+        "ttl_seconds": task.ttl_seconds,
+        "approval_expires_at": task.approval_expires_at,
+    }
 
 
 def _lease_row(task: Task, name: str, kind: str, secret: IssuedSecret, now: datetime) -> Lease:
