@@ -23,6 +23,8 @@ from tests.support.tokens import TestIssuer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_POLICY = ROOT / "broker" / "devdata" / "policy.yaml"
+# Task types the integration tests need (every credential kind, a broken one, short ttls).
+TEST_POLICY = ROOT / "tests" / "support" / "policy.yaml"
 LEDGER_TABLES = "audit_events, audit_head, approvals, leases, tasks, used_jtis, scheduler_heartbeats"
 
 
@@ -91,7 +93,7 @@ def clean_db(stack: Stack) -> Iterator[None]:
 @pytest.fixture
 def policy_file(tmp_path: Path) -> Path:
     target = tmp_path / "policy.yaml"
-    shutil.copy(DEMO_POLICY, target)
+    shutil.copy(TEST_POLICY, target)
     return target
 
 

@@ -45,6 +45,15 @@ class KillResult:
     pending: int
 
 
+def _matching(query: Any, filters: Filters, *columns: Any) -> Any:
+    """Apply the filters that were given, in the order state, owner, workload, task, task id."""
+    values = (filters.state, filters.owner, filters.workload, filters.task, filters.task_id)
+    for column, value in zip(columns, values, strict=True):
+        if value is not None:
+            query = query.where(column == value)
+    return query
+
+
 class OperatorService:
     def __init__(self, sessions: sessionmaker[Session], revoker: Revoker, clock: Clock) -> None:
         self._sessions = sessions
@@ -54,29 +63,13 @@ class OperatorService:
     # ---- inventory ---------------------------------------------------------------------
 
     def leases(self, filters: Filters, cursor: str | None, limit: int | None) -> Page[Lease]:
-        query = select(Lease)
-        for column, value in (
-            (Lease.state, filters.state),
-            (Lease.owner, filters.owner),
-            (Lease.workload, filters.workload),
-            (Lease.task, filters.task),
-            (Lease.task_id, filters.task_id),
-        ):
-            if value is not None:
-                query = query.where(column == value)
+        query = _matching(
+            select(Lease), filters, Lease.state, Lease.owner, Lease.workload, Lease.task, Lease.task_id
+        )
         return self._page(query, Lease.issued_at, Lease.id, cursor, limit, lambda r: (r.issued_at, r.id))
 
     def tasks(self, filters: Filters, cursor: str | None, limit: int | None) -> Page[Task]:
-        query = select(Task)
-        for column, value in (
-            (Task.state, filters.state),
-            (Task.owner, filters.owner),
-            (Task.workload, filters.workload),
-            (Task.task, filters.task),
-            (Task.id, filters.task_id),
-        ):
-            if value is not None:
-                query = query.where(column == value)
+        query = _matching(select(Task), filters, Task.state, Task.owner, Task.workload, Task.task, Task.id)
         return self._page(query, Task.created_at, Task.id, cursor, limit, lambda r: (r.created_at, r.id))
 
     def audit(

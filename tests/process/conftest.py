@@ -1,18 +1,6 @@
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
-
-API_POLICY = Path(__file__).parent.parent / "api" / "policy.yaml"
-
-
-@pytest.fixture
-def policy_file(tmp_path: Path) -> Path:
-    target = tmp_path / "policy.yaml"
-    shutil.copy(API_POLICY, target)
-    return target
 
 
 @pytest.fixture
@@ -30,8 +18,20 @@ def served(config_file):
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve", "--config", str(config_file),
-         "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "2"],
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "serve",
+            "--config",
+            str(config_file),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--threads",
+            "2",
+        ],
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
