@@ -49,3 +49,27 @@ def test_readyz_names_the_database_when_postgres_stops(stack, issuers, policy_fi
     own.start()
     assert client.get("/readyz").status_code == 200
     own.stop()
+
+
+def test_the_api_document_lists_every_endpoint_of_the_contract(client):
+    document = client.get("/openapi.json").get_json()
+    assert document["openapi"].startswith("3.1")
+    paths = document["paths"]
+    for path, method in [
+        ("/task/start", "post"), ("/task/finish", "post"), ("/task/claim", "post"), ("/task/{id}", "get"),
+        ("/approvals/{id}", "post"), ("/approvals", "get"), ("/leases", "get"), ("/leases/{id}", "get"),
+        ("/leases/{id}/revoke", "post"), ("/leases/revoke", "post"), ("/tasks", "get"), ("/audit", "get"),
+        ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"),
+    ]:
+        assert method in paths[path], path
+    start = document["components"]["schemas"]["StartTask"]
+    assert start["properties"]["purpose"]["minLength"] == 8
+    assert start["additionalProperties"] is False
+
+
+def test_metrics_count_starts(client, issuers):
+    from tests.factories import AGENT, start_body
+
+    client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'broker_tasks_started_total{result="active",task="analytics-read"}' in text
