@@ -29,7 +29,28 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     logging.getLogger("broker").setLevel(services.settings.log_level)
     register_error_handlers(app)
     _register_blueprints(app)
+    _time_requests(app)
     return app
+
+
+def _time_requests(app: Flask) -> None:
+    from time import perf_counter
+
+    from flask import Response, g, request
+
+    from broker import metrics
+
+    @app.before_request
+    def _started() -> None:
+        g.started = perf_counter()
+
+    @app.after_request
+    def _observed(response: Response) -> Response:
+        # The route template, not the path: ids must not become label values.
+        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        elapsed = perf_counter() - g.get("started", perf_counter())
+        metrics.REQUEST_LATENCY.labels(endpoint, str(response.status_code)).observe(elapsed)
+        return response
 
 
 def _register_blueprints(app: Flask) -> None:

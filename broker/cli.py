@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -76,11 +77,22 @@ def serve(config: str | None, bind: str, workers: int, threads: int, no_schedule
 
 @main.command()
 @click.option("--config", "config", envvar="BROKER_CONFIG", help=CONFIG_HELP)
-def scheduler(config: str | None) -> None:
-    """Run the revocation scheduler alone (deadlines, retries, lapsed approvals, orphans)."""
+@click.option("--metrics-bind", help="HOST:PORT to serve Prometheus metrics on (standalone scheduler).")
+def scheduler(config: str | None, metrics_bind: str | None) -> None:
+    """Run the revocation scheduler alone (deadlines, retries, lapsed approvals, orphans).
+
+    Run as many as you like against one database: each claims rows with
+    FOR UPDATE SKIP LOCKED, so no lease is revoked twice. `broker serve` runs one itself
+    unless --no-scheduler.
+    """
     settings = _settings(config)
     _logging(settings)
     _check_policy(settings)
+    if metrics_bind:
+        from prometheus_client import start_http_server
+
+        host, _, port = metrics_bind.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0")  # noqa: S104 (operator's choice)
     from broker.scheduler.runner import SchedulerRunner
     from broker.services import build_services
 
@@ -132,25 +144,40 @@ def audit() -> None:
 
 @audit.command("verify")
 @click.option("--config", "config", envvar="BROKER_CONFIG", help=CONFIG_HELP)
-def audit_verify(config: str | None) -> None:
+@click.option(
+    "--anchor",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File kept outside the database: checked against, then moved to the current head.",
+)
+def audit_verify(config: str | None, anchor: Path | None) -> None:
     """Walk the audit hash chain; exit 1 if any row was changed, inserted or deleted.
 
     With an audit key ($BROKER_AUDIT_KEY by default) the chain is HMAC-keyed; run verify
-    with the same key in the environment.
+    with the same key in the environment. Deleting the newest rows *and* rewinding the
+    head is only visible against a copy of a later head kept elsewhere: pass --anchor
+    (e.g. from a cron job that keeps the file off the database host).
+
+    \b
+    Example:
+      broker audit verify --config broker.yaml --anchor /var/lib/broker/audit-anchor.json
     """
     settings = _settings(config)
     import os
 
-    from broker.audit import verify_chain
+    from broker.audit.chain import Anchor, head_anchor, verify_chain
     from broker.db import make_engine, make_session_factory, unit_of_work
 
     key = os.environ.get(settings.audit.key_env, "").encode() or None
+    previous = Anchor.loads(anchor.read_text()) if anchor is not None and anchor.exists() else None
     engine = make_engine(settings.sqlalchemy_url, pool_size=1)
     with unit_of_work(make_session_factory(engine)) as session:
-        report = verify_chain(session, key)
+        report = verify_chain(session, key, previous)
+        head = head_anchor(session)
     for problem in report.problems:
         click.echo(f"seq {problem.seq}: {problem.problem}")
     if report.ok:
+        if anchor is not None and head is not None:
+            anchor.write_text(head.dumps())
         click.echo(f"ok: {report.checked} audit events, chain intact")
         return
     click.echo(f"TAMPERED: {len(report.problems)} problem(s) in {report.checked} events", err=True)

@@ -31,7 +31,7 @@ SPIFFE_ALGORITHMS = ASYMMETRIC_ALGORITHMS - {"EdDSA"}
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 
 
-def _trusted_jwks_uri(uri: str) -> bool:
+def _trusted_url(uri: str) -> bool:
     parsed = urlsplit(uri)
     if parsed.scheme == "https":
         return bool(parsed.hostname)
@@ -112,7 +112,7 @@ class IssuerSettings(_Strict):
     def _key_source(self) -> IssuerSettings:
         if (self.jwks_file is None) == (self.jwks_uri is None):
             raise ValueError("exactly one of 'jwks_file' or 'jwks_uri' is required")
-        if self.jwks_uri is not None and not _trusted_jwks_uri(self.jwks_uri):
+        if self.jwks_uri is not None and not _trusted_url(self.jwks_uri):
             raise ValueError("'jwks_uri' must be https:// (plain http only on a loopback address)")
         if self.trust_domain is not None and not _TRUST_DOMAIN.fullmatch(self.trust_domain):
             raise ValueError("'trust_domain' must be lowercase letters, digits, '.', '-' or '_'")
@@ -145,7 +145,6 @@ class LimitSettings(_Strict):
 class SchedulerSettings(_Strict):
     sweep_interval_seconds: float = Field(default=1.0, gt=0, le=60)
     revoke_workers: int = Field(default=8, ge=1, le=64)
-    batch_size: int = Field(default=200, ge=1, le=5000)
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=300.0, gt=0)
     # Vault leases no task owns are revoked only after this grace, so a start that is
@@ -156,6 +155,14 @@ class SchedulerSettings(_Strict):
 
 class NotifySettings(_Strict):
     webhook_url: str
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not _trusted_url(value):
+            raise ValueError("must be https:// (plain http only on a loopback address)")
+        return value
+
     secret_env: str | None = None
     timeout_seconds: float = Field(default=3.0, gt=0, le=30)
 
@@ -228,7 +235,9 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             node = child
         node[path[-1]] = env[var]
         if var == "BROKER_VAULT_TOKEN":
-            node.setdefault("method", "token")
+            # Setting a token in the environment means "log in with this token", even if
+            # the file names another method: silently ignoring it would surprise.
+            node["method"] = "token"
     return raw
 
 

@@ -101,6 +101,10 @@ def _smoke(url: str, tokens: dict[str, str], port: int) -> None:
     raise click.ClickException("smoke: the credentials still work after finish")
 
 
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 @click.command()
 @click.option("--port", default=8080, show_default=True, help="Port for the broker API.")
 @click.option(
@@ -141,6 +145,7 @@ def dev(port: int, directory: Path | None, smoke: bool) -> None:
     psql = Path(stack.postgres.bin_dir) / "psql"
     exports = {"BROKER_URL": url, "BROKER_CONFIG": str(config_path), "PSQL": str(psql), **tokens}
     env_file.write_text("".join(f"export {key}='{value}'\n" for key, value in exports.items()))
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` tears the stack down like Ctrl-C
     server = subprocess.Popen(
         [
             sys.executable,

@@ -47,8 +47,9 @@ def _connection(func: Any) -> Any:
 
 
 def _filters(func: Any) -> Any:
-    for name in ("cursor", "task-id", "task", "workload", "owner", "state"):
+    for name in ("task-id", "task", "workload", "owner", "state"):
         func = click.option(f"--{name}", help=f"Only rows with this {name.replace('-', '_')}.")(func)
+    func = click.option("--cursor", help="Continue from the page that printed this cursor.")(func)
     func = click.option("--limit", type=click.IntRange(1, 500), default=100, show_default=True)(func)
     return click.option("--json", "as_json", is_flag=True, help="Print the raw JSON page.")(func)
 

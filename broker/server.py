@@ -86,6 +86,11 @@ def serve(
 ) -> None:
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="broker-metrics-")
+    from broker.services import LAST_GOOD_POLICY_ENV
+
+    os.environ.setdefault(
+        LAST_GOOD_POLICY_ENV, str(Path(tempfile.mkdtemp(prefix="broker-policy-")) / "policy.yaml")
+    )
     scheduler = _start_scheduler(config_path) if with_scheduler else None
     options = {
         "bind": bind,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +26,9 @@ from broker.notify import Notifier
 from broker.policy import PolicyStore
 from broker.tasks.service import TaskService
 from broker.vault import VaultGateway
+
+# Set by `broker serve` for its workers and scheduler: where the last policy that loaded is kept.
+LAST_GOOD_POLICY_ENV = "BROKER_POLICY_LAST_GOOD"
 
 
 @dataclass
@@ -62,7 +66,8 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
         jti_store=PostgresJtiStore(engine),
         operator_groups=settings.operators.groups,
     )
-    policies = PolicyStore(settings.policy_file)
+    last_good = os.environ.get(LAST_GOOD_POLICY_ENV)
+    policies = PolicyStore(settings.policy_file, last_good=Path(last_good) if last_good else None)
     vault = VaultGateway(settings.vault, clock=clock)
     backoff = Backoff(settings.scheduler.retry_base_seconds, settings.scheduler.retry_max_seconds)
     revoker = Revoker(vault, clock, backoff)

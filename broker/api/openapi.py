@@ -55,7 +55,13 @@ PROBLEM = {
 }
 
 
-SINCE = {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}}
+AUDIT_FILTERS = [
+    {"name": name, "in": "query", "schema": {"type": "string"}}
+    for name in ("task_id", "owner", "workload", "event", "cursor")
+] + [
+    {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+]
 
 
 def _list_of(ref: str) -> dict[str, Any]:
@@ -134,7 +140,7 @@ def document() -> dict[str, Any]:
             "200": _answer("A page", "#/components/schemas/TaskList")}, parameters=FILTERS, security=bearer)},
         "/audit": {"get": _op("Audit events (operator)", {
             "200": _answer("A page", "#/components/schemas/AuditList")},
-            parameters=[*FILTERS, SINCE],
+            parameters=AUDIT_FILTERS,
             security=bearer)},
         "/healthz": {"get": _op("Liveness", {"200": _answer("Alive")})},
         "/readyz": {"get": _op("Database and Vault reachable", {"200": _answer("Ready")})},

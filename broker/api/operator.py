@@ -14,6 +14,7 @@ from broker.api.render import audit_json, lease_json, task_json
 from broker.errors import NotFound
 from broker.leases.service import Filters
 from broker.models import LEASE_STATES, TASK_STATES
+from broker.tasks.schemas import printable
 
 bp = Blueprint("operator", __name__)
 
@@ -52,14 +53,28 @@ class TaskQuery(ListQuery):
         return value
 
 
-class AuditQuery(ListQuery):
+class AuditQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task_id: uuid.UUID | None = None
+    owner: str | None = None
+    workload: str | None = None
     since: datetime | None = None
     event: str | None = None
+    limit: Annotated[int, Field(ge=1)] | None = None
+    cursor: str | None = None
+
+    def filters(self) -> Filters:
+        return Filters(owner=self.owner, workload=self.workload, task_id=self.task_id)
 
 
 class RevokeBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     reason: Reason
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        return printable(value)
 
 
 class KillSwitchBody(RevokeBody):

@@ -25,6 +25,7 @@ def task_service() -> TaskService:
 def start() -> Any:
     identity = caller("workload")
     body = json_body(StartTask)
+    body.check_context_size(services().settings.limits.max_context_bytes)
     result = task_service().start(identity, body)
     task = result.task
     if result.credentials is None:

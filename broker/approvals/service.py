@@ -75,7 +75,7 @@ class ApprovalService:
             session.refresh(task, attribute_names=["approvals"])
             self._apply(session, approver, task, decision, reason, now)
         self._notifier.send(
-            f"approval.{decision}",
+            "approval.granted" if decision == "approve" else "approval.denied",
             {
                 "task_id": str(task.id),
                 "task": task.task,

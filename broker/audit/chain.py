@@ -52,8 +52,14 @@ def record(
     task: Task | None = None,
     lease: Lease | None = None,
     detail: Mapping[str, Any] | None = None,
+    owner: str | None = None,
+    purpose: str | None = None,
 ) -> None:
-    """Queue an event; it is chained and written when the session commits."""
+    """Queue an event; it is chained and written when the session commits.
+
+    Owner and purpose come from the task or lease; pass them for events that have
+    neither (a denied start) so every event stays attributable (SPEC §6.8).
+    """
     owner_source = task or lease
     session.info.setdefault(_PENDING, []).append(
         _Pending(
@@ -63,8 +69,8 @@ def record(
             actor=actor,
             task_id=task.id if task is not None else (lease.task_id if lease else None),
             lease_id=lease.id if lease is not None else None,
-            owner=owner_source.owner if owner_source is not None else None,
-            purpose=owner_source.purpose if owner_source is not None else None,
+            owner=owner_source.owner if owner_source is not None else owner,
+            purpose=owner_source.purpose if owner_source is not None else purpose,
             detail=dict(detail or {}),
         )
     )
@@ -188,10 +194,37 @@ def _rows(session: Session, batch: int = 2000) -> Iterator[AuditEvent]:
         session.expunge_all()
 
 
-def verify_chain(session: Session, key: bytes | None = None) -> ChainReport:
+@dataclass(frozen=True)
+class Anchor:
+    """A (seq, hash) seen earlier and kept outside the database (a file, a log line).
+
+    Someone with write access to the database can delete the newest rows and move the
+    head back; only a copy of a later head held elsewhere shows that rows went missing.
+    """
+
+    seq: int
+    hash: str
+
+    def dumps(self) -> str:
+        return json.dumps({"seq": self.seq, "hash": self.hash})
+
+    @classmethod
+    def loads(cls, text: str) -> Anchor:
+        data = json.loads(text)
+        return cls(int(data["seq"]), str(data["hash"]))
+
+
+def head_anchor(session: Session) -> Anchor | None:
+    head = session.get(AuditHead, 1)
+    return Anchor(head.seq, head.hash) if head is not None else None
+
+
+def verify_chain(session: Session, key: bytes | None = None, anchor: Anchor | None = None) -> ChainReport:
     """Walk the chain: a changed row breaks its own hash, an inserted or deleted row breaks
-    the link to its neighbour, and a deleted tail no longer matches the head."""
+    the link to its neighbour, a deleted tail no longer matches the head, and rows deleted
+    together with a rewound head fall short of an earlier `anchor`."""
     problems: list[ChainProblem] = []
+    anchored = anchor is None
     prev, checked, last_seq = GENESIS, 0, 0
     for row in _rows(session):
         checked += 1
@@ -213,6 +246,10 @@ def verify_chain(session: Session, key: bytes | None = None) -> ChainReport:
         if link_hash(row.prev_hash, fields, key) != row.hash:
             problems.append(ChainProblem(row.seq, "content changed: hash does not match the row"))
         prev, last_seq = row.hash, row.seq
+        if anchor is not None and row.seq == anchor.seq:
+            anchored = row.hash == anchor.hash
+    if not anchored and anchor is not None:
+        problems.append(ChainProblem(anchor.seq, "anchor missing: a row seen earlier is gone or changed"))
     head = session.get(AuditHead, 1)
     if head is None and checked:
         problems.append(ChainProblem(None, "chain head missing"))

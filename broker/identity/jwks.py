@@ -325,7 +325,8 @@ def _usable_kid(entry: object) -> str | None:
     kid = entry.get("kid")
     if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
         return None
-    if entry.get("use", "sig") != "sig" or not isinstance(entry.get("kty"), str):
+    # SPIFFE trust bundles mark JWT authorities `"use": "jwt-svid"` instead of `sig`.
+    if entry.get("use", "sig") not in {"sig", "jwt-svid"} or not isinstance(entry.get("kty"), str):
         return None
     ops = entry.get("key_ops")
     if ops is not None and (not isinstance(ops, list) or "verify" not in ops):

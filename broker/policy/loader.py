@@ -229,11 +229,31 @@ class PolicyStore:
     one off to the side and swaps a single reference, so a reader never sees half a reload.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, last_good: Path | None = None) -> None:
+        """`last_good`, when given, keeps a copy of the newest policy that loaded, so a
+        process (re)started while the file on disk is broken serves that copy instead of
+        failing to boot: gunicorn respawning a worker must not take the service down."""
         self.path = Path(path)
+        self._last_good = last_good
         self._lock = threading.Lock()  # serialises reloads; readers never take it
-        raw = _read(self.path)
-        self._snapshot = PolicySnapshot(parse_policy(raw, str(self.path)), 1, _sha256(raw))
+        try:
+            raw = _read(self.path)
+            policy = parse_policy(raw, str(self.path))
+        except PolicyError as error:
+            if last_good is None or not last_good.exists():
+                raise
+            log.error("policy file unusable, serving the last good copy: %s", _summary(error))
+            raw = last_good.read_bytes()
+            policy = parse_policy(raw, str(last_good))
+        self._snapshot = PolicySnapshot(policy, 1, _sha256(raw))
+        self._remember(raw)
+
+    def _remember(self, raw: bytes) -> None:
+        if self._last_good is None:
+            return
+        staging = self._last_good.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_bytes(raw)
+        staging.replace(self._last_good)
 
     def current(self) -> Policy:
         return self._snapshot.policy
@@ -267,6 +287,7 @@ class PolicyStore:
                 log.warning("policy reload failed, keeping version %d: %s", old.version, _summary(error))
                 return False
             self._snapshot = PolicySnapshot(policy, old.version + 1, digest)
+            self._remember(raw)
         log.info(
             "policy reloaded: version %d, %d task types, sha256 %s",
             old.version + 1,

@@ -178,9 +178,7 @@ def _wait_healthy(addr: str, *, alive: Callable[[], bool], log_path: Path | None
                 if session.get(f"{addr}/v1/sys/health", timeout=1).status_code == 200:
                     return
             time.sleep(0.05)
-    raise OpenBaoError(
-        f"OpenBao dev server not healthy after {START_TIMEOUT_SECONDS:.0f} s at {addr}{where}"
-    )
+    raise OpenBaoError(f"OpenBao dev server not healthy after {START_TIMEOUT_SECONDS:.0f} s at {addr}{where}")
 
 
 def _docker_available() -> bool:
@@ -206,8 +204,7 @@ def _start_container() -> OpenBaoHandle:
     container: Any = (
         DockerContainer(_IMAGE)
         .with_command(
-            f"server -dev -dev-root-token-id={token} "
-            "-dev-listen-address=0.0.0.0:8200 -dev-no-store-token"
+            f"server -dev -dev-root-token-id={token} -dev-listen-address=0.0.0.0:8200 -dev-no-store-token"
         )
         .with_exposed_ports(8200)
     )

@@ -90,9 +90,7 @@ class VaultSetup:
 # -- policies --------------------------------------------------------------------------
 
 
-def render_broker_policy(
-    task_token_role: str = TASK_TOKEN_ROLE, policy_prefix: str = POLICY_PREFIX
-) -> str:
+def render_broker_policy(task_token_role: str = TASK_TOKEN_ROLE, policy_prefix: str = POLICY_PREFIX) -> str:
     """The broker's own ACL policy: exactly what VaultGateway calls, and no sudo."""
     return f"""\
 # ACL policy for the credential broker's own token. Nothing here needs sudo.
@@ -156,9 +154,7 @@ def render_peer_policy(database_mount: str, pki_mount: str) -> str:
 # -- database ----------------------------------------------------------------------------
 
 
-def database_connection_config(
-    target: PostgresTarget, allowed_roles: Sequence[str]
-) -> dict[str, Any]:
+def database_connection_config(target: PostgresTarget, allowed_roles: Sequence[str]) -> dict[str, Any]:
     """Body for `database/config/<name>`; the URL keeps `{{username}}`/`{{password}}`
     templates so the password is stored once, in its own (write-only) field."""
     _identifier(target.dbname)
@@ -214,8 +210,7 @@ def database_roles(dbname: str, connection: str) -> dict[str, dict[str, Any]]:
 
     def fill(statements: list[str]) -> list[str]:
         return [
-            s.replace("<schema>", ANALYTICS_SCHEMA).replace("<db>", _identifier(dbname))
-            for s in statements
+            s.replace("<schema>", ANALYTICS_SCHEMA).replace("<db>", _identifier(dbname)) for s in statements
         ]
 
     common = {"db_name": connection, "default_ttl": 300, "max_ttl": 900}
@@ -239,16 +234,12 @@ def prepare_database(target: PostgresTarget) -> None:
 
     _identifier(target.dbname)
     with _connect(target, "postgres") as conn:
-        if not conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,)
-        ).fetchone():
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,)).fetchone():
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
     with _connect(target, target.dbname) as conn, conn.transaction():
         # Only roles granted CONNECT (the engine's dynamic users) may log in here.
         conn.execute(
-            sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(
-                sql.Identifier(target.dbname)
-            )
+            sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(target.dbname))
         )
         schema = sql.Identifier(ANALYTICS_SCHEMA)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
@@ -261,9 +252,9 @@ def prepare_database(target: PostgresTarget) -> None:
         count = conn.execute(sql.SQL("SELECT count(*) FROM {}.events").format(schema)).fetchone()
         if count == (0,):
             conn.execute(
-                sql.SQL(
-                    "INSERT INTO {}.events (name) VALUES ('signup'), ('login'), ('purchase')"
-                ).format(schema)
+                sql.SQL("INSERT INTO {}.events (name) VALUES ('signup'), ('login'), ('purchase')").format(
+                    schema
+                )
             )
 
 
@@ -298,9 +289,7 @@ class _Admin:
         self._token = token
 
     def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        reply = self.http.call(
-            method, path, operation=f"setup {method} {path}", token=self._token, json=body
-        )
+        reply = self.http.call(method, path, operation=f"setup {method} {path}", token=self._token, json=body)
         return reply.body
 
     def ensure_mount(self, path: str, body: Mapping[str, Any]) -> None:
@@ -344,9 +333,7 @@ def configure_vault(
         roles = _setup_database(admin, postgres, database_mount, database_connection)
         _setup_pki(admin, pki_mount)
         _setup_kv(admin, kv_mount)
-        _setup_task_token_role(
-            admin, task_token_role, policy_prefix, child_token_policies, broker_policy
-        )
+        _setup_task_token_role(admin, task_token_role, policy_prefix, child_token_policies, broker_policy)
         admin.write_policy(broker_policy, render_broker_policy(task_token_role, policy_prefix))
         token, accessor = _create_broker_token(admin, broker_policy, broker_token_period)
         jwt = None
@@ -378,14 +365,10 @@ def configure_vault(
     )
 
 
-def _setup_database(
-    admin: _Admin, target: PostgresTarget, mount: str, connection: str
-) -> tuple[str, ...]:
+def _setup_database(admin: _Admin, target: PostgresTarget, mount: str, connection: str) -> tuple[str, ...]:
     admin.ensure_mount(mount, {"type": "database"})
     roles = database_roles(target.dbname, connection)
-    admin.call(
-        "POST", f"{mount}/config/{connection}", database_connection_config(target, list(roles))
-    )
+    admin.call("POST", f"{mount}/config/{connection}", database_connection_config(target, list(roles)))
     for name, body in roles.items():
         admin.call("POST", f"{mount}/roles/{name}", body)
     return tuple(roles)
@@ -429,9 +412,7 @@ def _has_ca(admin: _Admin, mount: str) -> bool:
 
 def _setup_kv(admin: _Admin, mount: str) -> None:
     admin.ensure_mount(mount, {"type": "kv", "options": {"version": "2"}})
-    admin.call(
-        "POST", f"{mount}/data/reports/q3", {"data": {"quarter": "q3", "revenue": "4200000"}}
-    )
+    admin.call("POST", f"{mount}/data/reports/q3", {"data": {"quarter": "q3", "revenue": "4200000"}})
     admin.write_policy(REPORTS_POLICY, render_reports_policy(mount))
 
 
@@ -509,8 +490,6 @@ def jwks_to_pem(jwks: Mapping[str, Any]) -> list[str]:
     pems = []
     for key in jwt.PyJWKSet.from_dict(dict(jwks)).keys:
         public = key.key.public_key() if hasattr(key.key, "private_bytes") else key.key
-        pem = public.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         pems.append(pem.decode())
     return pems

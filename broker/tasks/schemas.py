@@ -9,13 +9,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from broker.errors import ValidationFailed
+
 # NUL can't be stored by Postgres and bidi/control characters hide what an approver reads.
 _UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
-MAX_CONTEXT_BYTES = 8192
 MAX_CONTEXT_DEPTH = 8
 
 
-def _printable(value: str) -> str:
+def printable(value: str) -> str:
     if _UNPRINTABLE.search(value):
         raise ValueError("must not contain control or bidirectional-override characters")
     return value
@@ -47,7 +48,7 @@ class StartTask(_Body):
     @field_validator("task", "owner", "purpose")
     @classmethod
     def _no_control(cls, value: str) -> str:
-        return _printable(value)
+        return printable(value)
 
     @field_validator("owner", "purpose")
     @classmethod
@@ -58,12 +59,15 @@ class StartTask(_Body):
 
     @field_validator("context")
     @classmethod
-    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(value, separators=(",", ":"))) > MAX_CONTEXT_BYTES:
-            raise ValueError(f"must be at most {MAX_CONTEXT_BYTES} bytes of JSON")
+    def _shallow(cls, value: dict[str, Any]) -> dict[str, Any]:
         if _depth(value) > MAX_CONTEXT_DEPTH:
             raise ValueError(f"must nest at most {MAX_CONTEXT_DEPTH} levels")
         return value
+
+    def check_context_size(self, limit: int) -> None:
+        """`limits.max_context_bytes`: the context is stored and shown to approvers."""
+        if len(json.dumps(self.context, separators=(",", ":"))) > limit:
+            raise ValidationFailed(f"'context': must be at most {limit} bytes of JSON")
 
 
 class TaskRef(_Body):
@@ -88,4 +92,4 @@ class Decide(_Body):
     @field_validator("reason")
     @classmethod
     def _no_control(cls, value: str) -> str:
-        return _printable(value)
+        return printable(value)

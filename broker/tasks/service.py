@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker import metrics
 from broker.audit import record
-from broker.clock import Clock
+from broker.clock import Clock, rfc3339
 from broker.credentials import CredentialSpec
 from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import (
@@ -72,16 +72,19 @@ class StartResult:
     credentials: dict[str, IssuedCredential] | None
 
 
-def request_hash(identity: Identity, body: StartTask) -> str:
-    """Binds an approval to this exact request: who, which task, for whom, why, how long, with what."""
+def request_hash(task: Task, credentials: Mapping[str, CredentialSpec]) -> str:
+    """Binds an approval to this exact request: who, which task, for whom, why, how long,
+    with what context, and which credentials the policy would issue for it. A policy
+    change to the task's credentials between approval and claim voids the approval."""
     canonical = json.dumps(
         {
-            "workload": identity.id,
-            "task": body.task,
-            "owner": body.owner,
-            "purpose": body.purpose,
-            "ttl_seconds": body.ttl_seconds,
-            "context": body.context,
+            "workload": task.workload,
+            "task": task.task,
+            "owner": task.owner,
+            "purpose": task.purpose,
+            "ttl_seconds": task.ttl_seconds,
+            "context": task.context,
+            "credentials": {name: spec.model_dump(mode="json") for name, spec in credentials.items()},
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -121,7 +124,7 @@ class TaskService:
             raise UnknownTaskError(f"no task type named '{body.task}' in the policy") from None
         task, decision = self._decide_and_record(identity, body)
         if not decision.allowed:
-            metrics.TASKS_STARTED.labels(body.task, "denied").inc()
+            metrics.TASKS_STARTED.labels(body.task, "limited" if decision.limit_exceeded else "denied").inc()
             raise _denial(decision)
         if task.state == "pending_approval":
             metrics.TASKS_STARTED.labels(body.task, "pending_approval").inc()
@@ -132,7 +135,8 @@ class TaskService:
         return StartResult(task=active, credentials=credentials)
 
     def _decide_and_record(self, identity: Identity, body: StartTask) -> tuple[Task, Decision]:
-        policy = self._policies.current()
+        snapshot = self._policies.snapshot()
+        policy = snapshot.policy
         request = TaskRequest(
             task=body.task,
             owner=body.owner,
@@ -161,22 +165,24 @@ class TaskService:
                 purpose=body.purpose,
                 context=body.context,
                 ttl_seconds=decision.ttl_seconds,
-                request_hash=request_hash(identity, body),
+                request_hash="",
                 created_at=now,
-                policy_version=getattr(self._policies, "version_label", None),
+                policy_version=f"{snapshot.version}:{snapshot.sha256[:12]}",
             )
+            task.request_hash = request_hash(task, policy.task(body.task).credentials)
             if not decision.allowed:
                 record(
                     session,
                     self._clock,
                     "task.denied",
                     identity.id,
+                    owner=body.owner,
+                    purpose=body.purpose,
                     detail={
                         "task": body.task,
-                        "owner": body.owner,
-                        "purpose": body.purpose,
                         "rule": decision.failed_rule,
                         "why": decision.detail,
+                        "context": body.context,
                     },
                 )
                 return task, decision
@@ -259,7 +265,9 @@ class TaskService:
             )
         except VaultError as error:
             self._mark_failed(task, f"task token: {error}", "system")
-            if isinstance(error, VaultUnavailable):
+            # Refused to create a task token means our own token is gone or misconfigured:
+            # to the caller that is the same as Vault being unavailable.
+            if isinstance(error, VaultUnavailable) or error.status == 403:
                 raise VaultUnavailableError("Vault could not be reached; nothing was issued") from None
             raise IssuanceFailed("Vault refused to create the task's token") from None
         try:
@@ -305,7 +313,7 @@ class TaskService:
                     "task.started",
                     actor,
                     task=row,
-                    detail={"credentials": sorted(issued), "expires_at": str(row.expires_at)},
+                    detail={"credentials": sorted(issued), "expires_at": rfc3339(row.expires_at)},
                 )
                 task.state = "active"
             return row
@@ -371,12 +379,13 @@ class TaskService:
                 raise Conflict("the task is still waiting for approval")
             if task.approval_expires_at is not None and task.approval_expires_at <= now:
                 raise Conflict("the approval lapsed; start a new task")
-            if any(a.request_hash != task.request_hash for a in task.approvals):
-                raise Conflict("the approval does not cover this exact request")
             try:
                 compiled = policy.task(task.task)
             except UnknownTask:
                 raise Conflict("the task type is no longer in the policy") from None
+            current = request_hash(task, compiled.credentials)
+            if current != task.request_hash or any(a.request_hash != current for a in task.approvals):
+                raise Conflict("the policy changed what this task would get; start a new task")
             task.claimed_at = now
             task.state = "issuing"
             task.expires_at = now + timedelta(seconds=task.ttl_seconds)
@@ -439,7 +448,7 @@ def _approval_summary(task: Task) -> dict[str, Any]:
         "purpose": task.purpose,
         "context": task.context,
         "ttl_seconds": task.ttl_seconds,
-        "approval_expires_at": task.approval_expires_at,
+        "approval_expires_at": rfc3339(task.approval_expires_at),
     }
 
 

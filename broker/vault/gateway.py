@@ -95,12 +95,17 @@ class VaultGateway:
     # -- health and the broker's own token -------------------------------------------
 
     def health(self) -> None:
-        """Raise VaultUnavailable unless Vault answers, initialised and unsealed."""
+        """Raise VaultUnavailable unless Vault answers, unsealed, and still accepts our token.
+
+        A broker whose own token expired or was revoked can issue nothing, so it is not
+        ready even though Vault itself is healthy.
+        """
         params = {"standbyok": "true", "perfstandbyok": "true"}
         try:
             self._http.call("GET", "sys/health", operation="health", params=params)
+            self._as_broker("GET", "auth/token/lookup-self", operation="lookup own token")
         except VaultRejected as error:
-            # 472/473 (DR or perf standby not accepted) and friends: not ready for us.
+            # 472/473 (DR or perf standby not accepted), 403 (our token is gone): not ready.
             raise VaultUnavailable("health", error.reason, status=error.status) from None
 
     def renew_self(self) -> None:

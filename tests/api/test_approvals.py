@@ -144,3 +144,14 @@ def test_concurrent_claims_issue_exactly_once(app, issuers, stack):
         thread.join()
     assert sorted(results) == [200, 409, 409, 409]
     assert len(dynamic_roles(stack) - before) == 1
+
+
+def test_a_policy_change_between_approval_and_claim_voids_the_approval(client, issuers, services, policy_file):
+    task_id = request_prod(client, issuers)["task_id"]
+    decide(client, approver(issuers), task_id)
+    text = policy_file.read_text()
+    policy_file.write_text(text.replace("      db: {kind: database, mount: database, role: analytics-ro}\n", "      db: {kind: database, mount: database, role: app-rw}\n"))
+    assert services.policies.reload()
+    response = claim(client, issuers, task_id)
+    assert response.status_code == 409
+    assert "policy changed" in response.get_json()["detail"]

@@ -154,3 +154,24 @@ def test_audit_verify_detects_changed_inserted_and_deleted_rows(client, issuers,
         connection.execute(text("DELETE FROM audit_events WHERE seq = :s"), {"s": last})
     tail = verify()
     assert tail.exit_code == 1 and "head mismatch" in tail.output
+
+
+def test_an_anchor_kept_outside_catches_a_deleted_tail_with_a_rewound_head(client, issuers, config_file, services, tmp_path):
+    anchor = tmp_path / "anchor.json"
+    for _ in range(2):
+        start(client, issuers)
+
+    def verify():
+        return CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file), "--anchor", str(anchor)])
+
+    assert verify().exit_code == 0 and anchor.exists()
+    with services.engine.begin() as connection:
+        last = connection.execute(text("SELECT max(seq) FROM audit_events")).scalar_one()
+        connection.execute(text("DELETE FROM audit_events WHERE seq > :s"), {"s": last - 2})
+        connection.execute(
+            text("UPDATE audit_head SET seq = e.seq, hash = e.hash FROM audit_events e WHERE e.seq = :s"),
+            {"s": last - 2},
+        )
+    assert CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file)]).exit_code == 0  # fooled
+    caught = verify()
+    assert caught.exit_code == 1 and "anchor missing" in caught.output
