@@ -175,10 +175,12 @@ def audit_verify(config: str | None, anchor: Path | None) -> None:
         head = head_anchor(session)
     for problem in report.problems:
         click.echo(f"seq {problem.seq}: {problem.problem}")
+    if report.unsealed:
+        click.echo(f"{report.unsealed} newest event(s) not sealed yet (the scheduler seals every sweep)")
     if report.ok:
         if anchor is not None and head is not None:
             anchor.write_text(head.dumps())
-        click.echo(f"ok: {report.checked} audit events, chain intact")
+        click.echo(f"ok: {report.checked} sealed audit events, chain intact")
         return
     click.echo(f"TAMPERED: {len(report.problems)} problem(s) in {report.checked} events", err=True)
     sys.exit(1)

@@ -173,12 +173,14 @@ class Approval(Base):
 
 
 class AuditEvent(Base):
-    """One link of the hash chain; `seq` orders the chain, `hash` covers the row and its predecessor."""
+    """An audit event. `row_mac` covers its fields from the moment it is written;
+    `chain_seq`/`prev_hash`/`hash` link it into the chain once the sealer has run."""
 
     __tablename__ = "audit_events"
     __table_args__ = (
         Index("ix_audit_events_task", "task_id", "seq"),
         Index("ix_audit_events_at", "at", "seq"),
+        Index("ix_audit_events_unsealed", "seq", postgresql_where=text("chain_seq IS NULL")),
     )
 
     seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
@@ -191,12 +193,14 @@ class AuditEvent(Base):
     owner: Mapped[str | None] = mapped_column(String(200))
     purpose: Mapped[str | None] = mapped_column(String(500))
     detail: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
-    prev_hash: Mapped[str] = mapped_column(String(64))
-    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    row_mac: Mapped[str] = mapped_column(String(64))
+    chain_seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64), unique=True)
 
 
 class AuditHead(Base):
-    """The newest link, so deleting rows from the end of the chain is detected too."""
+    """The newest link (`seq` is its chain_seq), so a deleted chain end is detected too."""
 
     __tablename__ = "audit_head"
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)

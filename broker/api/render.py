@@ -103,5 +103,7 @@ def audit_json(row: AuditEvent) -> dict[str, Any]:
         "owner": row.owner,
         "purpose": row.purpose,
         "detail": row.detail,
+        "sealed": row.chain_seq is not None,
+        "chain_seq": row.chain_seq,
         "hash": row.hash,
     }

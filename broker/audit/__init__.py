@@ -1,5 +1,5 @@
 """The tamper-evident audit log (SPEC §6.8)."""
 
-from broker.audit.chain import AuditRecorder, record, verify_chain
+from broker.audit.chain import AuditRecorder, record, seal_pending, verify_chain
 
-__all__ = ["AuditRecorder", "record", "verify_chain"]
+__all__ = ["AuditRecorder", "record", "seal_pending", "verify_chain"]

@@ -1,10 +1,17 @@
-"""A hash-chained audit log written in the same transaction as the change it describes.
+"""A tamper-evident audit log: each event is MACed when written, then chained.
 
-Services call `record(session, ...)`; the events wait in the session and are sealed just
-before commit: under a transaction-scoped advisory lock we read the chain head, link each
-event to its predecessor by SHA-256 (an HMAC when an audit key is configured, so that
-someone with database access alone can't rebuild the chain), insert, and move the head.
-The lock is held only from sealing to commit, so requests serialise for microseconds.
+Services call `record(session, ...)`; the events wait in the session and are inserted just
+before commit, in the same transaction as the change they describe, each with a `row_mac`
+(HMAC-SHA256 under the audit key, plain SHA-256 without one) over its own fields. Linking
+them into a hash chain happens off the request path: `seal_pending` (a scheduler job, every
+sweep) takes the chain head row lock, links unsealed events in insertion order and moves
+the head. Requests never wait on a global lock, and a forged row inserted behind the
+broker's back is refused by the sealer because its MAC does not verify (with a key).
+
+What `verify_chain` detects: an edited row (its MAC), an inserted, reordered or deleted
+sealed row (the links), a deleted tail (the head), and, with an anchor kept elsewhere, a
+deleted tail with a rewound head. Events not yet sealed (at most one sweep old) are
+covered by their MAC only.
 """
 
 from __future__ import annotations
@@ -12,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, select, text
+from sqlalchemy import event, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,7 +34,7 @@ from broker.clock import Clock, rfc3339
 from broker.models import AuditEvent, AuditHead, Lease, Task
 
 GENESIS = "0" * 64
-AUDIT_LOCK = 0x6175646974  # "audit"
+log = logging.getLogger(__name__)
 _PENDING = "broker.audit.pending"
 
 
@@ -80,13 +88,6 @@ def canonical(fields: Mapping[str, Any]) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def link_hash(prev_hash: str, fields: Mapping[str, Any], key: bytes | None) -> str:
-    message = prev_hash.encode() + b"\n" + canonical(fields)
-    if key:
-        return hmac.new(key, message, hashlib.sha256).hexdigest()
-    return hashlib.sha256(message).hexdigest()
-
-
 def chained_fields(
     id: uuid.UUID,
     at: datetime,
@@ -111,58 +112,80 @@ def chained_fields(
     }
 
 
+def row_mac(fields: Mapping[str, Any], key: bytes | None) -> str:
+    if key:
+        return hmac.new(key, canonical(fields), hashlib.sha256).hexdigest()
+    return hashlib.sha256(canonical(fields)).hexdigest()
+
+
+def link_hash(prev_hash: str, mac: str, key: bytes | None) -> str:
+    message = f"{prev_hash}\n{mac}".encode()
+    if key:
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return hashlib.sha256(message).hexdigest()
+
+
+def _fields_of(row: Any) -> dict[str, Any]:
+    return chained_fields(
+        row.id, row.at, row.event, row.actor, row.task_id, row.lease_id, row.owner, row.purpose, row.detail
+    )
+
+
 class AuditRecorder:
-    """Installs the seal-before-commit hook on a session factory."""
+    """Installs the write-before-commit hook on a session factory."""
 
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key
 
     def install(self, factory: sessionmaker[Session]) -> None:
-        event.listen(factory, "before_commit", self._seal)
+        event.listen(factory, "before_commit", self._write)
 
-    def _seal(self, session: Session) -> None:
+    def _write(self, session: Session) -> None:
         pending: list[_Pending] = session.info.pop(_PENDING, [])
         if not pending:
             return
-        session.flush()
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK})
-        head = session.get(AuditHead, 1, populate_existing=True)
-        prev = head.hash if head is not None else GENESIS
-        last_seq = head.seq if head is not None else 0
+        rows = []
         for item in pending:
             fields = chained_fields(
-                item.id,
-                item.at,
-                item.event,
-                item.actor,
-                item.task_id,
-                item.lease_id,
-                item.owner,
-                item.purpose,
-                item.detail,
-            )
-            digest = link_hash(prev, fields, self._key)
-            row = AuditEvent(
-                id=item.id,
-                at=item.at,
-                event=item.event,
-                actor=item.actor,
-                task_id=item.task_id,
-                lease_id=item.lease_id,
-                owner=item.owner,
-                purpose=item.purpose,
-                detail=dict(item.detail),
-                prev_hash=prev,
-                hash=digest,
-            )
-            session.add(row)
-            session.flush()
-            prev, last_seq = digest, row.seq
-        session.execute(
-            insert(AuditHead)
-            .values(id=1, seq=last_seq, hash=prev)
-            .on_conflict_do_update(index_elements=[AuditHead.id], set_={"seq": last_seq, "hash": prev})
-        )
+                item.id, item.at, item.event, item.actor, item.task_id, item.lease_id,
+                item.owner, item.purpose, item.detail,
+            )  # fmt: skip
+            rows.append(
+                {
+                    "id": item.id, "at": item.at, "event": item.event, "actor": item.actor,
+                    "task_id": item.task_id, "lease_id": item.lease_id, "owner": item.owner,
+                    "purpose": item.purpose, "detail": dict(item.detail),
+                    "row_mac": row_mac(fields, self._key),
+                }
+            )  # fmt: skip
+        session.execute(insert(AuditEvent), rows)
+
+
+def seal_pending(session: Session, key: bytes | None, limit: int = 5000) -> int:
+    """Link unsealed events into the chain, oldest first; returns how many were sealed.
+
+    The head row lock makes concurrent sealers (several schedulers) take turns; the
+    second finds nothing left to do. A row whose MAC does not verify is left unsealed
+    and reported by `verify_chain`: sealing it would vouch for a forgery.
+    """
+    session.execute(insert(AuditHead).values(id=1, seq=0, hash=GENESIS).on_conflict_do_nothing())
+    head = session.scalars(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
+    rows = session.scalars(
+        select(AuditEvent).where(AuditEvent.chain_seq.is_(None)).order_by(AuditEvent.seq).limit(limit)
+    ).all()
+    prev, position, updates = head.hash, head.seq, []
+    for row in rows:
+        if row.row_mac != row_mac(_fields_of(row), key):
+            log.error("audit event seq %s fails its MAC; left unsealed", row.seq)
+            continue
+        position += 1
+        digest = link_hash(prev, row.row_mac, key)
+        updates.append({"seq": row.seq, "chain_seq": position, "prev_hash": prev, "hash": digest})
+        prev = digest
+    if updates:
+        session.execute(update(AuditEvent), updates)
+        head.seq, head.hash = position, prev
+    return len(updates)
 
 
 @dataclass(frozen=True)
@@ -175,28 +198,16 @@ class ChainProblem:
 class ChainReport:
     checked: int
     problems: tuple[ChainProblem, ...]
+    unsealed: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def _rows(session: Session, batch: int = 2000) -> Iterator[AuditEvent]:
-    last = 0
-    while True:
-        rows = session.scalars(
-            select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
-        ).all()
-        if not rows:
-            return
-        yield from rows
-        last = rows[-1].seq
-        session.expunge_all()
-
-
 @dataclass(frozen=True)
 class Anchor:
-    """A (seq, hash) seen earlier and kept outside the database (a file, a log line).
+    """A (chain_seq, hash) seen earlier and kept outside the database (a file, a log line).
 
     Someone with write access to the database can delete the newest rows and move the
     head back; only a copy of a later head held elsewhere shows that rows went missing.
@@ -219,40 +230,55 @@ def head_anchor(session: Session) -> Anchor | None:
     return Anchor(head.seq, head.hash) if head is not None else None
 
 
+def _sealed(session: Session, batch: int = 2000) -> Iterator[AuditEvent]:
+    last = 0
+    while True:
+        rows = session.scalars(
+            select(AuditEvent).where(AuditEvent.chain_seq > last).order_by(AuditEvent.chain_seq).limit(batch)
+        ).all()
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1].chain_seq or last
+        session.expunge_all()
+
+
+def _check_unsealed(session: Session, key: bytes | None) -> tuple[int, list[ChainProblem]]:
+    rows = session.scalars(select(AuditEvent).where(AuditEvent.chain_seq.is_(None))).all()
+    problems = [
+        ChainProblem(row.seq, "content changed or forged: MAC does not match (not yet sealed)")
+        for row in rows
+        if row.row_mac != row_mac(_fields_of(row), key)
+    ]
+    return len(rows), problems
+
+
 def verify_chain(session: Session, key: bytes | None = None, anchor: Anchor | None = None) -> ChainReport:
-    """Walk the chain: a changed row breaks its own hash, an inserted or deleted row breaks
-    the link to its neighbour, a deleted tail no longer matches the head, and rows deleted
-    together with a rewound head fall short of an earlier `anchor`."""
+    """Walk the sealed chain and check the unsealed rows' MACs (see the module docstring)."""
     problems: list[ChainProblem] = []
     anchored = anchor is None
-    prev, checked, last_seq = GENESIS, 0, 0
-    for row in _rows(session):
+    prev, checked, last = GENESIS, 0, 0
+    for row in _sealed(session):
         checked += 1
-        fields = chained_fields(
-            row.id,
-            row.at,
-            row.event,
-            row.actor,
-            row.task_id,
-            row.lease_id,
-            row.owner,
-            row.purpose,
-            row.detail,
-        )
-        if row.prev_hash != prev:
+        position = row.chain_seq or 0
+        if position != last + 1 or row.prev_hash != prev:
             problems.append(
                 ChainProblem(row.seq, "link broken: a row before it was changed, inserted or deleted")
             )
-        if link_hash(row.prev_hash, fields, key) != row.hash:
-            problems.append(ChainProblem(row.seq, "content changed: hash does not match the row"))
-        prev, last_seq = row.hash, row.seq
-        if anchor is not None and row.seq == anchor.seq:
+        if row.row_mac != row_mac(_fields_of(row), key):
+            problems.append(ChainProblem(row.seq, "content changed: MAC does not match the row"))
+        if row.hash != link_hash(row.prev_hash or "", row.row_mac, key):
+            problems.append(ChainProblem(row.seq, "link forged: hash does not match"))
+        if anchor is not None and position == anchor.seq:
             anchored = row.hash == anchor.hash
+        prev, last = row.hash or "", position
     if not anchored and anchor is not None:
-        problems.append(ChainProblem(anchor.seq, "anchor missing: a row seen earlier is gone or changed"))
+        problems.append(ChainProblem(None, "anchor missing: a row seen earlier is gone or changed"))
     head = session.get(AuditHead, 1)
     if head is None and checked:
         problems.append(ChainProblem(None, "chain head missing"))
-    elif head is not None and (head.seq != last_seq or head.hash != prev):
+    elif head is not None and (head.seq != last or head.hash != (prev if checked else head.hash)):
         problems.append(ChainProblem(head.seq, "head mismatch: rows were deleted from the end"))
-    return ChainReport(checked, tuple(problems))
+    unsealed, forged = _check_unsealed(session, key)
+    problems.extend(forged)
+    return ChainReport(checked, tuple(problems), unsealed)

@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from broker import metrics
-from broker.audit import record
+from broker.audit import record, seal_pending
 from broker.db import unit_of_work
 from broker.identity.replay import PostgresJtiStore
 from broker.leases.revoker import TERMINAL_TASK_STATES
@@ -148,6 +148,20 @@ class Jobs:
         self._s.revoker.revoke_token_if_clear(task)
         metrics.ORPHANS_RECONCILED.inc()
         record(session, self._s.clock, "task.orphan_revoked", SYSTEM_ACTOR, task=task)
+
+    # ---- audit -------------------------------------------------------------------------
+
+    def seal_audit(self) -> int:
+        """Link new audit events into the hash chain (one sealer at a time, by row lock)."""
+        sealed = 0
+        while True:
+            with unit_of_work(self._s.sessions) as session:
+                batch = seal_pending(session, self._s.audit_key)
+            sealed += batch
+            if batch == 0:
+                break
+        self._heartbeat("audit")
+        return sealed
 
     # ---- housekeeping ------------------------------------------------------------------
 

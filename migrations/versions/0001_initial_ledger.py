@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 14:15:19.214540
+Create Date: 2026-11-28 14:56:35.401357
 """
 
 from collections.abc import Sequence
@@ -30,14 +30,24 @@ def upgrade() -> None:
         sa.Column("owner", sa.String(length=200), nullable=True),
         sa.Column("purpose", sa.String(length=500), nullable=True),
         sa.Column("detail", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
-        sa.Column("prev_hash", sa.String(length=64), nullable=False),
-        sa.Column("hash", sa.String(length=64), nullable=False),
+        sa.Column("row_mac", sa.String(length=64), nullable=False),
+        sa.Column("chain_seq", sa.BigInteger(), nullable=True),
+        sa.Column("prev_hash", sa.String(length=64), nullable=True),
+        sa.Column("hash", sa.String(length=64), nullable=True),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_audit_events")),
+        sa.UniqueConstraint("chain_seq", name=op.f("uq_audit_events_chain_seq")),
         sa.UniqueConstraint("hash", name=op.f("uq_audit_events_hash")),
         sa.UniqueConstraint("id", name=op.f("uq_audit_events_id")),
     )
     op.create_index("ix_audit_events_at", "audit_events", ["at", "seq"], unique=False)
     op.create_index("ix_audit_events_task", "audit_events", ["task_id", "seq"], unique=False)
+    op.create_index(
+        "ix_audit_events_unsealed",
+        "audit_events",
+        ["seq"],
+        unique=False,
+        postgresql_where=sa.text("chain_seq IS NULL"),
+    )
     op.create_table(
         "audit_head",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -65,12 +75,7 @@ def upgrade() -> None:
         sa.Column("context", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
         sa.Column("ttl_seconds", sa.Integer(), nullable=False),
         sa.Column("request_hash", sa.String(length=64), nullable=False),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("approval_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("approved_at", sa.DateTime(timezone=True), nullable=True),
@@ -128,12 +133,7 @@ def upgrade() -> None:
         sa.Column("decision", sa.String(length=16), nullable=False),
         sa.Column("reason", sa.String(length=500), nullable=False),
         sa.Column("request_hash", sa.String(length=64), nullable=False),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.CheckConstraint("decision IN ('approve', 'deny')", name=op.f("ck_approvals_decision")),
         sa.ForeignKeyConstraint(
             ["task_id"], ["tasks.id"], name=op.f("fk_approvals_task_id_tasks"), ondelete="RESTRICT"
@@ -192,9 +192,7 @@ def downgrade() -> None:
     op.drop_index("ix_leases_task", table_name="leases")
     op.drop_index("ix_leases_state_issued", table_name="leases")
     op.drop_index(
-        "ix_leases_retry_due",
-        table_name="leases",
-        postgresql_where=sa.text("state = 'revoke_pending'"),
+        "ix_leases_retry_due", table_name="leases", postgresql_where=sa.text("state = 'revoke_pending'")
     )
     op.drop_index("ix_leases_owner_issued", table_name="leases")
     op.drop_index("ix_leases_issued", table_name="leases")
@@ -206,19 +204,18 @@ def downgrade() -> None:
     op.drop_index("ix_tasks_task_created", table_name="tasks")
     op.drop_index("ix_tasks_owner_created", table_name="tasks")
     op.drop_index(
-        "ix_tasks_due",
-        table_name="tasks",
-        postgresql_where=sa.text("state IN ('active', 'issuing')"),
+        "ix_tasks_due", table_name="tasks", postgresql_where=sa.text("state IN ('active', 'issuing')")
     )
     op.drop_index("ix_tasks_created", table_name="tasks")
     op.drop_index(
-        "ix_tasks_approval_due",
-        table_name="tasks",
-        postgresql_where=sa.text("state = 'pending_approval'"),
+        "ix_tasks_approval_due", table_name="tasks", postgresql_where=sa.text("state = 'pending_approval'")
     )
     op.drop_table("tasks")
     op.drop_table("scheduler_heartbeats")
     op.drop_table("audit_head")
+    op.drop_index(
+        "ix_audit_events_unsealed", table_name="audit_events", postgresql_where=sa.text("chain_seq IS NULL")
+    )
     op.drop_index("ix_audit_events_task", table_name="audit_events")
     op.drop_index("ix_audit_events_at", table_name="audit_events")
     op.drop_table("audit_events")

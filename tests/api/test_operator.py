@@ -125,6 +125,14 @@ def test_audit_names_actor_owner_purpose_and_filters_by_task(client, issuers):
     assert all(event["at"] >= since for event in later)
 
 
+def seal(services):
+    from broker.audit import seal_pending
+    from broker.db import unit_of_work
+
+    with unit_of_work(services.sessions) as session:
+        return seal_pending(session, services.audit_key)
+
+
 def test_audit_verify_detects_changed_inserted_and_deleted_rows(client, issuers, config_file, services):
     for _ in range(3):
         task = start(client, issuers)
@@ -133,6 +141,9 @@ def test_audit_verify_detects_changed_inserted_and_deleted_rows(client, issuers,
     def verify():
         return CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file)])
 
+    unsealed = verify()
+    assert unsealed.exit_code == 0 and "not sealed yet" in unsealed.output
+    assert seal(services) > 0
     assert verify().exit_code == 0, verify().output
     with services.engine.begin() as connection:
         seqs = [row[0] for row in connection.execute(text("SELECT seq FROM audit_events ORDER BY seq"))]
@@ -149,6 +160,7 @@ def test_audit_verify_detects_changed_inserted_and_deleted_rows(client, issuers,
         connection.execute(text("TRUNCATE audit_events, audit_head"))
     for _ in range(2):
         start(client, issuers)
+    seal(services)
     with services.engine.begin() as connection:
         last = connection.execute(text("SELECT max(seq) FROM audit_events")).scalar_one()
         connection.execute(text("DELETE FROM audit_events WHERE seq = :s"), {"s": last})
@@ -156,20 +168,48 @@ def test_audit_verify_detects_changed_inserted_and_deleted_rows(client, issuers,
     assert tail.exit_code == 1 and "head mismatch" in tail.output
 
 
+def test_with_an_audit_key_a_forged_event_is_never_sealed(stack, issuers, policy_file, clean_db, monkeypatch, tmp_path):
+    import yaml
+
+    from broker.app import create_app
+    from broker.config import settings_from_mapping
+    from broker.services import build_services
+    from tests.conftest import broker_config
+
+    monkeypatch.setenv("BROKER_AUDIT_KEY", "k" * 32)
+    config = broker_config(stack, issuers, policy_file)
+    services = build_services(settings_from_mapping(config, env={}))
+    client = create_app(services=services).test_client()
+    start(client, issuers)
+    with services.engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO audit_events (id, at, event, actor, detail, row_mac)"
+            " VALUES (gen_random_uuid(), now(), 'lease.revoked', 'sre-sam', '{}', repeat('a', 64))"
+        ))
+    sealed = seal(services)
+    path = tmp_path / "broker.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["audit", "verify", "--config", str(path)])
+    services.close()
+    assert sealed >= 3
+    assert result.exit_code == 1 and "forged" in result.output
+
+
 def test_an_anchor_kept_outside_catches_a_deleted_tail_with_a_rewound_head(client, issuers, config_file, services, tmp_path):
     anchor = tmp_path / "anchor.json"
     for _ in range(2):
         start(client, issuers)
+    seal(services)
 
     def verify():
         return CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file), "--anchor", str(anchor)])
 
     assert verify().exit_code == 0 and anchor.exists()
     with services.engine.begin() as connection:
-        last = connection.execute(text("SELECT max(seq) FROM audit_events")).scalar_one()
-        connection.execute(text("DELETE FROM audit_events WHERE seq > :s"), {"s": last - 2})
+        last = connection.execute(text("SELECT max(chain_seq) FROM audit_events")).scalar_one()
+        connection.execute(text("DELETE FROM audit_events WHERE chain_seq > :s"), {"s": last - 2})
         connection.execute(
-            text("UPDATE audit_head SET seq = e.seq, hash = e.hash FROM audit_events e WHERE e.seq = :s"),
+            text("UPDATE audit_head SET seq = e.chain_seq, hash = e.hash FROM audit_events e WHERE e.chain_seq = :s"),
             {"s": last - 2},
         )
     assert CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file)]).exit_code == 0  # fooled
