@@ -37,7 +37,11 @@ def make_engine(url: str, *, pool_size: int = 10, connect_timeout: int = 3) -> E
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,  # drop connections a failover or restart left dead
+        # No pre-ping: it costs a round trip per checkout (4 per task start+finish). A
+        # connection a restart or failover left dead fails one request with a 503, and
+        # SQLAlchemy then invalidates the whole pool, so the next request reconnects.
+        pool_pre_ping=False,
+        pool_recycle=300,
         pool_timeout=5,
         connect_args={"connect_timeout": connect_timeout, "application_name": "credential-broker"},
     )

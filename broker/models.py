@@ -73,6 +73,19 @@ class Task(Base):
             postgresql_where=text("state = 'pending_approval'"),
         ),
         Index("ix_tasks_workload_task_created", "workload", "task", "created_at"),
+        # Limits count a workload's open tasks; history must not make that slower.
+        Index(
+            "ix_tasks_workload_task_open",
+            "workload",
+            "task",
+            postgresql_where=text("state IN ('issuing', 'pending_approval', 'active')"),
+        ),
+        # Ended tasks whose Vault token the scheduler has yet to revoke.
+        Index(
+            "ix_tasks_token_unrevoked",
+            "finished_at",
+            postgresql_where=text("token_accessor IS NOT NULL AND token_revoked_at IS NULL"),
+        ),
         Index("ix_tasks_owner_created", "owner", "created_at"),
         Index("ix_tasks_created", "created_at", "id"),
         Index("ix_tasks_task_created", "task", "created_at"),

@@ -62,7 +62,8 @@ class Revoker:
             task.outcome = outcome
         for lease in task.leases:
             self.revoke_lease(session, lease, actor=actor, reason=reason, trigger=trigger)
-        self.revoke_token_if_clear(task)
+        # The task's own Vault token holds nothing once its leases are revoked (and it
+        # never left the broker): the scheduler retires it within a sweep, off this path.
         record(
             session,
             self._clock,

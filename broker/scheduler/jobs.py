@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -82,12 +82,10 @@ class Jobs:
         ).first()
         if row is None:
             return False
-        lease, task = row
+        lease, _task = row
         self._s.revoker.revoke_lease(
             session, lease, actor=SYSTEM_ACTOR, reason=lease.revoke_reason or "retry", trigger="retry"
         )
-        if task.state in TERMINAL_TASK_STATES:
-            self._s.revoker.revoke_token_if_clear(task)
         return True
 
     # ---- approvals ---------------------------------------------------------------------
@@ -105,37 +103,54 @@ class Jobs:
         self._heartbeat("approvals")
         return len(lapsed)
 
-    # ---- orphans -----------------------------------------------------------------------
+    # ---- task tokens and orphans ------------------------------------------------------
+
+    def retire_tokens(self) -> int:
+        """Revoke the Vault token of every ended task whose leases are all revoked."""
+        done = self._drain(self._retire_one)
+        self._heartbeat("tokens")
+        return done
+
+    def _retire_one(self, session: Session) -> bool:
+        task = session.scalars(
+            select(Task)
+            .where(
+                Task.token_accessor.is_not(None),
+                Task.token_revoked_at.is_(None),
+                Task.state.in_(TERMINAL_TASK_STATES),
+                ~Task.leases.any(Lease.state != "revoked"),
+            )
+            .order_by(Task.finished_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if task is None:
+            return False
+        # Vault said no: leave the row for the next run rather than spin on it now.
+        return self._s.revoker.revoke_token_if_clear(task)
 
     def reconcile(self) -> int:
-        """Revoke Vault tokens no live task owns: starts that crashed between Vault and the
-        commit (still `issuing` after the grace), and ended tasks whose token revoke failed."""
+        """Revoke what a start that crashed between Vault and its commit left behind: a
+        task still `issuing` after the grace period has its Vault token revoked, and
+        with the token every lease Vault issued under it, recorded or not."""
         grace = timedelta(seconds=self._s.settings.scheduler.orphan_grace_seconds)
         done = self._drain(lambda session: self._reconcile_one(session, grace))
         self._heartbeat("reconcile")
         return done
 
     def _reconcile_one(self, session: Session, grace: timedelta) -> bool:
-        stuck = and_(
-            Task.state == "issuing",
-            func.coalesce(Task.claimed_at, Task.created_at) < func.now() - grace,
-        )
-        unrevoked = and_(
-            Task.state.in_(TERMINAL_TASK_STATES),
-            Task.token_accessor.is_not(None),
-            Task.token_revoked_at.is_(None),
-            ~Task.leases.any(Lease.state != "revoked"),
-        )
         task = session.scalars(
-            select(Task).where(or_(stuck, unrevoked)).limit(1).with_for_update(skip_locked=True)
+            select(Task)
+            .where(
+                Task.state == "issuing",
+                func.coalesce(Task.claimed_at, Task.created_at) < func.now() - grace,
+            )
+            .limit(1)
+            .with_for_update(skip_locked=True)
         ).first()
         if task is None:
             return False
-        if task.state == "issuing":
-            self._fail_stuck(session, task)
-        elif not self._s.revoker.revoke_token_if_clear(task):
-            # Vault said no: leave the row for the next run, don't spin on it now.
-            return False
+        self._fail_stuck(session, task)
         return True
 
     def _fail_stuck(self, session: Session, task: Task) -> None:

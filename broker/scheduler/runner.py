@@ -35,6 +35,7 @@ class SchedulerRunner:
         self._add(self.jobs.retry_pending, sweep, "retry")
         self._add(self.jobs.lapse_approvals, sweep, "approvals")
         self._add(self.jobs.seal_audit, sweep, "audit")
+        self._add(self.jobs.retire_tokens, sweep, "tokens")
         self._add(self.jobs.reconcile, settings.reconcile_interval_seconds, "reconcile")
         self._add(self.jobs.renew_own_token, 300, "renew")
         self._add(self.jobs.purge_spent_jtis, 300, "purge_jtis")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker import metrics
@@ -146,11 +146,11 @@ class TaskService:
         )
         with self._uow() as session:
             # Serialise starts of one workload for one task type so limits can't be raced.
-            session.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"),
+            # The database's clock, so every replica measures deadlines against one time.
+            now: datetime = session.execute(
+                text("SELECT now() FROM pg_advisory_xact_lock(:key)"),
                 {"key": _workload_lock_key(identity.id, body.task)},
-            )
-            now = self._db_now(session)
+            ).scalar_one()
             usage = self._usage(session, identity.id, body.task, now)
             try:
                 decision = policy.evaluate(identity, request, usage, now)
@@ -209,21 +209,14 @@ class TaskService:
         return task, decision
 
     def _usage(self, session: Session, workload: str, task: str, now: datetime) -> Usage:
-        active = session.scalar(
-            select(func.count())
-            .select_from(Task)
-            .where(Task.workload == workload, Task.task == task, Task.state.in_(TASK_OPEN_STATES))
-        )
-        recent = session.scalar(
-            select(func.count())
-            .select_from(Task)
-            .where(
-                Task.workload == workload,
-                Task.task == task,
-                Task.created_at > now - timedelta(seconds=60),
+        open_states = Task.state.in_(TASK_OPEN_STATES)
+        recent = Task.created_at > now - timedelta(seconds=60)
+        active, started = session.execute(
+            select(func.count().filter(open_states), func.count().filter(recent)).where(
+                Task.workload == workload, Task.task == task, or_(open_states, recent)
             )
-        )
-        return Usage(active_for_workload=int(active or 0), starts_last_minute=int(recent or 0))
+        ).one()
+        return Usage(active_for_workload=int(active), starts_last_minute=int(started))
 
     # ---- issuing -----------------------------------------------------------------------
 

@@ -313,8 +313,12 @@ class VaultGateway:
             # A sync revocation the engine could not carry out (its database is down,
             # V03) comes back as 400: nothing was revoked, it is worth retrying.
             raise VaultUnavailable("revoke lease", error.reason, status=400) from None
-        # A 204 also answers for an unknown lease id (V02), so "gone" is only believed
-        # when a lookup no longer finds the lease.
+        # With sync=true a 204 means the engine's revocation ran (V01). A 204 also answers
+        # for an unknown lease id (V02), but ids come only from leases Vault gave us, so
+        # for them "unknown" means "already gone". A 202 means it was only queued: then
+        # "gone" is believed once a lookup no longer finds the lease.
+        if reply.status == 204:
+            return
         waited = 0.0
         while self._lease_exists(lease_id):
             if reply.status != 202 or waited >= _QUEUED_REVOKE_WAIT:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 14:56:35.401357
+Create Date: 2026-11-28 14:58:55.862853
 """
 
 from collections.abc import Sequence
@@ -115,7 +115,21 @@ def upgrade() -> None:
     op.create_index("ix_tasks_owner_created", "tasks", ["owner", "created_at"], unique=False)
     op.create_index("ix_tasks_task_created", "tasks", ["task", "created_at"], unique=False)
     op.create_index(
+        "ix_tasks_token_unrevoked",
+        "tasks",
+        ["finished_at"],
+        unique=False,
+        postgresql_where=sa.text("token_accessor IS NOT NULL AND token_revoked_at IS NULL"),
+    )
+    op.create_index(
         "ix_tasks_workload_task_created", "tasks", ["workload", "task", "created_at"], unique=False
+    )
+    op.create_index(
+        "ix_tasks_workload_task_open",
+        "tasks",
+        ["workload", "task"],
+        unique=False,
+        postgresql_where=sa.text("state IN ('issuing', 'pending_approval', 'active')"),
     )
     op.create_table(
         "used_jtis",
@@ -200,7 +214,17 @@ def downgrade() -> None:
     op.drop_table("approvals")
     op.drop_index("ix_used_jtis_expires", table_name="used_jtis")
     op.drop_table("used_jtis")
+    op.drop_index(
+        "ix_tasks_workload_task_open",
+        table_name="tasks",
+        postgresql_where=sa.text("state IN ('issuing', 'pending_approval', 'active')"),
+    )
     op.drop_index("ix_tasks_workload_task_created", table_name="tasks")
+    op.drop_index(
+        "ix_tasks_token_unrevoked",
+        table_name="tasks",
+        postgresql_where=sa.text("token_accessor IS NOT NULL AND token_revoked_at IS NULL"),
+    )
     op.drop_index("ix_tasks_task_created", table_name="tasks")
     op.drop_index("ix_tasks_owner_created", table_name="tasks")
     op.drop_index(

@@ -169,3 +169,21 @@ def test_an_unclaimed_approval_lapses(client, issuers, services):
         assert Jobs(services, pool).lapse_approvals() == 1
     task = client.get(f"/task/{pending.get_json()['task_id']}", headers=headers).get_json()
     assert task["state"] == "approval_expired"
+
+
+def test_the_task_token_is_retired_after_finish(client, issuers, services, stack):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from broker.scheduler.jobs import Jobs
+    from tests.factories import vault
+
+    headers = issuers["spire"].bearer(AGENT)
+    task_id = client.post("/task/start", json=start_body(), headers=headers).get_json()["task_id"]
+    with services.engine.connect() as connection:
+        accessor = connection.execute(text("SELECT token_accessor FROM tasks")).scalar_one()
+    client.post("/task/finish", json={"task_id": task_id}, headers=headers)
+    assert vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": accessor}).status_code == 200
+    with ThreadPoolExecutor(2) as pool:
+        assert Jobs(services, pool).retire_tokens() == 1
+        assert Jobs(services, pool).retire_tokens() == 0
+    assert vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": accessor}).status_code == 400
