@@ -22,10 +22,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, joinedload, lazyload, mapped_column, relationship
 
 from broker.db import Base
 
@@ -121,6 +122,26 @@ class Task(Base):
     approvals: Mapped[list[Approval]] = relationship(
         back_populates="task_row", order_by="Approval.created_at", lazy="selectin"
     )
+
+
+def load_task(session: Session, task_id: uuid.UUID, *, lock: bool = False) -> Task | None:
+    """A task with its leases in one round trip (and its approvals only if it has any).
+
+    The hot paths (start, finish, expiry) read tasks that never needed approval; loading
+    their (empty) approvals would be a wasted query each time.
+    """
+    query = (
+        select(Task)
+        .where(Task.id == task_id)
+        .options(joinedload(Task.leases), lazyload(Task.approvals))
+        .execution_options(populate_existing=True)
+    )
+    if lock:
+        query = query.with_for_update(of=Task)
+    task = session.scalars(query).unique().first()
+    if task is not None and task.approval_expires_at is not None:
+        task.approvals  # noqa: B018 (load while attached: rendered after the session closes)
+    return task
 
 
 class Lease(Base):

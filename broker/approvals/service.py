@@ -18,7 +18,7 @@ from broker.clock import Clock
 from broker.db import unit_of_work
 from broker.errors import Conflict, Forbidden, NotFound
 from broker.identity import Identity
-from broker.models import Approval, Task
+from broker.models import Approval, Task, load_task
 from broker.notify import Notifier
 from broker.policy import PolicyStore, UnknownTask, approver_allowed
 
@@ -48,7 +48,7 @@ class ApprovalService:
 
     def decide(self, approver: Identity, task_id: uuid.UUID, decision: str, reason: str) -> Task:
         with unit_of_work(self._sessions) as session:
-            task = session.get(Task, task_id, with_for_update=True, populate_existing=True)
+            task = load_task(session, task_id, lock=True)
             if task is None:
                 raise NotFound("no such task")
             self._check_may_decide(approver, task)

@@ -18,7 +18,7 @@ from broker.errors import NotFound
 from broker.identity import Identity
 from broker.leases.paging import clamp_limit, encode_cursor, page
 from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
-from broker.models import TASK_OPEN_STATES, AuditEvent, Lease, Task
+from broker.models import TASK_OPEN_STATES, AuditEvent, Lease, Task, load_task
 
 Row = TypeVar("Row")
 
@@ -128,7 +128,7 @@ class OperatorService:
             lease = session.get(Lease, lease_id, with_for_update=True)
             if lease is None:
                 raise NotFound("no such lease")
-            task = session.get(Task, lease.task_id, with_for_update=True, populate_existing=True)
+            task = load_task(session, lease.task_id, lock=True)
             assert task is not None
             why = f"revoked by operator: {reason}"
             self._revoker.revoke_lease(session, lease, actor=operator.id, reason=why, trigger="operator")
@@ -165,7 +165,7 @@ class OperatorService:
         revoked = pending = 0
         for task_id in ids:
             with unit_of_work(self._sessions) as session:
-                row = session.get(Task, task_id, with_for_update=True, populate_existing=True)
+                row = load_task(session, task_id, lock=True)
                 if row is None or row.state in TERMINAL_TASK_STATES:
                     continue
                 self._revoker.end_task(

@@ -42,7 +42,7 @@ from broker.errors import TtlExceedsMax as TtlExceedsMaxError
 from broker.errors import UnknownTask as UnknownTaskError
 from broker.identity import Identity
 from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
-from broker.models import TASK_OPEN_STATES, Lease, Task
+from broker.models import TASK_OPEN_STATES, Lease, Task, load_task
 from broker.notify import Notifier
 from broker.policy import Decision, PolicyStore, TaskRequest, TtlExceedsMax, UnknownTask, Usage
 from broker.tasks.schemas import StartTask
@@ -282,7 +282,7 @@ class TaskService:
     ) -> Task:
         try:
             with self._uow() as session:
-                row = session.get(Task, task.id, with_for_update=True, populate_existing=True)
+                row = load_task(session, task.id, lock=True)
                 if row is None or row.state != "issuing":
                     raise Conflict("the task ended while its credentials were being issued")
                 row.state = "active"
@@ -346,7 +346,7 @@ class TaskService:
     def _mark_failed(self, task: Task, reason: str, actor: str, *, token_revoked: bool = False) -> None:
         try:
             with self._uow() as session:
-                row = session.get(Task, task.id, with_for_update=True, populate_existing=True)
+                row = load_task(session, task.id, lock=True)
                 if row is None or row.state in TERMINAL_TASK_STATES:
                     return
                 now = self._clock.now()
@@ -407,14 +407,14 @@ class TaskService:
     def get(self, identity: Identity, task_id: uuid.UUID) -> Task:
         with self._uow() as session:
             if identity.may("operator"):
-                task = session.get(Task, task_id)
+                task = load_task(session, task_id)
                 if task is None:
                     raise NotFound("no such task")
                 return task
             return self._owned(session, identity, task_id, lock=False)
 
     def _owned(self, session: Session, identity: Identity, task_id: uuid.UUID, *, lock: bool) -> Task:
-        task = session.get(Task, task_id, with_for_update=lock or None, populate_existing=lock)
+        task = load_task(session, task_id, lock=lock)
         # Another workload's task is indistinguishable from a missing one (SPEC §6.6).
         if task is None or task.workload != identity.id:
             raise NotFound("no such task")
