@@ -70,12 +70,14 @@ if [[ -n "$PG_ADMIN_PASSWORD" ]]; then
     plugin_name=postgresql-database-plugin \
     connection_url="postgresql://{{username}}:{{password}}@${PG_HOST}:${PG_PORT}/${PG_DB}?sslmode=${PG_SSLMODE}" \
     username="$PG_ADMIN_USER" password="$PG_ADMIN_PASSWORD" \
-    allowed_roles="analytics-ro,app-rw" verify_connection=true
+    allowed_roles="analytics-ro,app-rw" verify_connection=true \
+    max_open_connections=16 max_idle_connections=8
 else
   "$BAO" write database/config/analytics \
     plugin_name=postgresql-database-plugin \
     connection_url="postgresql://${PG_ADMIN_USER}@${PG_HOST}:${PG_PORT}/${PG_DB}?sslmode=${PG_SSLMODE}" \
-    allowed_roles="analytics-ro,app-rw" verify_connection=true
+    allowed_roles="analytics-ro,app-rw" verify_connection=true \
+    max_open_connections=16 max_idle_connections=8
 fi
 
 # Creation: a login role whose password stops working at VALID UNTIL even if Vault never

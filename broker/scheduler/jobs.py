@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload, lazyload
 
 from broker import metrics
 from broker.audit import record, seal_pending
@@ -44,13 +44,18 @@ class Jobs:
         return done
 
     def _expire_one(self, session: Session) -> bool:
-        task = session.scalars(
-            select(Task)
-            .where(Task.state == "active", Task.expires_at <= func.now())
-            .order_by(Task.expires_at)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).first()
+        task = (
+            session.scalars(
+                select(Task)
+                .where(Task.state == "active", Task.expires_at <= func.now())
+                .order_by(Task.expires_at)
+                .limit(1)
+                .options(joinedload(Task.leases), lazyload(Task.approvals))
+                .with_for_update(of=Task, skip_locked=True)
+            )
+            .unique()
+            .first()
+        )
         if task is None:
             return False
         self._s.revoker.end_task(
@@ -197,20 +202,26 @@ class Jobs:
     def _drain(self, claim_one: Callable[[Session], bool]) -> int:
         """Run `claim_one` in parallel loops until none finds work; each call is one transaction."""
 
+        def step() -> bool:
+            try:
+                with unit_of_work(self._s.sessions) as session:
+                    return claim_one(session)
+            except Exception:
+                log.exception("scheduler step failed; retried next run")
+                return False
+
         def loop() -> int:
             count = 0
-            while True:
-                try:
-                    with unit_of_work(self._s.sessions) as session:
-                        if not claim_one(session):
-                            return count
-                    count += 1
-                except Exception:
-                    log.exception("scheduler step failed; retried next run")
-                    return count
+            while step():
+                count += 1
+            return count
 
+        # Probe once in this thread: an idle sweep costs one transaction, not one per
+        # worker; only when there is work do the parallel loops start.
+        if not step():
+            return 0
         futures = [self._pool.submit(loop) for _ in range(self._workers)]
-        return sum(future.result() for future in futures)
+        return 1 + sum(future.result() for future in futures)
 
     def _heartbeat(self, job: str) -> None:
         now = self._s.clock.now()

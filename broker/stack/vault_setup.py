@@ -168,6 +168,10 @@ def database_connection_config(target: PostgresTarget, allowed_roles: Sequence[s
         "connection_url": url,
         "allowed_roles": list(allowed_roles),
         "verify_connection": True,
+        # The default of 4 connections serialises revocations (DROP ROLE) in an expiry
+        # storm; the scheduler revokes with up to `revoke_workers` threads per replica.
+        "max_open_connections": 16,
+        "max_idle_connections": 8,
     }
     if target.password is not None:
         body["username"] = target.superuser
