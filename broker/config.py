@@ -73,6 +73,9 @@ class VaultSettings(_Strict):
     task_token_role: str = "broker-task"  # noqa: S105 (a role name, not a secret)
     # Prefix of the Vault ACL policies the broker writes for each task type.
     policy_prefix: str = "broker-task-"
+    # Ready task tokens kept per task type and process, so a start skips one Vault call.
+    # 0 mints each task's token on demand.
+    task_token_pool: int = Field(default=2, ge=0, le=32)
     verify_tls: bool = True
 
 

@@ -26,6 +26,7 @@ from broker.notify import Notifier
 from broker.policy import PolicyStore
 from broker.tasks.service import TaskService
 from broker.vault import VaultGateway
+from broker.vault.pool import TaskTokenPool
 
 # Set by `broker serve` for its workers and scheduler: where the last policy that loaded is kept.
 LAST_GOOD_POLICY_ENV = "BROKER_POLICY_LAST_GOOD"
@@ -46,8 +47,10 @@ class Services:
     operator: OperatorService
     audit_key: bytes | None
     notifier: Notifier
+    token_pool: TaskTokenPool
 
     def close(self) -> None:
+        self.token_pool.close()
         self.verifier.close()
         self.vault.close()
         self.engine.dispose()
@@ -72,6 +75,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
     backoff = Backoff(settings.scheduler.retry_base_seconds, settings.scheduler.retry_max_seconds)
     revoker = Revoker(vault, clock, backoff)
     notifier = Notifier(settings.notify)
+    token_pool = TaskTokenPool(vault, clock, depth=settings.vault.task_token_pool)
     return Services(
         settings=settings,
         engine=engine,
@@ -81,9 +85,10 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
         vault=vault,
         clock=clock,
         revoker=revoker,
-        tasks=TaskService(sessions, policies, vault, clock, revoker, notifier),
+        tasks=TaskService(sessions, policies, vault, clock, revoker, notifier, token_pool),
         approvals=ApprovalService(sessions, policies, clock, notifier),
         operator=OperatorService(sessions, revoker, clock),
         audit_key=audit_key,
         notifier=notifier,
+        token_pool=token_pool,
     )

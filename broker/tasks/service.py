@@ -15,13 +15,13 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker import metrics
@@ -44,7 +44,7 @@ from broker.identity import Identity
 from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
 from broker.models import TASK_OPEN_STATES, Lease, Task, load_task
 from broker.notify import Notifier
-from broker.policy import Decision, PolicyStore, TaskRequest, TtlExceedsMax, UnknownTask, Usage
+from broker.policy import CompiledTask, Decision, PolicyStore, TaskRequest, TtlExceedsMax, UnknownTask, Usage
 from broker.tasks.schemas import StartTask
 from broker.vault import (
     IssuedSecret,
@@ -52,8 +52,8 @@ from broker.vault import (
     VaultError,
     VaultGateway,
     VaultUnavailable,
-    task_token_policies,
 )
+from broker.vault.pool import TaskTokenPool
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,10 @@ class TaskService:
         clock: Clock,
         revoker: Revoker,
         notifier: Notifier | None = None,
+        tokens: TaskTokenPool | None = None,
     ) -> None:
         self._notifier = notifier or Notifier(None)
+        self._tokens = tokens or TaskTokenPool(vault, clock, depth=0)
         self._sessions = sessions
         self._policies = policies
         self._vault = vault
@@ -122,7 +124,7 @@ class TaskService:
             compiled = policy.task(body.task)
         except UnknownTask:
             raise UnknownTaskError(f"no task type named '{body.task}' in the policy") from None
-        task, decision = self._decide_and_record(identity, body)
+        task, decision, token = self._decide_and_record(identity, body)
         if not decision.allowed:
             metrics.TASKS_STARTED.labels(body.task, "limited" if decision.limit_exceeded else "denied").inc()
             raise _denial(decision)
@@ -130,11 +132,14 @@ class TaskService:
             metrics.TASKS_STARTED.labels(body.task, "pending_approval").inc()
             self._notifier.send("approval.requested", _approval_summary(task))
             return StartResult(task=task, credentials=None)
-        active, credentials = self._issue(task, identity.id, compiled.credentials, actor=identity.id)
+        assert token is not None
+        active, credentials = self._issue(task, token, identity.id, compiled.credentials, actor=identity.id)
         metrics.TASKS_STARTED.labels(body.task, "active").inc()
         return StartResult(task=active, credentials=credentials)
 
-    def _decide_and_record(self, identity: Identity, body: StartTask) -> tuple[Task, Decision]:
+    def _decide_and_record(
+        self, identity: Identity, body: StartTask
+    ) -> tuple[Task, Decision, TaskToken | None]:
         snapshot = self._policies.snapshot()
         policy = snapshot.policy
         request = TaskRequest(
@@ -144,7 +149,8 @@ class TaskService:
             ttl_seconds=body.ttl_seconds,
             context=body.context,
         )
-        with self._uow() as session:
+        tokens: list[TaskToken] = []
+        with self._compensating(tokens), self._uow() as session:
             # Serialise starts of one workload for one task type so limits can't be raced.
             # The database's clock, so every replica measures deadlines against one time.
             now: datetime = session.execute(
@@ -185,7 +191,7 @@ class TaskService:
                         "context": body.context,
                     },
                 )
-                return task, decision
+                return task, decision, None
             if decision.approval_required:
                 approval = policy.task(body.task).approval
                 task.state = "pending_approval"
@@ -196,6 +202,10 @@ class TaskService:
             else:
                 task.state = "issuing"
                 task.expires_at = now + timedelta(seconds=decision.ttl_seconds)
+                # The token's accessor is committed with the task, before anything is issued
+                # with it: a crash from here on leaves something the reconciler revokes.
+                token = self._take_token(task, policy.task(body.task))
+                task.token_accessor = token.accessor
                 session.add(task)
                 session.flush()
                 record(
@@ -206,7 +216,8 @@ class TaskService:
                     task=task,
                     detail={"ttl_seconds": task.ttl_seconds},
                 )
-        return task, decision
+                tokens.append(token)
+        return task, decision, (tokens[0] if tokens else None)
 
     def _usage(self, session: Session, workload: str, task: str, now: datetime) -> Usage:
         open_states = Task.state.in_(TASK_OPEN_STATES)
@@ -221,9 +232,8 @@ class TaskService:
     # ---- issuing -----------------------------------------------------------------------
 
     def _issue(
-        self, task: Task, workload: str, specs: Mapping[str, CredentialSpec], *, actor: str
+        self, task: Task, token: TaskToken, workload: str, specs: Mapping[str, CredentialSpec], *, actor: str
     ) -> tuple[Task, dict[str, IssuedCredential]]:
-        token = self._task_token(task, specs)
         issued: dict[str, IssuedSecret] = {}
         try:
             for name, spec in specs.items():
@@ -246,31 +256,30 @@ class TaskService:
             for name, secret in issued.items()
         }
 
-    def _task_token(self, task: Task, specs: Mapping[str, CredentialSpec]) -> TaskToken:
+    def _take_token(self, task: Task, compiled: CompiledTask) -> TaskToken:
         try:
-            policies = task_token_policies(self._vault.sync_task_policy(task.task, specs), specs)
-            token = self._vault.create_task_token(
-                task_id=str(task.id),
+            return self._tokens.take(
                 task=task.task,
-                policies=policies,
-                ttl_seconds=task.ttl_seconds,
-                meta={"task_id": str(task.id), "task": task.task, "owner": task.owner[:100]},
+                specs=compiled.credentials,
+                ttl_max=compiled.ttl_max,
+                ttl_needed=task.ttl_seconds,
             )
         except VaultError as error:
-            self._mark_failed(task, f"task token: {error}", "system")
             # Refused to create a task token means our own token is gone or misconfigured:
             # to the caller that is the same as Vault being unavailable.
             if isinstance(error, VaultUnavailable) or error.status == 403:
                 raise VaultUnavailableError("Vault could not be reached; nothing was issued") from None
             raise IssuanceFailed("Vault refused to create the task's token") from None
+
+    @contextmanager
+    def _compensating(self, tokens: list[TaskToken]) -> Iterator[None]:
+        """If the transaction that records a token's accessor fails, revoke the token."""
         try:
-            with self._uow() as session:
-                session.execute(update(Task).where(Task.id == task.id).values(token_accessor=token.accessor))
-        except DatabaseUnavailable:
-            self._revoke_quietly(token.accessor, {})
-            raise DatabaseUnavailableError("the database is unavailable; nothing was issued") from None
-        task.token_accessor = token.accessor
-        return token
+            yield
+        except BaseException:
+            for token in tokens:
+                self._revoke_quietly(token.accessor, {})
+            raise
 
     def _commit_leases(
         self,
@@ -363,7 +372,8 @@ class TaskService:
 
     def claim(self, identity: Identity, task_id: uuid.UUID) -> StartResult:
         policy = self._policies.current()
-        with self._uow() as session:
+        tokens: list[TaskToken] = []
+        with self._compensating(tokens), self._uow() as session:
             task = self._owned(session, identity, task_id, lock=True)
             if task.claimed_at is not None or task.state != "pending_approval":
                 raise Conflict(f"the task is {task.state}; an approval can be claimed once")
@@ -382,8 +392,11 @@ class TaskService:
             task.claimed_at = now
             task.state = "issuing"
             task.expires_at = now + timedelta(seconds=task.ttl_seconds)
+            token = self._take_token(task, compiled)
+            tokens.append(token)
+            task.token_accessor = token.accessor
             record(session, self._clock, "task.claimed", identity.id, task=task)
-        active, credentials = self._issue(task, identity.id, compiled.credentials, actor=identity.id)
+        active, credentials = self._issue(task, token, identity.id, compiled.credentials, actor=identity.id)
         return StartResult(task=active, credentials=credentials)
 
     # ---- finish and read ---------------------------------------------------------------
