@@ -218,7 +218,7 @@ def storm(stack: BenchStack, pool: ClientPool, conn: Any, count: int, ttl: int) 
 
 def scheduler_queries() -> dict[str, str]:
     """The scheduler's claim queries, built the way broker/scheduler/jobs.py builds them."""
-    from sqlalchemy import and_, func, or_, select
+    from sqlalchemy import func, select
     from sqlalchemy.dialects import postgresql
 
     from broker.leases.revoker import TERMINAL_TASK_STATES
@@ -242,14 +242,26 @@ def scheduler_queries() -> dict[str, str]:
         .limit(1)
         .with_for_update(skip_locked=True)
     )
-    stuck = and_(Task.state == "issuing", func.coalesce(Task.claimed_at, Task.created_at) < func.now())
-    unrevoked = and_(
-        Task.state.in_(TERMINAL_TASK_STATES),
-        Task.token_accessor.is_not(None),
-        Task.token_revoked_at.is_(None),
-        ~Task.leases.any(Lease.state != "revoked"),
+    # The scheduler's two token queries (broker/scheduler/jobs.py): starts stuck in
+    # `issuing`, and ended tasks whose task token is still to be retired.
+    reconcile = (
+        select(Task)
+        .where(Task.state == "issuing", func.coalesce(Task.claimed_at, Task.created_at) < func.now())
+        .limit(1)
+        .with_for_update(skip_locked=True)
     )
-    reconcile = select(Task).where(or_(stuck, unrevoked)).limit(1).with_for_update(skip_locked=True)
+    retire = (
+        select(Task)
+        .where(
+            Task.token_accessor.is_not(None),
+            Task.token_revoked_at.is_(None),
+            Task.state.in_(TERMINAL_TASK_STATES),
+            ~Task.leases.any(Lease.state != "revoked"),
+        )
+        .order_by(Task.finished_at)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
     usage = (
         select(func.count())
         .select_from(Task)
@@ -257,7 +269,10 @@ def scheduler_queries() -> dict[str, str]:
             Task.workload == "__WORKLOAD__", Task.task == "analytics-read", Task.state.in_(TASK_OPEN_STATES)
         )
     )
-    return {"due": sql(due), "retry": sql(retry), "reconcile": sql(reconcile), "usage_active": sql(usage)}
+    return {
+        "due": sql(due), "retry": sql(retry), "reconcile": sql(reconcile), "retire": sql(retire),
+        "usage_active": sql(usage),
+    }  # fmt: skip
 
 
 SYNTHETIC_TASKS = """
@@ -595,8 +610,11 @@ def table(results: dict[str, Any]) -> str:
         met["storm_seconds"],
     )
     q = results["queries"]
-    for name, label in (("due", "due-task query"), ("retry", "retry query"), ("reconcile", "reconcile query"),
-                        ("usage_active", "usage count, busiest workload")):  # fmt: skip
+    labels = (
+        ("due", "due-task query"), ("retry", "retry query"), ("reconcile", "reconcile query"),
+        ("retire", "token-retire query"), ("usage_active", "usage count, busiest workload"),
+    )  # fmt: skip
+    for name, label in labels:
         plan = q["plans"].get(name)
         if plan is None:
             continue

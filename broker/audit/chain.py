@@ -170,6 +170,12 @@ def seal_pending(session: Session, key: bytes | None, limit: int = 5000) -> int:
     """
     session.execute(insert(AuditHead).values(id=1, seq=0, hash=GENESIS).on_conflict_do_nothing())
     head = session.scalars(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
+    sealed_before = select(AuditEvent.seq).where(AuditEvent.chain_seq.is_not(None)).limit(1)
+    if head.seq == 0 and session.scalar(sealed_before) is not None:
+        # The head is gone while sealed events exist: someone deleted it. Sealing on from
+        # a fresh head would bury that; stop and let `broker audit verify` say so.
+        log.error("audit chain head missing while sealed events exist; not sealing")
+        return 0
     rows = session.scalars(
         select(AuditEvent).where(AuditEvent.chain_seq.is_(None)).order_by(AuditEvent.seq).limit(limit)
     ).all()
@@ -256,7 +262,8 @@ def _check_unsealed(session: Session, key: bytes | None) -> tuple[int, list[Chai
 def verify_chain(session: Session, key: bytes | None = None, anchor: Anchor | None = None) -> ChainReport:
     """Walk the sealed chain and check the unsealed rows' MACs (see the module docstring)."""
     problems: list[ChainProblem] = []
-    anchored = anchor is None
+    # An anchor taken before anything was sealed (seq 0) vouches for nothing yet.
+    anchored = anchor is None or anchor.seq == 0
     prev, checked, last = GENESIS, 0, 0
     for row in _sealed(session):
         checked += 1

@@ -215,3 +215,23 @@ def test_an_anchor_kept_outside_catches_a_deleted_tail_with_a_rewound_head(clien
     assert CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file)]).exit_code == 0  # fooled
     caught = verify()
     assert caught.exit_code == 1 and "anchor missing" in caught.output
+
+
+def test_a_deleted_chain_head_stops_sealing_and_is_reported(client, issuers, config_file, services):
+    start(client, issuers)
+    seal(services)
+    with services.engine.begin() as connection:
+        connection.execute(text("DELETE FROM audit_head"))
+    start(client, issuers)
+    assert seal(services) == 0
+    result = CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file)])
+    assert result.exit_code == 1 and "head" in result.output
+
+
+def test_an_anchor_taken_before_anything_was_sealed_is_not_a_false_alarm(client, issuers, config_file, services, tmp_path):
+    anchor = tmp_path / "anchor.json"
+    args = ["audit", "verify", "--config", str(config_file), "--anchor", str(anchor)]
+    start(client, issuers)
+    assert CliRunner().invoke(main, args).exit_code == 0
+    seal(services)
+    assert CliRunner().invoke(main, args).exit_code == 0
