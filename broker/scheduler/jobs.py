@@ -26,6 +26,9 @@ from broker.vault import VaultError
 
 log = logging.getLogger(__name__)
 SYSTEM_ACTOR = "system:scheduler"
+# Due tasks one sweeper thread expires per transaction: measured with bench/run --storm
+# 1000 on 2 cores, 1 -> 8.1 s, 5 -> 5.9 s, 10 -> 4.9 s to clear the storm.
+EXPIRE_BATCH = 10
 RUNNER = f"{socket.gethostname()}"
 
 
@@ -43,27 +46,29 @@ class Jobs:
         self._heartbeat("expire")
         return done
 
-    def _expire_one(self, session: Session) -> bool:
-        task = (
+    def _expire_one(self, session: Session) -> int:
+        """Expire a small batch of due tasks in one transaction (fewer round trips and
+        commits in a storm; the batch is small so a slow revoke delays few deadlines)."""
+        tasks = (
             session.scalars(
                 select(Task)
                 .where(Task.state == "active", Task.expires_at <= func.now())
                 .order_by(Task.expires_at)
-                .limit(1)
+                .limit(EXPIRE_BATCH)
                 .options(joinedload(Task.leases), lazyload(Task.approvals))
                 .with_for_update(of=Task, skip_locked=True)
             )
             .unique()
-            .first()
+            .all()
         )
-        if task is None:
-            return False
-        self._s.revoker.end_task(
-            session, task, state="expired", actor=SYSTEM_ACTOR, reason="deadline reached", trigger="deadline"
-        )
-        if task.expires_at is not None and task.finished_at is not None:
-            metrics.REVOCATION_LAG.observe(max(0.0, (task.finished_at - task.expires_at).total_seconds()))
-        return True
+        for task in tasks:
+            self._s.revoker.end_task(
+                session, task, state="expired", actor=SYSTEM_ACTOR, reason="deadline reached", trigger="deadline"
+            )
+            if task.expires_at is not None and task.finished_at is not None:
+                lag = (task.finished_at - task.expires_at).total_seconds()
+                metrics.REVOCATION_LAG.observe(max(0.0, lag))
+        return len(tasks)
 
     # ---- retries -----------------------------------------------------------------------
 
@@ -199,29 +204,31 @@ class Jobs:
 
     # ---- plumbing ----------------------------------------------------------------------
 
-    def _drain(self, claim_one: Callable[[Session], bool]) -> int:
-        """Run `claim_one` in parallel loops until none finds work; each call is one transaction."""
+    def _drain(self, claim: Callable[[Session], int | bool]) -> int:
+        """Run `claim` in parallel loops until none finds work; each call is one transaction
+        and returns how many rows it handled."""
 
-        def step() -> bool:
+        def step() -> int:
             try:
                 with unit_of_work(self._s.sessions) as session:
-                    return claim_one(session)
+                    return int(claim(session))
             except Exception:
                 log.exception("scheduler step failed; retried next run")
-                return False
+                return 0
 
         def loop() -> int:
             count = 0
-            while step():
-                count += 1
+            while done := step():
+                count += done
             return count
 
         # Probe once in this thread: an idle sweep costs one transaction, not one per
         # worker; only when there is work do the parallel loops start.
-        if not step():
+        first = step()
+        if not first:
             return 0
         futures = [self._pool.submit(loop) for _ in range(self._workers)]
-        return 1 + sum(future.result() for future in futures)
+        return first + sum(future.result() for future in futures)
 
     def _heartbeat(self, job: str) -> None:
         now = self._s.clock.now()
