@@ -63,8 +63,9 @@ class Jobs:
         )
         for task in tasks:
             self._s.revoker.end_task(
-                session, task, state="expired", actor=SYSTEM_ACTOR, reason="deadline reached", trigger="deadline"
-            )
+                session, task, state="expired", actor=SYSTEM_ACTOR, reason="deadline reached",
+                trigger="deadline",
+            )  # fmt: skip
             if task.expires_at is not None and task.finished_at is not None:
                 lag = (task.finished_at - task.expires_at).total_seconds()
                 metrics.REVOCATION_LAG.observe(max(0.0, lag))
