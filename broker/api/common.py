@@ -57,7 +57,8 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def json_body(model: type[Model]) -> Model:
     """Parse the body as JSON into `model`, refusing unknown fields and duplicate keys."""
     mimetype = request.mimetype or ""
-    if mimetype != "application/json" and not mimetype.endswith("+json"):
+    # No Content-Type at all is read as JSON; a declared other type (a form, say) is refused.
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
         raise UnsupportedMediaType("send the body as application/json")
     limit = services().settings.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:

@@ -99,3 +99,12 @@ def test_missing_token_is_401_with_www_authenticate(client):
     response = client.post("/task/start", json={})
     assert_problem(response, 401, "invalid_token")
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_body_without_content_type_is_read_as_json(client, issuers):
+    import json
+
+    body = json.dumps({"task": "analytics-read", "owner": "a@example.com", "purpose": "short"})
+    response = client.post("/task/start", data=body, headers=issuers["spire"].bearer(AGENT))
+    problem = assert_problem(response, 400, "validation_error")
+    assert "purpose" in problem["detail"]
