@@ -26,7 +26,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import Mapped, Session, joinedload, lazyload, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, joinedload, lazyload, mapped_column, relationship, selectinload
 
 from broker.db import Base
 
@@ -130,10 +130,14 @@ def load_task(session: Session, task_id: uuid.UUID, *, lock: bool = False) -> Ta
     The hot paths (start, finish, expiry) read tasks that never needed approval; loading
     their (empty) approvals would be a wasted query each time.
     """
+    # Locked: the leases are read by a second statement once the lock is held. Joined into
+    # the locking statement they would be the rows as they were *before* waiting for the
+    # lock, and a finish would revoke again what an operator had just revoked.
+    leases = selectinload(Task.leases) if lock else joinedload(Task.leases)
     query = (
         select(Task)
         .where(Task.id == task_id)
-        .options(joinedload(Task.leases), lazyload(Task.approvals))
+        .options(leases, lazyload(Task.approvals))
         .execution_options(populate_existing=True)
     )
     if lock:

@@ -97,6 +97,9 @@ def serve(
         "workers": workers,
         "threads": threads,
         "worker_class": "gthread" if threads > 1 else "sync",
+        # A worker whose threads are all busy (a slow Vault) stops accepting, so another
+        # worker answers /healthz and reads instead of queueing behind it.
+        "worker_connections": threads,
         "timeout": 60,
         "graceful_timeout": 20,
         "keepalive": 5,

@@ -125,11 +125,15 @@ class OperatorService:
 
     def revoke_lease(self, operator: Identity, lease_id: uuid.UUID, reason: str) -> Lease:
         with unit_of_work(self._sessions) as session:
-            lease = session.get(Lease, lease_id, with_for_update=True)
-            if lease is None:
+            # The task first, then its lease: the order finish, expiry and the kill switch
+            # lock in, so an operator revoke racing them waits instead of deadlocking.
+            task_id = session.scalar(select(Lease.task_id).where(Lease.id == lease_id))
+            if task_id is None:
                 raise NotFound("no such lease")
-            task = load_task(session, lease.task_id, lock=True)
-            assert task is not None
+            task = load_task(session, task_id, lock=True)
+            lease = next((item for item in task.leases if item.id == lease_id), None) if task else None
+            if task is None or lease is None:
+                raise NotFound("no such lease")
             why = f"revoked by operator: {reason}"
             self._revoker.revoke_lease(session, lease, actor=operator.id, reason=why, trigger="operator")
             if task.state not in TERMINAL_TASK_STATES and all(item.state != "active" for item in task.leases):

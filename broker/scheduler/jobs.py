@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session, joinedload, lazyload
+from sqlalchemy.orm import Session, lazyload, selectinload
 
 from broker import metrics
 from broker.audit import record, seal_pending
@@ -55,7 +55,7 @@ class Jobs:
                 .where(Task.state == "active", Task.expires_at <= func.now())
                 .order_by(Task.expires_at)
                 .limit(EXPIRE_BATCH)
-                .options(joinedload(Task.leases), lazyload(Task.approvals))
+                .options(selectinload(Task.leases), lazyload(Task.approvals))
                 .with_for_update(of=Task, skip_locked=True)
             )
             .unique()

@@ -142,6 +142,7 @@ class TaskService:
     ) -> tuple[Task, Decision, TaskToken | None]:
         snapshot = self._policies.snapshot()
         policy = snapshot.policy
+        compiled = policy.task(body.task)
         request = TaskRequest(
             task=body.task,
             owner=body.owner,
@@ -149,7 +150,17 @@ class TaskService:
             ttl_seconds=body.ttl_seconds,
             context=body.context,
         )
+        # A first look without usage (limits are decided under the lock below). When the
+        # request will likely be issued, its token is taken now, before the workload's
+        # lock: a slow Vault must not hold the lock the workload's other starts wait on.
+        # Denied and approval-bound requests never touch Vault.
+        try:
+            first_look = policy.evaluate(identity, request, Usage(0, 0), self._clock.now())
+        except TtlExceedsMax as error:
+            raise TtlExceedsMaxError(str(error)) from None
         tokens: list[TaskToken] = []
+        if first_look.allowed and not first_look.approval_required:
+            tokens.append(self._take_token(identity, body, compiled))
         with self._compensating(tokens), self._uow() as session:
             # Serialise starts of one workload for one task type so limits can't be raced.
             # The database's clock, so every replica measures deadlines against one time.
@@ -191,8 +202,7 @@ class TaskService:
                         "context": body.context,
                     },
                 )
-                return task, decision, None
-            if decision.approval_required:
+            elif decision.approval_required:
                 approval = policy.task(body.task).approval
                 task.state = "pending_approval"
                 task.approval_expires_at = now + timedelta(seconds=approval.expires_in if approval else 600)
@@ -204,8 +214,9 @@ class TaskService:
                 task.expires_at = now + timedelta(seconds=decision.ttl_seconds)
                 # The token's accessor is committed with the task, before anything is issued
                 # with it: a crash from here on leaves something the reconciler revokes.
-                token = self._take_token(task, policy.task(body.task))
-                task.token_accessor = token.accessor
+                if not tokens:  # the first look disagreed; rare (a policy reload in between)
+                    tokens.append(self._take_token(identity, body, compiled))
+                task.token_accessor = tokens[0].accessor
                 session.add(task)
                 session.flush()
                 record(
@@ -216,8 +227,13 @@ class TaskService:
                     task=task,
                     detail={"ttl_seconds": task.ttl_seconds},
                 )
-                tokens.append(token)
-        return task, decision, (tokens[0] if tokens else None)
+        if task.token_accessor is None:
+            for unused in tokens:  # a limit said no under the lock
+                self._tokens.give_back(
+                    unused, task=body.task, specs=compiled.credentials, ttl_max=compiled.ttl_max
+                )
+            return task, decision, None
+        return task, decision, tokens[0]
 
     def _usage(self, session: Session, workload: str, task: str, now: datetime) -> Usage:
         open_states = Task.state.in_(TASK_OPEN_STATES)
@@ -256,13 +272,33 @@ class TaskService:
             for name, secret in issued.items()
         }
 
-    def _take_token(self, task: Task, compiled: CompiledTask) -> TaskToken:
+    def _take_token(self, identity: Identity, body: StartTask, compiled: CompiledTask) -> TaskToken:
+        ttl = min(body.ttl_seconds or compiled.ttl_default, compiled.ttl_max)
+        ready = self._tokens.take_ready(
+            task=compiled.name, specs=compiled.credentials, ttl_max=compiled.ttl_max, ttl_needed=ttl
+        )
+        if ready is not None:
+            return ready
+        # Nothing ready: Vault will be asked. Make sure the ledger answers first, so that a
+        # start without its database never reaches Vault at all (catalogue F02).
+        self._ping_database()
+        try:
+            return self._token_for(compiled, ttl)
+        except (VaultUnavailableError, IssuanceFailed) as error:
+            self._record_start_failure(identity, body, f"task token: {error.detail}")
+            raise
+
+    def _ping_database(self) -> None:
+        try:
+            with self._uow() as session:
+                session.execute(text("SELECT 1"))
+        except DatabaseUnavailable:
+            raise DatabaseUnavailableError("the database is unavailable; nothing was issued") from None
+
+    def _token_for(self, compiled: CompiledTask, ttl: int) -> TaskToken:
         try:
             return self._tokens.take(
-                task=task.task,
-                specs=compiled.credentials,
-                ttl_max=compiled.ttl_max,
-                ttl_needed=task.ttl_seconds,
+                task=compiled.name, specs=compiled.credentials, ttl_max=compiled.ttl_max, ttl_needed=ttl
             )
         except VaultError as error:
             # Refused to create a task token means our own token is gone or misconfigured:
@@ -270,6 +306,16 @@ class TaskService:
             if isinstance(error, VaultUnavailable) or error.status == 403:
                 raise VaultUnavailableError("Vault could not be reached; nothing was issued") from None
             raise IssuanceFailed("Vault refused to create the task's token") from None
+
+    def _record_start_failure(self, identity: Identity, body: StartTask, reason: str) -> None:
+        try:
+            with self._uow() as session:
+                record(
+                    session, self._clock, "task.start_failed", identity.id, owner=body.owner,
+                    purpose=body.purpose, detail={"task": body.task, "reason": reason[:500]},
+                )  # fmt: skip
+        except DatabaseUnavailable:
+            log.warning("could not record a failed start of %s", body.task)
 
     @contextmanager
     def _compensating(self, tokens: list[TaskToken]) -> Iterator[None]:
@@ -392,7 +438,7 @@ class TaskService:
             task.claimed_at = now
             task.state = "issuing"
             task.expires_at = now + timedelta(seconds=task.ttl_seconds)
-            token = self._take_token(task, compiled)
+            token = self._token_for(compiled, task.ttl_seconds)
             tokens.append(token)
             task.token_accessor = token.accessor
             record(session, self._clock, "task.claimed", identity.id, task=task)

@@ -10,6 +10,7 @@ expires. Tokens that aged past usefulness are revoked as they are found.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -25,7 +26,13 @@ from broker.vault.policies import task_token_policies
 
 log = logging.getLogger(__name__)
 
-PoolKey = tuple[str, tuple[str, ...], int]
+PoolKey = tuple[str, str, int]
+
+
+def _key(task: str, specs: Mapping[str, CredentialSpec], ttl_max: int) -> PoolKey:
+    """Tokens are interchangeable within a task type, its credentials and its maximum TTL."""
+    shape = json.dumps({name: spec.model_dump(mode="json") for name, spec in specs.items()}, sort_keys=True)
+    return task, shape, ttl_max
 
 
 class TaskTokenPool:
@@ -38,7 +45,7 @@ class TaskTokenPool:
         self._margin = timedelta(seconds=margin_seconds)
         self._ready: dict[PoolKey, deque[TaskToken]] = {}
         self._lock = threading.Lock()
-        self._wanted: queue.Queue[PoolKey | None] = queue.Queue()
+        self._wanted: queue.Queue[tuple[PoolKey, Mapping[str, CredentialSpec]] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._closed = False
 
@@ -46,14 +53,28 @@ class TaskTokenPool:
         self, *, task: str, specs: Mapping[str, CredentialSpec], ttl_max: int, ttl_needed: int
     ) -> TaskToken:
         """A token for one task of type `task` that lives at least `ttl_needed` seconds."""
-        policies = tuple(task_token_policies(self._vault.sync_task_policy(task, specs), specs))
-        key: PoolKey = (task, policies, ttl_max)
+        token = self.take_ready(task=task, specs=specs, ttl_max=ttl_max, ttl_needed=ttl_needed)
+        return token if token is not None else self._mint(_key(task, specs, ttl_max), specs)
+
+    def take_ready(
+        self, *, task: str, specs: Mapping[str, CredentialSpec], ttl_max: int, ttl_needed: int
+    ) -> TaskToken | None:
+        """A pooled token if one is ready, without calling Vault (a refill starts behind it)."""
+        key = _key(task, specs, ttl_max)
         token = self._pop_fresh(key, ttl_needed)
         if self._depth and not self._closed:
-            self._ask_refill(key)
-        if token is not None:
-            return token
-        return self._mint(key)
+            self._ask_refill(key, specs)
+        return token
+
+    def give_back(
+        self, token: TaskToken, *, task: str, specs: Mapping[str, CredentialSpec], ttl_max: int
+    ) -> None:
+        """Return a token taken for a start that ended up issuing nothing (denied, pending)."""
+        with self._lock:
+            if not self._closed:
+                self._ready.setdefault(_key(task, specs, ttl_max), deque()).appendleft(token)
+                return
+        self._revoke_quietly(token)
 
     def _pop_fresh(self, key: PoolKey, ttl_needed: int) -> TaskToken | None:
         deadline = self._clock.now() + timedelta(seconds=ttl_needed) + self._margin
@@ -71,18 +92,19 @@ class TaskTokenPool:
             self._revoke_quietly(old)
         return token
 
-    def _mint(self, key: PoolKey) -> TaskToken:
-        task, policies, ttl_max = key
+    def _mint(self, key: PoolKey, specs: Mapping[str, CredentialSpec]) -> TaskToken:
+        task, _, ttl_max = key
+        policies = task_token_policies(self._vault.sync_task_policy(task, specs), specs)
         return self._vault.create_task_token(
             task_id="pooled",
             task=task,
-            policies=list(policies),
+            policies=policies,
             ttl_seconds=ttl_max,
             meta={"task": task, "issued_by": "credential-broker"},
         )
 
-    def _ask_refill(self, key: PoolKey) -> None:
-        self._wanted.put(key)
+    def _ask_refill(self, key: PoolKey, specs: Mapping[str, CredentialSpec]) -> None:
+        self._wanted.put((key, specs))
         with self._lock:
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._refill_forever, name="token-pool", daemon=True)
@@ -90,20 +112,20 @@ class TaskTokenPool:
 
     def _refill_forever(self) -> None:
         while True:
-            key = self._wanted.get()
-            if key is None:
+            wanted = self._wanted.get()
+            if wanted is None:
                 return
             try:
-                self._refill(key)
+                self._refill(*wanted)
             except VaultError as error:
                 log.warning("task token pool refill failed: %s", error)
 
-    def _refill(self, key: PoolKey) -> None:
+    def _refill(self, key: PoolKey, specs: Mapping[str, CredentialSpec]) -> None:
         while True:
             with self._lock:
                 if self._closed or len(self._ready.setdefault(key, deque())) >= self._depth:
                     return
-            token = self._mint(key)
+            token = self._mint(key, specs)
             with self._lock:
                 if not self._closed:
                     self._ready.setdefault(key, deque()).append(token)

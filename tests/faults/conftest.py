@@ -45,11 +45,18 @@ def ledger(stack: Any, clean_db: None) -> Iterator[Ledger]:
 
 
 @pytest.fixture
-def fault_config(stack: Any, issuers: Any, policy_file: Path, clean_db: None) -> Callable[..., dict[str, Any]]:
-    """`fault_config(vault_addr=..., database_url=..., timeout=..., **scheduler)`: a broker config."""
+def fault_config(
+    stack: Any, issuers: Any, policy_file: Path, clean_db: None
+) -> Callable[..., dict[str, Any]]:
+    """`fault_config(vault_addr=, database_url=, timeout=, vault_options=, **scheduler)`: a broker config."""
 
     def make(
-        *, vault_addr: str | None = None, database_url: str | None = None, timeout: float = 3, **scheduler: Any
+        *,
+        vault_addr: str | None = None,
+        database_url: str | None = None,
+        timeout: float = 3,
+        vault_options: dict[str, Any] | None = None,
+        **scheduler: Any,
     ) -> dict[str, Any]:
         config = broker_config(stack, issuers, policy_file, log_level="WARNING")
         if vault_addr is not None:
@@ -57,8 +64,14 @@ def fault_config(stack: Any, issuers: Any, policy_file: Path, clean_db: None) ->
         if database_url is not None:
             config["database_url"] = database_url
         config["vault"]["timeout_seconds"] = timeout
+        config["vault"].update(vault_options or {})
         config["scheduler"].update(
-            {"retry_base_seconds": 0.2, "retry_max_seconds": 1, "reconcile_interval_seconds": 0.5, **scheduler}
+            {
+                "retry_base_seconds": 0.2,
+                "retry_max_seconds": 1,
+                "reconcile_interval_seconds": 0.5,
+                **scheduler,
+            }
         )
         return config
 

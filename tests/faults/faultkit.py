@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, text
 
-from tests.factories import vault
+from tests.factories import live_leases, vault
 
 T = TypeVar("T")
 
@@ -37,6 +37,20 @@ def lease_alive(stack: Any, lease_id: str) -> bool:
         return False
     answer.raise_for_status()
     return True
+
+
+def all_live_leases(stack: Any, prefixes: tuple[str, ...] = ("database/creds/", "pki/issue/")) -> set[str]:
+    """Every live lease id under `prefixes`, walking Vault's lease tree (root token)."""
+    found: set[str] = set()
+    pending = list(prefixes)
+    while pending:
+        prefix = pending.pop()
+        for key in live_leases(stack, prefix):
+            if key.endswith("/"):
+                pending.append(prefix + key)
+            else:
+                found.add(prefix + key)
+    return found
 
 
 def token_alive(stack: Any, accessor: str) -> bool:
@@ -92,7 +106,9 @@ class Ledger:
         if task_id is None:
             return self.rows("SELECT * FROM audit_events WHERE event = :e ORDER BY seq", e=event)
         return self.rows(
-            "SELECT * FROM audit_events WHERE event = :e AND task_id = :t ORDER BY seq", e=event, t=str(task_id)
+            "SELECT * FROM audit_events WHERE event = :e AND task_id = :t ORDER BY seq",
+            e=event,
+            t=str(task_id),
         )
 
     def count_by_lease(self, event: str) -> Mapping[str, int]:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.factories import AGENT, dynamic_roles, role_exists, start_body
-from tests.faults.faultkit import assert_unavailable, lease_alive, token_alive, wait_for
+from tests.faults.faultkit import all_live_leases, assert_unavailable, lease_alive, token_alive, wait_for
 from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
@@ -53,17 +53,19 @@ def test_postgres_cut_between_vault_and_commit_revokes_before_answering(
     )
     creds = vault_proxy.add_rule(r"^/v1/database/creds/", after=lambda _: pg_proxy.cut())
     roles_before = dynamic_roles(stack)
+    leases_before = all_live_leases(stack)
 
     answer = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
 
     assert_unavailable(answer, "database_unavailable")
-    [exchange] = creds.wait_fired(1)
+    [exchange] = creds.wait_done(1)
     assert exchange.status == 200 and exchange.outcome == "answered"  # Vault did issue
     issued = exchange.response_json()
     # Revoked synchronously, before the 503 went out: no reconciler has run yet.
     assert not lease_alive(stack, issued["lease_id"])
     assert not role_exists(stack, issued["data"]["username"])
     assert dynamic_roles(stack) <= roles_before
+    assert all_live_leases(stack) <= leases_before
     task = ledger.only_task()
     assert task["state"] == "issuing"  # the broker could not write anything more
     assert task["token_accessor"]
@@ -77,13 +79,56 @@ def test_postgres_cut_between_vault_and_commit_revokes_before_answering(
     scheduler_for(services)
 
     wait_for(lambda: ledger.task(task["id"])["state"] == "failed", what="stuck start closed as failed")
-    final = ledger.task(task["id"])
-    assert final["token_revoked_at"] is not None
+    wait_for(lambda: ledger.task(task["id"])["token_revoked_at"] is not None, what="task token revoked")
     assert ledger.events("task.orphan_revoked", task["id"])
     assert ledger.leases(task["id"]) == []
     # The broker works again once Postgres is back.
     again = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
     assert again.status_code == 201, again.get_json()
-    assert client.post(
-        "/task/finish", json={"task_id": again.get_json()["task_id"]}, headers=issuers["spire"].bearer(AGENT)
-    ).status_code == 200
+    assert (
+        client.post(
+            "/task/finish",
+            json={"task_id": again.get_json()["task_id"]},
+            headers=issuers["spire"].bearer(AGENT),
+        ).status_code
+        == 200
+    )
+
+
+def test_postgres_and_vault_both_lost_between_vault_and_commit_reconciled_later(
+    stack, issuers, vault_proxy, pg_proxy, fault_config, in_process, scheduler_for, ledger
+):
+    """The double fault: the commit fails (Postgres gone) and so does the compensation
+    (Vault gone). Still 503 and no secret; the committed token accessor is how the
+    reconciler finds and revokes the orphan once both are back."""
+    services, client = in_process(
+        fault_config(vault_addr=vault_proxy.addr, database_url=via(pg_proxy, stack.database_url))
+    )
+    creds = vault_proxy.add_rule(r"^/v1/database/creds/", after=lambda _: pg_proxy.cut())
+    vault_proxy.add_rule(
+        r"^/v1/(sys/leases/revoke|auth/token/revoke-accessor)$",
+        action="reset",
+        before=lambda _: vault_proxy.cut(),
+    )
+    roles_before = dynamic_roles(stack)
+
+    answer = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
+
+    assert_unavailable(answer, "database_unavailable")
+    [exchange] = creds.wait_done(1)
+    orphan = exchange.response_json()
+    assert lease_alive(stack, orphan["lease_id"])  # nobody could revoke it
+    assert role_exists(stack, orphan["data"]["username"])
+    task = ledger.only_task()
+    assert task["state"] == "issuing" and task["token_accessor"]
+
+    vault_proxy.clear_rules()
+    vault_proxy.restore()
+    pg_proxy.restore()
+    scheduler_for(services)
+
+    wait_for(lambda: ledger.task(task["id"])["state"] == "failed", what="stuck start closed as failed")
+    wait_for(lambda: not lease_alive(stack, orphan["lease_id"]), what="orphan lease revoked")
+    wait_for(lambda: dynamic_roles(stack) <= roles_before, what="orphan database user dropped")
+    assert not token_alive(stack, task["token_accessor"])
+    wait_for(lambda: ledger.task(task["id"])["token_revoked_at"] is not None, what="task token revoked")

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.factories import AGENT, role_exists, start_body
-from tests.faults.faultkit import lease_alive, token_alive, wait_for
+from tests.faults.faultkit import all_live_leases, lease_alive, token_alive, wait_for
 from tests.support.broker_procs import pid_with_connection
 
 pytestmark = pytest.mark.slow
@@ -27,6 +27,7 @@ def test_sigkill_between_vault_and_commit_leaves_an_orphan_the_reconciler_revoke
 ):
     server = processes(fault_config(vault_addr=vault_proxy.addr), "serve", workers=1, threads=2)
     server.wait_healthy()
+    leases_before = all_live_leases(stack)
     killed: dict[str, object] = {}
 
     def kill_the_requester(exchange):
@@ -44,7 +45,7 @@ def test_sigkill_between_vault_and_commit_leaves_an_orphan_the_reconciler_revoke
         answer = requests.post(f"{server.url}/task/start", json=start_body(), headers=headers, timeout=30)
     except requests.ConnectionError:
         answer = None  # the worker died with the connection
-    [exchange] = creds.wait_fired(1)
+    [exchange] = creds.wait_done(1)
     assert killed["pid"] is not None, "found the worker that asked Vault"
     assert killed["role_existed"]
     assert answer is None or (answer.status_code >= 500 and "credentials" not in answer.text), answer
@@ -57,15 +58,14 @@ def test_sigkill_between_vault_and_commit_leaves_an_orphan_the_reconciler_revoke
     wait_for(lambda: not lease_alive(stack, orphan["lease_id"]), what="orphan lease revoked in Vault")
     wait_for(lambda: not role_exists(stack, orphan["data"]["username"]), what="orphan database user dropped")
     assert not token_alive(stack, task["token_accessor"])
-    assert ledger.task(task["id"])["token_revoked_at"] is not None
+    assert all_live_leases(stack) <= leases_before
+    wait_for(lambda: ledger.task(task["id"])["token_revoked_at"] is not None, what="task token revoked")
     assert ledger.events("task.orphan_revoked", task["id"])
     assert ledger.leases(task["id"]) == []
 
     # gunicorn replaced the worker; the replica keeps serving.
     vault_proxy.clear_rules()
-    again = wait_for(
-        lambda: _start(server.url, headers), timeout=30, what="a new worker serves starts again"
-    )
+    again = wait_for(lambda: _start(server.url, headers), timeout=30, what="a new worker serves starts again")
     assert again["task_id"] != str(task["id"])
     finished = requests.post(
         f"{server.url}/task/finish", json={"task_id": again["task_id"]}, headers=headers, timeout=30

@@ -26,7 +26,9 @@ thread while the broker waits for its answer, which is what makes them useful: c
 Postgres proxy or SIGKILL the requesting process at exactly that point.
 
 `cut()` takes the proxy down (every connection is dropped, new ones are reset) until
-`restore()`. Every request is recorded in `exchanges`.
+`restore()`. Every request is recorded in `exchanges`. `rule.wait_fired(n)` returns once
+the rule fired n times (the request may still be in flight, e.g. hung); `rule.wait_done(n)`
+also waits until those exchanges are over and their hooks have run.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class Exchange:
     status: int | None = None
     response_body: bytes = field(repr=False, default=b"")
     outcome: str = "pending"  # answered | reset | lost | hung | upstream_error | refused
+    finished: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def response_json(self) -> dict[str, Any]:
         try:
@@ -110,6 +113,14 @@ class Rule:
             if not self._changed.wait_for(lambda: len(self.fired) >= count, timeout):
                 raise AssertionError(f"rule {self.path.pattern!r} fired {len(self.fired)}/{count} times")
             return list(self.fired)
+
+    def wait_done(self, count: int = 1, timeout: float = 30.0) -> list[Exchange]:
+        """Like `wait_fired`, then also wait until those exchanges are over (hooks ran)."""
+        fired = self.wait_fired(count, timeout)[:count]
+        for exchange in fired:
+            if not exchange.finished.wait(timeout):
+                raise AssertionError(f"{exchange.method} {exchange.path} still in progress")
+        return fired
 
     def _fire(self, exchange: Exchange) -> None:
         with self._changed:
@@ -159,9 +170,7 @@ class HttpFaultProxy:
     ) -> Rule:
         if action not in _ACTIONS:
             raise ValueError(f"unknown action {action!r}")
-        rule = Rule(
-            re.compile(path), method, action, nth, times, delay_seconds, hang_seconds, before, after
-        )
+        rule = Rule(re.compile(path), method, action, nth, times, delay_seconds, hang_seconds, before, after)
         with self._lock:
             self._rules.append(rule)
         return rule
@@ -269,9 +278,15 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_LIST = do_GET  # type: ignore[assignment]
 
     def _proxy(self) -> None:
+        exchange = Exchange(self.command, self.path, int(self.client_address[1]), self._read_body())
+        try:
+            self._handle(exchange)
+        finally:
+            exchange.finished.set()
+
+    def _handle(self, exchange: Exchange) -> None:
         owner = self.server.owner
-        body = self._read_body()
-        exchange = Exchange(self.command, self.path, int(self.client_address[1]), body)
+        body = exchange.request_body
         if owner._down.is_set():
             exchange.outcome = "refused"
             self._drop()
