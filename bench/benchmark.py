@@ -218,50 +218,21 @@ def storm(stack: BenchStack, pool: ClientPool, conn: Any, count: int, ttl: int) 
 
 def scheduler_queries() -> dict[str, str]:
     """The scheduler's claim queries, built the way broker/scheduler/jobs.py builds them."""
+    from datetime import timedelta
+
     from sqlalchemy import func, select
     from sqlalchemy.dialects import postgresql
 
-    from broker.leases.revoker import TERMINAL_TASK_STATES
-    from broker.models import TASK_OPEN_STATES, Lease, Task
+    from broker.models import TASK_OPEN_STATES, Task
+    from broker.scheduler.jobs import due_retry, due_tasks, spent_token, stuck_start
 
     def sql(statement: Any) -> str:
         return str(statement.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
 
-    due = (
-        select(Task)
-        .where(Task.state == "active", Task.expires_at <= func.now())
-        .order_by(Task.expires_at)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
-    retry = (
-        select(Lease, Task)
-        .join(Task, Task.id == Lease.task_id)
-        .where(Lease.state == "revoke_pending", Lease.next_attempt_at <= func.now())
-        .order_by(Lease.next_attempt_at)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
-    # The scheduler's two token queries (broker/scheduler/jobs.py): starts stuck in
-    # `issuing`, and ended tasks whose task token is still to be retired.
-    reconcile = (
-        select(Task)
-        .where(Task.state == "issuing", func.coalesce(Task.claimed_at, Task.created_at) < func.now())
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
-    retire = (
-        select(Task)
-        .where(
-            Task.token_accessor.is_not(None),
-            Task.token_revoked_at.is_(None),
-            Task.state.in_(TERMINAL_TASK_STATES),
-            ~Task.leases.any(Lease.state != "revoked"),
-        )
-        .order_by(Task.finished_at)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
+    due = due_tasks(1).with_for_update(skip_locked=True)
+    retry = due_retry().with_for_update(skip_locked=True)
+    reconcile = stuck_start(timedelta(0)).with_for_update(skip_locked=True)
+    retire = spent_token().with_for_update(skip_locked=True)
     usage = (
         select(func.count())
         .select_from(Task)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, lazyload, selectinload
 
@@ -30,6 +30,54 @@ SYSTEM_ACTOR = "system:scheduler"
 # 1000 on 2 cores, 1 -> 8.1 s, 5 -> 5.9 s, 10 -> 4.9 s to clear the storm.
 EXPIRE_BATCH = 10
 RUNNER = f"{socket.gethostname()}"
+
+
+# The scheduler's claim queries, also planned by bench/run (EXPLAIN at 100,000 rows).
+
+
+def due_tasks(limit: int) -> Select[Task]:
+    """Active tasks past their deadline, oldest deadline first (ix_tasks_due)."""
+    return (
+        select(Task)
+        .where(Task.state == "active", Task.expires_at <= func.now())
+        .order_by(Task.expires_at)
+        .limit(limit)
+    )
+
+
+def due_retry() -> Select[Lease, Task]:
+    """The `revoke_pending` lease whose backoff ran out first, with its task (ix_leases_retry_due)."""
+    return (
+        select(Lease, Task)
+        .join(Task, Task.id == Lease.task_id)
+        .where(Lease.state == "revoke_pending", Lease.next_attempt_at <= func.now())
+        .order_by(Lease.next_attempt_at)
+        .limit(1)
+    )
+
+
+def spent_token() -> Select[Task]:
+    """An ended task whose leases are all revoked but whose Vault token is not (ix_tasks_token_unrevoked)."""
+    return (
+        select(Task)
+        .where(
+            Task.token_accessor.is_not(None),
+            Task.token_revoked_at.is_(None),
+            Task.state.in_(TERMINAL_TASK_STATES),
+            ~Task.leases.any(Lease.state != "revoked"),
+        )
+        .order_by(Task.finished_at)
+        .limit(1)
+    )
+
+
+def stuck_start(grace: timedelta) -> Select[Task]:
+    """A start still `issuing` after the grace period: it crashed between Vault and its commit."""
+    return (
+        select(Task)
+        .where(Task.state == "issuing", func.coalesce(Task.claimed_at, Task.created_at) < func.now() - grace)
+        .limit(1)
+    )
 
 
 class Jobs:
@@ -51,10 +99,7 @@ class Jobs:
         commits in a storm; the batch is small so a slow revoke delays few deadlines)."""
         tasks = (
             session.scalars(
-                select(Task)
-                .where(Task.state == "active", Task.expires_at <= func.now())
-                .order_by(Task.expires_at)
-                .limit(EXPIRE_BATCH)
+                due_tasks(EXPIRE_BATCH)
                 .options(selectinload(Task.leases), lazyload(Task.approvals))
                 .with_for_update(of=Task, skip_locked=True)
             )
@@ -83,14 +128,7 @@ class Jobs:
 
     def _retry_one(self, session: Session) -> bool:
         # Lock the lease and its task together; SKIP LOCKED never waits, so no deadlock with finish.
-        row = session.execute(
-            select(Lease, Task)
-            .join(Task, Task.id == Lease.task_id)
-            .where(Lease.state == "revoke_pending", Lease.next_attempt_at <= func.now())
-            .order_by(Lease.next_attempt_at)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).first()
+        row = session.execute(due_retry().with_for_update(skip_locked=True)).first()
         if row is None:
             return False
         lease, _task = row
@@ -123,18 +161,7 @@ class Jobs:
         return done
 
     def _retire_one(self, session: Session) -> bool:
-        task = session.scalars(
-            select(Task)
-            .where(
-                Task.token_accessor.is_not(None),
-                Task.token_revoked_at.is_(None),
-                Task.state.in_(TERMINAL_TASK_STATES),
-                ~Task.leases.any(Lease.state != "revoked"),
-            )
-            .order_by(Task.finished_at)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).first()
+        task = session.scalars(spent_token().with_for_update(skip_locked=True)).first()
         if task is None:
             return False
         # Vault said no: leave the row for the next run rather than spin on it now.
@@ -150,15 +177,7 @@ class Jobs:
         return done
 
     def _reconcile_one(self, session: Session, grace: timedelta) -> bool:
-        task = session.scalars(
-            select(Task)
-            .where(
-                Task.state == "issuing",
-                func.coalesce(Task.claimed_at, Task.created_at) < func.now() - grace,
-            )
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).first()
+        task = session.scalars(stuck_start(grace).with_for_update(skip_locked=True)).first()
         if task is None:
             return False
         self._fail_stuck(session, task)
