@@ -73,3 +73,16 @@ def test_metrics_count_starts(client, issuers):
     client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
     text = client.get("/metrics").get_data(as_text=True)
     assert 'broker_tasks_started_total{result="active",task="analytics-read"}' in text
+
+
+def test_an_unreachable_jwks_endpoint_fails_closed_with_503(stack, issuers, policy_file, clean_db):
+    from tests.factories import AGENT, start_body
+
+    config = broker_config(stack, issuers, policy_file)
+    spire = next(entry for entry in config["issuers"] if entry["name"] == "spire")
+    del spire["jwks_file"]
+    spire["jwks_uri"] = f"http://127.0.0.1:{free_port()}/jwks.json"
+    response = _client_for(config).post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
+    assert response.status_code == 503
+    assert response.get_json()["code"] == "identity_unavailable"
+    assert response.headers["Retry-After"]
