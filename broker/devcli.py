@@ -68,7 +68,8 @@ def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 60) 
 def _example(url: str, env_file: Path, port: int, keep: bool) -> str:
     template = (Path(__file__).parent / "devdata" / "example.txt").read_text()
     cleanup = "" if keep else f" and deletes {env_file.parent}"
-    return template.format(url=url, env_file=env_file, port=port, cleanup=cleanup)
+    broker = Path(sys.executable).parent / "broker"
+    return template.format(url=url, env_file=env_file, port=port, cleanup=cleanup, broker=broker)
 
 
 def _smoke(url: str, tokens: dict[str, str], port: int) -> None:
