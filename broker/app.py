@@ -22,7 +22,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         services = build_services(settings)
     app = Flask("broker")
     app.config.update(
-        MAX_CONTENT_LENGTH=services.settings.limits.max_body_bytes,
+        # One byte over the limit may be read, so a chunked body (no Content-Length) that
+        # is too large is seen as such and answered 413, not cut short into bad JSON.
+        MAX_CONTENT_LENGTH=services.settings.limits.max_body_bytes + 1,
         JSON_SORT_KEYS=False,
     )
     app.extensions[SERVICES_KEY] = services

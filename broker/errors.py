@@ -154,12 +154,17 @@ def _database_down(_error: Exception) -> Response:
     return _from_broker(DatabaseUnavailableError("the database could not be reached; try again shortly"))
 
 
+def _bad_data(_error: Exception) -> Response:
+    # Input the database refused as a value (a safety net behind request validation).
+    return _from_broker(ValidationFailed("a value in the request can't be stored or compared"))
+
+
 def _vault_down(_error: Exception) -> Response:
     return _from_broker(VaultUnavailableError("Vault could not be reached; try again shortly"))
 
 
 def register_error_handlers(app: Flask) -> None:
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DataError, OperationalError
 
     from broker.db import DatabaseUnavailable
     from broker.vault import VaultUnavailable
@@ -168,5 +173,6 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(DatabaseUnavailable, _database_down)
     app.register_error_handler(OperationalError, _database_down)
     app.register_error_handler(VaultUnavailable, _vault_down)
+    app.register_error_handler(DataError, _bad_data)
     app.register_error_handler(HTTPException, _from_http)
     app.register_error_handler(Exception, _from_unexpected)

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from flask import Blueprint, jsonify, request
 
 from broker.api.common import caller, json_body, services
 from broker.api.render import task_json
-from broker.api.tasks import parse_task_id
 from broker.errors import ValidationFailed
+from broker.leases.paging import DEFAULT_LIMIT, clamp_limit
 from broker.tasks.schemas import Decide
 
 bp = Blueprint("approvals", __name__)
 
 
-@bp.post("/approvals/<task_id>")
-def decide(task_id: str) -> Any:
+@bp.post("/approvals/<uuid:task_id>")
+def decide(task_id: uuid.UUID) -> Any:
     approver = caller("approver")
     body = json_body(Decide)
-    task = services().approvals.decide(approver, parse_task_id(task_id), body.decision, body.reason)
+    task = services().approvals.decide(approver, task_id, body.decision, body.reason)
     return jsonify(task_json(task))
 
 
@@ -29,5 +30,9 @@ def pending() -> Any:
     state = request.args.get("state", "pending")
     if state != "pending":
         raise ValidationFailed("'state' supports only 'pending'")
-    tasks = services().approvals.pending_for(approver)
+    try:
+        limit = clamp_limit(int(request.args.get("limit", DEFAULT_LIMIT)))
+    except ValueError:
+        raise ValidationFailed("'limit' must be a whole number") from None
+    tasks = services().approvals.pending_for(approver, limit)
     return jsonify(items=[task_json(task, with_leases=False) for task in tasks], next_cursor=None)

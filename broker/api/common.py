@@ -54,6 +54,42 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+_CONTROL = {chr(code) for code in range(32) if chr(code) not in "\t\n\r"} | {"\x7f"}
+
+
+def unprintable_at(value: Any, path: str = "") -> str | None:
+    """Where a NUL or other control character sits (keys included), if anywhere.
+
+    Postgres can't store NUL, and control characters hide what an approver reads.
+    """
+    if isinstance(value, str):
+        return (path or "body") if not _CONTROL.isdisjoint(value) else None
+    items: Any = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and not _CONTROL.isdisjoint(key):
+            return where
+        found = unprintable_at(item, where)
+        if found:
+            return found
+    return None
+
+
 def json_body(model: type[Model]) -> Model:
     """Parse the body as JSON into `model`, refusing unknown fields and duplicate keys."""
     mimetype = request.mimetype or ""
@@ -63,13 +99,22 @@ def json_body(model: type[Model]) -> Model:
     limit = services().settings.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"the body may be at most {limit} bytes")
-    raw = request.get_data(cache=False)
+    # Read one byte past the limit: a chunked body has no Content-Length to check first.
+    raw = request.stream.read(limit + 1)
     if len(raw) > limit:
         raise BodyTooLarge(f"the body may be at most {limit} bytes")
     try:
-        data = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
-    except (ValueError, UnicodeDecodeError):
+        data = json.loads(
+            raw,
+            object_pairs_hook=_refuse_duplicate_keys,
+            parse_constant=_refuse_constant,
+            parse_float=_finite,
+        )
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValidationFailed("the body is not valid JSON") from None
+    where = unprintable_at(data)
+    if where:
+        raise ValidationFailed(f"'{where}': must not contain NUL or control characters")
     if not isinstance(data, dict):
         raise ValidationFailed("the body must be a JSON object")
     try:
@@ -80,6 +125,9 @@ def json_body(model: type[Model]) -> Model:
 
 def query_args(model: type[Model]) -> Model:
     data = {key: value for key, value in request.args.items()}
+    where = unprintable_at(data)
+    if where:
+        raise ValidationFailed(f"'{where}': must not contain NUL or control characters")
     try:
         return model.model_validate(data)
     except ValidationError as error:

@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from broker.api.common import caller, json_body, query_args, services
 from broker.api.render import audit_json, lease_json, task_json
-from broker.errors import NotFound
 from broker.leases.service import Filters
 from broker.models import LEASE_STATES, TASK_STATES
 from broker.tasks.schemas import printable
@@ -56,6 +55,8 @@ class TaskQuery(ListQuery):
 class AuditQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task_id: uuid.UUID | None = None
+    task: str | None = None
+    state: str | None = None
     owner: str | None = None
     workload: str | None = None
     since: datetime | None = None
@@ -64,7 +65,8 @@ class AuditQuery(BaseModel):
     cursor: str | None = None
 
     def filters(self) -> Filters:
-        return Filters(owner=self.owner, workload=self.workload, task_id=self.task_id)
+        """`task` and `state` select events of tasks of that type or in that state."""
+        return Filters(self.state, self.owner, self.workload, self.task, self.task_id)
 
 
 class RevokeBody(BaseModel):
@@ -82,18 +84,16 @@ class KillSwitchBody(RevokeBody):
     owner: Annotated[str, StringConstraints(min_length=1)] | None = None
     task: Annotated[str, StringConstraints(min_length=1)] | None = None
 
+    @field_validator("workload", "owner", "task")
+    @classmethod
+    def _printable_filter(cls, value: str | None) -> str | None:
+        return None if value is None else printable(value)
+
     @model_validator(mode="after")
     def _scoped(self) -> KillSwitchBody:
         if self.workload is None and self.owner is None and self.task is None:
             raise ValueError("name at least one of 'workload', 'owner' or 'task'")
         return self
-
-
-def _lease_id(value: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise NotFound("no such lease") from None
 
 
 @bp.get("/leases")
@@ -104,17 +104,17 @@ def list_leases() -> Any:
     return jsonify(items=[lease_json(lease) for lease in found.items], next_cursor=found.next_cursor)
 
 
-@bp.get("/leases/<lease_id>")
-def get_lease(lease_id: str) -> Any:
+@bp.get("/leases/<uuid:lease_id>")
+def get_lease(lease_id: uuid.UUID) -> Any:
     caller("operator")
-    return jsonify(lease_json(services().operator.lease(_lease_id(lease_id))))
+    return jsonify(lease_json(services().operator.lease(lease_id)))
 
 
-@bp.post("/leases/<lease_id>/revoke")
-def revoke_lease(lease_id: str) -> Any:
+@bp.post("/leases/<uuid:lease_id>/revoke")
+def revoke_lease(lease_id: uuid.UUID) -> Any:
     operator = caller("operator")
     body = json_body(RevokeBody)
-    lease = services().operator.revoke_lease(operator, _lease_id(lease_id), body.reason)
+    lease = services().operator.revoke_lease(operator, lease_id, body.reason)
     return jsonify(lease_json(lease))
 
 

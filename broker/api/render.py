@@ -65,6 +65,8 @@ def _approval_json(task: Task) -> dict[str, Any] | None:
         state = "approved"
     elif task.state == "approval_expired":
         state = "lapsed"
+    elif task.state != "pending_approval":
+        state = "cancelled"  # finished, revoked or failed before anyone decided
     else:
         state = "pending"
     return {

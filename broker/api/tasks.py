@@ -10,7 +10,6 @@ from flask import Blueprint, jsonify
 from broker.api.common import caller, json_body, services
 from broker.api.render import credentials_json, task_json
 from broker.clock import rfc3339
-from broker.errors import NotFound
 from broker.tasks.schemas import FinishTask, StartTask, TaskRef
 from broker.tasks.service import TaskService
 
@@ -60,14 +59,7 @@ def finish() -> Any:
     return jsonify(task_json(task_service().finish(identity, body.task_id, body.outcome)))
 
 
-@bp.get("/task/<task_id>")
-def read(task_id: str) -> Any:
+@bp.get("/task/<uuid:task_id>")
+def read(task_id: uuid.UUID) -> Any:
     identity = caller("workload", "operator")
-    return jsonify(task_json(task_service().get(identity, parse_task_id(task_id))))
-
-
-def parse_task_id(value: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise NotFound("no such task") from None
+    return jsonify(task_json(task_service().get(identity, task_id)))

@@ -87,6 +87,17 @@ class OperatorService:
             query = query.where(AuditEvent.owner == filters.owner)
         if filters.workload is not None:
             query = query.where(AuditEvent.actor == filters.workload)
+        if filters.task is not None or filters.state is not None:
+            of_tasks = _matching(
+                select(Task.id),
+                Filters(state=filters.state, task=filters.task),
+                Task.state,
+                Task.owner,
+                Task.workload,
+                Task.task,
+                Task.id,
+            )
+            query = query.where(AuditEvent.task_id.in_(of_tasks))
         if since is not None:
             query = query.where(AuditEvent.at >= since)
         if event is not None:

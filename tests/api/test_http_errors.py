@@ -108,3 +108,48 @@ def test_a_body_without_content_type_is_read_as_json(client, issuers):
     response = client.post("/task/start", data=body, headers=issuers["spire"].bearer(AGENT))
     problem = assert_problem(response, 400, "validation_error")
     assert "purpose" in problem["detail"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"x\\u0000": "a"}}',
+        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"x": "a\\u0000b"}}',
+        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"x": NaN}}',
+        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"x": Infinity}}',
+        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"x": 1e999}}',
+        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001,
+        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"a": ' + b"[" * 1500 + b"]" * 1500 + b"}}",
+    ],
+    ids=["nul-in-key", "nul-in-value", "nan", "infinity", "overflow", "deep-objects", "deep-arrays"],
+)
+def test_hostile_context_is_400_not_500(client, issuers, body):
+    response = client.post("/task/start", data=body, content_type="application/json", headers=issuers["spire"].bearer(AGENT))
+    assert_problem(response, 400, "validation_error")
+
+
+def test_a_chunked_body_over_the_limit_is_413(client, issuers):
+    import io
+    import json
+
+    body = json.dumps({"task": "analytics-read", "owner": "a@example.com", "purpose": "x" * 200_000}).encode()
+
+    response = client.post(
+        "/task/start", input_stream=io.BytesIO(body), content_type="application/json",
+        headers={**issuers["spire"].bearer(AGENT), "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert_problem(response, 413, "body_too_large")
+
+
+@pytest.mark.parametrize("path", ["/tasks?owner=a%00b", "/leases?workload=a%00b", "/audit?owner=a%00b"])
+def test_nul_in_a_query_is_400(client, issuers, path):
+    operator = issuers["sso"].bearer("sre-sam@example.com", groups=["sre"])
+    assert_problem(client.get(path, headers=operator), 400, "validation_error")
+
+
+@pytest.mark.parametrize(("method", "path"), [("get", "/task/start"), ("get", "/task/finish"), ("get", "/leases/revoke")])
+def test_fixed_paths_are_not_mistaken_for_ids(client, method, path):
+    response = getattr(client, method)(path)
+    assert_problem(response, 405, "method_not_allowed")
+    assert "GET" not in response.headers["Allow"]

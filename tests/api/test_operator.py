@@ -235,3 +235,13 @@ def test_an_anchor_taken_before_anything_was_sealed_is_not_a_false_alarm(client,
     assert CliRunner().invoke(main, args).exit_code == 0
     seal(services)
     assert CliRunner().invoke(main, args).exit_code == 0
+
+
+def test_audit_takes_the_same_task_and_state_filters(client, issuers):
+    analytics = start(client, issuers)
+    everything = start(client, issuers, task="everything")
+    client.post("/task/finish", json={"task_id": everything["task_id"]}, headers=issuers["spire"].bearer(AGENT))
+    by_task = client.get("/audit?task=analytics-read", headers=sre(issuers)).get_json()["items"]
+    assert by_task and {event["task_id"] for event in by_task} == {analytics["task_id"]}
+    by_state = client.get("/audit?state=finished", headers=sre(issuers)).get_json()["items"]
+    assert by_state and {event["task_id"] for event in by_state} == {everything["task_id"]}
