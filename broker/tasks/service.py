@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from broker import metrics
 from broker.audit import record
@@ -337,22 +338,34 @@ class TaskService:
     ) -> Task:
         try:
             with self._uow() as session:
-                row = load_task(session, task.id, lock=True)
-                if row is None or row.state != "issuing":
+                # One guarded UPDATE instead of loading and locking the task: if a finish
+                # or the kill switch ended it meanwhile, nothing matches.
+                moved = session.execute(
+                    update(Task)
+                    .where(Task.id == task.id, Task.state == "issuing")
+                    .values(state="active")
+                    .returning(Task.id)
+                ).first()
+                if moved is None:
                     raise Conflict("the task ended while its credentials were being issued")
-                row.state = "active"
+                task.state = "active"
                 now = self._clock.now()
-                for name, secret in issued.items():
-                    lease = _lease_row(row, name, specs[name].kind, secret, now)
-                    row.leases.append(lease)
-                    session.flush()
+                leases = [
+                    _lease_row(task, name, specs[name].kind, secret, now) for name, secret in issued.items()
+                ]
+                session.add_all(leases)
+                for lease, secret in zip(leases, issued.values(), strict=True):
                     record(
                         session,
                         self._clock,
                         "lease.issued",
                         actor,
                         lease=lease,
-                        detail={"name": name, "kind": lease.kind, "vault_lease_id": secret.vault_lease_id},
+                        detail={
+                            "name": lease.name,
+                            "kind": lease.kind,
+                            "vault_lease_id": secret.vault_lease_id,
+                        },
                     )
                     metrics.LEASES_ISSUED.labels(lease.kind).inc()
                 record(
@@ -360,11 +373,12 @@ class TaskService:
                     self._clock,
                     "task.started",
                     actor,
-                    task=row,
-                    detail={"credentials": sorted(issued), "expires_at": rfc3339(row.expires_at)},
+                    task=task,
+                    detail={"credentials": sorted(issued), "expires_at": rfc3339(task.expires_at)},
                 )
-                task.state = "active"
-            return row
+            # The task object is detached now; give it its leases without a load.
+            set_committed_value(task, "leases", sorted(leases, key=lambda lease: lease.name))
+            return task
         except (DatabaseUnavailable, Conflict) as error:
             # Record before release: without committed leases, nothing leaves the broker.
             self._revoke_quietly(token.accessor, issued)
