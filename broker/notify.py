@@ -40,10 +40,6 @@ class Notifier:
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    @property
-    def enabled(self) -> bool:
-        return self._settings is not None
-
     def send(self, event: str, payload: Mapping[str, Any]) -> None:
         if self._settings is None:
             return

@@ -147,10 +147,7 @@ class AuditRecorder:
             return
         rows = []
         for item in pending:
-            fields = chained_fields(
-                item.id, item.at, item.event, item.actor, item.task_id, item.lease_id,
-                item.owner, item.purpose, item.detail,
-            )  # fmt: skip
+            fields = _fields_of(item)
             rows.append(
                 {
                     "id": item.id, "at": item.at, "event": item.event, "actor": item.actor,

@@ -12,7 +12,6 @@ import contextlib
 import importlib.util
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -245,7 +244,3 @@ def _initdb(handle: PostgresHandle) -> None:
     if result.returncode != 0:
         raise StackError(f"initdb failed: {result.stderr.strip()[:500]}")
     (handle.data_dir / "pg_hba.conf").write_text(_PG_HBA)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

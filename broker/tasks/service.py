@@ -45,7 +45,16 @@ from broker.identity import Identity
 from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
 from broker.models import TASK_OPEN_STATES, Lease, Task, load_task
 from broker.notify import Notifier
-from broker.policy import CompiledTask, Decision, PolicyStore, TaskRequest, TtlExceedsMax, UnknownTask, Usage
+from broker.policy import (
+    CompiledTask,
+    Decision,
+    PolicySnapshot,
+    PolicyStore,
+    TaskRequest,
+    TtlExceedsMax,
+    UnknownTask,
+    Usage,
+)
 from broker.tasks.schemas import StartTask
 from broker.vault import (
     IssuedSecret,
@@ -120,12 +129,13 @@ class TaskService:
     # ---- start -------------------------------------------------------------------------
 
     def start(self, identity: Identity, body: StartTask) -> StartResult:
-        policy = self._policies.current()
+        # One snapshot for the whole start, so a reload can't change the task type midway.
+        snapshot = self._policies.snapshot()
         try:
-            compiled = policy.task(body.task)
+            compiled = snapshot.policy.task(body.task)
         except UnknownTask:
             raise UnknownTaskError(f"no task type named '{body.task}' in the policy") from None
-        task, decision, token = self._decide_and_record(identity, body)
+        task, decision, token = self._decide_and_record(identity, body, snapshot, compiled)
         if not decision.allowed:
             metrics.TASKS_STARTED.labels(body.task, "limited" if decision.limit_exceeded else "denied").inc()
             raise _denial(decision)
@@ -139,11 +149,9 @@ class TaskService:
         return StartResult(task=active, credentials=credentials)
 
     def _decide_and_record(
-        self, identity: Identity, body: StartTask
+        self, identity: Identity, body: StartTask, snapshot: PolicySnapshot, compiled: CompiledTask
     ) -> tuple[Task, Decision, TaskToken | None]:
-        snapshot = self._policies.snapshot()
         policy = snapshot.policy
-        compiled = policy.task(body.task)
         request = TaskRequest(
             task=body.task,
             owner=body.owner,
@@ -187,7 +195,7 @@ class TaskService:
                 created_at=now,
                 policy_version=f"{snapshot.version}:{snapshot.sha256[:12]}",
             )
-            task.request_hash = request_hash(task, policy.task(body.task).credentials)
+            task.request_hash = request_hash(task, compiled.credentials)
             if not decision.allowed:
                 record(
                     session,
@@ -204,7 +212,7 @@ class TaskService:
                     },
                 )
             elif decision.approval_required:
-                approval = policy.task(body.task).approval
+                approval = compiled.approval
                 task.state = "pending_approval"
                 task.approval_expires_at = now + timedelta(seconds=approval.expires_in if approval else 600)
                 session.add(task)
