@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +36,8 @@ from broker.identity.types import Identity, IdentityUse
 
 MAX_SUBJECT_LENGTH = 2048
 MAX_JTI_LENGTH = 256
+# Distinct tokens remembered as verified (about 2 KB each); the oldest go first.
+VERIFIED_CACHE_SIZE = 4096
 # 9999-12-31T23:59:59Z: the last instant a `datetime` can hold.
 _MAX_TIMESTAMP = 253402300799
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
@@ -62,6 +67,48 @@ class _Issuer:
     keys: JwksCache
 
 
+@dataclass(frozen=True)
+class _Verified:
+    identity: Identity
+    claims: dict[str, Any]
+    issuer: _Issuer
+    kid: str
+    algorithm: str
+    key: jwt.PyJWK
+
+
+class _VerifiedTokens:
+    """Tokens whose signature and claims were already checked, by SHA-256 of the token.
+
+    An agent presents one token for its start, its finish and everything between; the
+    signature check is the costly part of verifying it and its answer can't change while
+    the key it was checked with is still the issuer's. A hit is used only if the issuer's
+    JWKS still yields that same key object (a rotation or a changed file builds new ones)
+    and the time claims still hold now. Single-use tokens never enter: each use must
+    consume its jti.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[bytes, _Verified] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def digest(token: object, max_bytes: int) -> bytes | None:
+        if not isinstance(token, str) or len(token) > max_bytes:
+            return None  # left to the full path, which says why
+        return hashlib.sha256(token.encode()).digest()
+
+    def get(self, digest: bytes) -> _Verified | None:
+        return self._entries.get(digest)
+
+    def put(self, digest: bytes, verified: _Verified) -> None:
+        with self._lock:
+            self._entries[digest] = verified
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
 class Verifier:
     """Verifies bearer JWTs against the configured issuers. Thread-safe; build one per process."""
 
@@ -88,6 +135,7 @@ class Verifier:
         self._operator_groups = frozenset(operator_groups)
         self._clock = clock
         self._issuers = {i.issuer: _build_issuer(i, clock, session) for i in issuers}
+        self._verified = _VerifiedTokens(VERIFIED_CACHE_SIZE)
 
     @classmethod
     def from_settings(
@@ -122,6 +170,12 @@ class Verifier:
     def verify(self, token: str) -> Identity:
         """The identity the token proves, or `InvalidToken` (never another exception
         about the token; a failing `JtiStore` propagates its own error)."""
+        digest = self._verified.digest(token, self._max_token_bytes)
+        seen = self._verified.get(digest) if digest is not None else None
+        if seen is not None and seen.issuer.keys.signing_key(seen.kid, seen.algorithm) is seen.key:
+            # The signature was checked against this very key; time is all that moved.
+            self._check_times(seen.claims, seen.issuer.settings)
+            return seen.identity
         header, unverified = _parse_unverified(token, self._max_token_bytes)
         _check_common_header(header)
         issuer = self._issuer_for(unverified)
@@ -132,6 +186,8 @@ class Verifier:
         identity = self._identity(claims, issuer.settings, exp)
         if issuer.settings.single_use:
             self._consume_jti(identity, exp)
+        elif digest is not None:
+            self._verified.put(digest, _Verified(identity, claims, issuer, kid, algorithm, key))
         return identity
 
     def _issuer_for(self, unverified: dict[str, Any]) -> _Issuer:

@@ -60,6 +60,20 @@ def test_J24_file_rotation_is_picked_up_at_once(make_verifier: Any, idp: TestIss
     refused(verifier, idp.mint("alice", key=old), "unknown signing key")
 
 
+def test_a_verified_token_is_checked_again_when_its_kid_names_another_key(
+    make_verifier: Any, idp: TestIssuer, refused: Any
+) -> None:
+    # Verified tokens are remembered; the memory must not outlive the key that signed it.
+    verifier = make_verifier(idp)
+    token = idp.mint("alice")
+    assert verifier.verify(token).subject == "alice"
+    assert verifier.verify(token).subject == "alice"
+    idp.keys = [SigningKey.generate(idp.key.algorithm, kid=idp.key.kid)]
+    idp.write_jwks()
+    refused(verifier, token)
+    assert verifier.verify(idp.mint("alice")).subject == "alice"
+
+
 @pytest.mark.parametrize(
     "content",
     [None, b"not json", b'{"keys": "x"}', b"[]", b"x" * (512 * 1024 + 1)],
