@@ -102,6 +102,9 @@ def request_hash(task: Task, credentials: Mapping[str, CredentialSpec]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_LOCK_AND_NOW = text("SELECT now() FROM pg_advisory_xact_lock(:key)")
+
+
 def _workload_lock_key(workload: str, task: str) -> int:
     digest = hashlib.blake2b(f"{workload}\x00{task}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
@@ -173,10 +176,8 @@ class TaskService:
         with self._compensating(tokens), self._uow() as session:
             # Serialise starts of one workload for one task type so limits can't be raced.
             # The database's clock, so every replica measures deadlines against one time.
-            now: datetime = session.execute(
-                text("SELECT now() FROM pg_advisory_xact_lock(:key)"),
-                {"key": _workload_lock_key(identity.id, body.task)},
-            ).scalar_one()
+            key = {"key": _workload_lock_key(identity.id, body.task)}
+            now: datetime = session.connection().execute(_LOCK_AND_NOW, key).scalar_one()
             usage = self._usage(session, identity.id, body.task, now)
             try:
                 decision = policy.evaluate(identity, request, usage, now)
@@ -246,11 +247,11 @@ class TaskService:
     def _usage(self, session: Session, workload: str, task: str, now: datetime) -> Usage:
         open_states = Task.state.in_(TASK_OPEN_STATES)
         recent = Task.created_at > now - timedelta(seconds=60)
-        active, started = session.execute(
-            select(func.count().filter(open_states), func.count().filter(recent)).where(
-                Task.workload == workload, Task.task == task, or_(open_states, recent)
-            )
-        ).one()
+        counts = select(func.count().filter(open_states), func.count().filter(recent)).where(
+            Task.workload == workload, Task.task == task, or_(open_states, recent)
+        )
+        # Core statements go to the connection: the ORM's execute layer has nothing to add.
+        active, started = session.connection().execute(counts).one()
         return Usage(active_for_workload=int(active), starts_last_minute=int(started))
 
     # ---- issuing -----------------------------------------------------------------------
@@ -347,12 +348,13 @@ class TaskService:
             with self._uow() as session:
                 # One guarded UPDATE instead of loading and locking the task: if a finish
                 # or the kill switch ended it meanwhile, nothing matches.
-                moved = session.execute(
+                activate = (
                     update(Task)
                     .where(Task.id == task.id, Task.state == "issuing")
                     .values(state="active")
                     .returning(Task.id)
-                ).first()
+                )
+                moved = session.connection().execute(activate).first()
                 if moved is None:
                     raise Conflict("the task ended while its credentials were being issued")
                 task.state = "active"
