@@ -54,17 +54,31 @@ class TaskTokenPool:
     ) -> TaskToken:
         """A token for one task of type `task` that lives at least `ttl_needed` seconds."""
         token = self.take_ready(task=task, specs=specs, ttl_max=ttl_max, ttl_needed=ttl_needed)
-        return token if token is not None else self._mint(_key(task, specs, ttl_max), specs)
+        if token is not None:
+            return token
+        key = _key(task, specs, ttl_max)
+        token = self._mint(key, specs)
+        self._refill_behind(key, specs)
+        return token
 
     def take_ready(
         self, *, task: str, specs: Mapping[str, CredentialSpec], ttl_max: int, ttl_needed: int
     ) -> TaskToken | None:
-        """A pooled token if one is ready, without calling Vault (a refill starts behind it)."""
+        """A pooled token if one is ready, without calling Vault (a refill starts behind it).
+
+        With none ready nothing is asked of Vault here: the caller checks the database
+        first and then mints through `take`, which starts the refill. A start refused
+        for a down database must leave Vault untouched (catalogue F02).
+        """
         key = _key(task, specs, ttl_max)
         token = self._pop_fresh(key, ttl_needed)
+        if token is not None:
+            self._refill_behind(key, specs)
+        return token
+
+    def _refill_behind(self, key: PoolKey, specs: Mapping[str, CredentialSpec]) -> None:
         if self._depth and not self._closed:
             self._ask_refill(key, specs)
-        return token
 
     def give_back(
         self, token: TaskToken, *, task: str, specs: Mapping[str, CredentialSpec], ttl_max: int

@@ -9,6 +9,8 @@ error is returned. Once Postgres is back, the reconciler closes the stuck task r
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -41,6 +43,8 @@ def test_postgres_down_before_start_answers_503_without_calling_vault(
     answer = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
 
     assert_unavailable(answer, "database_unavailable")
+    # Nor later: no background token refill may start for a start that was refused.
+    time.sleep(0.5)
     assert vault_proxy.exchanges == []
     assert ledger.tasks() == []
 
