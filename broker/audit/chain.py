@@ -21,20 +21,23 @@ import hmac
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, event, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import BigInteger, Connection, Table, Text, bindparam, event, func, select
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.clock import Clock, rfc3339
 from broker.models import AuditEvent, AuditHead, Lease, Task
 
 GENESIS = "0" * 64
+# Most events one sealing transaction links; the scheduler loops while batches come back full.
+SEAL_BATCH = 5000
 _AUDIT_TABLE = cast(Table, AuditEvent.__table__)
+_HEAD_TABLE = cast(Table, AuditHead.__table__)
 log = logging.getLogger(__name__)
 _PENDING = "broker.audit.pending"
 
@@ -160,37 +163,88 @@ class AuditRecorder:
         session.connection().execute(_AUDIT_TABLE.insert(), rows)
 
 
-def seal_pending(session: Session, key: bytes | None, limit: int = 5000) -> int:
+_COLUMNS = _AUDIT_TABLE.c
+_HEAD_FOR_UPDATE = (
+    select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where(_HEAD_TABLE.c.id == 1).with_for_update()
+)
+_HEAD_MOVE = _HEAD_TABLE.update().where(_HEAD_TABLE.c.id == 1)
+_SEALED_BEFORE = select(_COLUMNS.seq).where(_COLUMNS.chain_seq.is_not(None)).limit(1)
+# An unsealed row's own fields (for its MAC) and its seq: everything but the links it lacks.
+_UNSEALED = (
+    select(*(column for column in _COLUMNS if column.name not in {"chain_seq", "prev_hash", "hash"}))
+    .where(_COLUMNS.chain_seq.is_(None))
+    .order_by(_COLUMNS.seq)
+)
+# Every link of a batch in one statement with four array parameters: constant SQL (compiled
+# once), one round trip, instead of one UPDATE per row.
+_LINK_ROWS = (
+    func.unnest(
+        bindparam("seqs", type_=ARRAY(BigInteger)),
+        bindparam("chain_seqs", type_=ARRAY(BigInteger)),
+        bindparam("prev_hashes", type_=ARRAY(Text)),
+        bindparam("hashes", type_=ARRAY(Text)),
+    )
+    .table_valued("seq", "chain_seq", "prev_hash", "hash")
+    .render_derived(name="link")
+)
+_LINK = (
+    _AUDIT_TABLE.update()
+    .where(_COLUMNS.seq == _LINK_ROWS.c.seq)
+    .values(chain_seq=_LINK_ROWS.c.chain_seq, prev_hash=_LINK_ROWS.c.prev_hash, hash=_LINK_ROWS.c.hash)
+)
+
+
+def seal_pending(session: Session, key: bytes | None, limit: int = SEAL_BATCH) -> int:
     """Link unsealed events into the chain, oldest first; returns how many were sealed.
 
     The head row lock makes concurrent sealers (several schedulers) take turns; the
     second finds nothing left to do. A row whose MAC does not verify is left unsealed
     and reported by `verify_chain`: sealing it would vouch for a forgery.
     """
-    session.execute(insert(AuditHead).values(id=1, seq=0, hash=GENESIS).on_conflict_do_nothing())
-    head = session.scalars(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
-    sealed_before = select(AuditEvent.seq).where(AuditEvent.chain_seq.is_not(None)).limit(1)
-    if head.seq == 0 and session.scalar(sealed_before) is not None:
+    # Core rows, not ORM objects: the sealer reads each event once, so the identity map and
+    # the ORM's bulk-update path were pure overhead (over half its CPU at 2,500 events).
+    connection = session.connection()
+    head_seq, head_hash = _locked_head(connection)
+    if head_seq == 0 and connection.execute(_SEALED_BEFORE).first() is not None:
         # The head is gone while sealed events exist: someone deleted it. Sealing on from
         # a fresh head would bury that; stop and let `broker audit verify` say so.
         log.error("audit chain head missing while sealed events exist; not sealing")
         return 0
-    rows = session.scalars(
-        select(AuditEvent).where(AuditEvent.chain_seq.is_(None)).order_by(AuditEvent.seq).limit(limit)
-    ).all()
-    prev, position, updates = head.hash, head.seq, []
+    rows = connection.execute(_UNSEALED.limit(limit)).all()
+    links = _links(rows, head_hash, head_seq, key)
+    if links:
+        seqs, chain_seqs, prev_hashes, hashes = (list(column) for column in zip(*links, strict=True))
+        connection.execute(
+            _LINK, {"seqs": seqs, "chain_seqs": chain_seqs, "prev_hashes": prev_hashes, "hashes": hashes}
+        )
+        connection.execute(_HEAD_MOVE.values(seq=chain_seqs[-1], hash=hashes[-1]))
+    return len(links)
+
+
+def _locked_head(connection: Connection) -> tuple[int, str]:
+    """The head's (seq, hash), locked until commit; created at genesis when missing."""
+    head = connection.execute(_HEAD_FOR_UPDATE).first()
+    if head is None:
+        # Insert only when missing: the usual seal then costs one statement, not two.
+        connection.execute(insert(_HEAD_TABLE).values(id=1, seq=0, hash=GENESIS).on_conflict_do_nothing())
+        head = connection.execute(_HEAD_FOR_UPDATE).one()
+    return head.seq, head.hash
+
+
+def _links(
+    rows: Iterable[Any], prev: str, position: int, key: bytes | None
+) -> list[tuple[int, int, str, str]]:
+    """(seq, chain_seq, prev_hash, hash) for each row whose MAC holds, chained in seq order."""
+    links = []
     for row in rows:
         if row.row_mac != row_mac(_fields_of(row), key):
             log.error("audit event seq %s fails its MAC; left unsealed", row.seq)
             continue
         position += 1
         digest = link_hash(prev, row.row_mac, key)
-        updates.append({"seq": row.seq, "chain_seq": position, "prev_hash": prev, "hash": digest})
+        links.append((row.seq, position, prev, digest))
         prev = digest
-    if updates:
-        session.execute(update(AuditEvent), updates)
-        head.seq, head.hash = position, prev
-    return len(updates)
+    return links
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,34 @@ def test_with_an_audit_key_a_forged_event_is_never_sealed(stack, issuers, policy
     assert result.exit_code == 1 and "forged" in result.output
 
 
+def test_sealing_in_batches_links_every_good_event_in_order_around_a_forged_one(client, issuers, services):
+    from broker.audit import seal_pending, verify_chain
+    from broker.db import unit_of_work
+
+    start(client, issuers)
+    with services.engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO audit_events (id, at, event, actor, detail, row_mac)"
+            " VALUES (gen_random_uuid(), now(), 'lease.revoked', 'sre-sam', '{}', repeat('a', 64))"
+        ))
+    start(client, issuers, sub=OTHER)
+    sealed = []
+    while not sealed or sealed[-1]:
+        with unit_of_work(services.sessions) as session:
+            sealed.append(seal_pending(session, services.audit_key, limit=2))
+    with services.engine.connect() as connection:
+        rows = connection.execute(text("SELECT seq, chain_seq, actor FROM audit_events ORDER BY seq")).all()
+        head = connection.execute(text("SELECT seq FROM audit_head")).scalar_one()
+    good = [row for row in rows if row.actor != "sre-sam"]
+    assert [row.chain_seq for row in good] == list(range(1, len(good) + 1)) == list(range(1, sum(sealed) + 1))
+    assert [row.chain_seq for row in rows if row.actor == "sre-sam"] == [None]
+    assert head == len(good) and len(sealed) > 2
+    with unit_of_work(services.sessions) as session:
+        report = verify_chain(session, services.audit_key)
+    assert report.checked == len(good) and report.unsealed == 1
+    assert [problem.problem.split(":")[0] for problem in report.problems] == ["content changed or forged"]
+
+
 def test_an_anchor_kept_outside_catches_a_deleted_tail_with_a_rewound_head(client, issuers, config_file, services, tmp_path):
     anchor = tmp_path / "anchor.json"
     for _ in range(2):

@@ -187,3 +187,54 @@ def test_the_task_token_is_retired_after_finish(client, issuers, services, stack
         assert Jobs(services, pool).retire_tokens() == 1
         assert Jobs(services, pool).retire_tokens() == 0
     assert vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": accessor}).status_code == 400
+
+
+def test_a_token_vault_refuses_stays_for_the_next_run_while_the_rest_of_its_batch_retire(
+    client, issuers, services, stack, monkeypatch
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from broker.scheduler.jobs import Jobs
+    from broker.vault import VaultUnavailable
+    from tests.factories import vault
+
+    for index in range(3):
+        headers = issuers["spire"].bearer(f"spiffe://example.org/agents/retire-{index}")
+        task_id = client.post("/task/start", json=start_body(), headers=headers).get_json()["task_id"]
+        assert client.post("/task/finish", json={"task_id": task_id}, headers=headers).status_code == 200
+    with services.engine.connect() as connection:
+        oldest, *others = connection.execute(text("SELECT token_accessor FROM tasks ORDER BY finished_at")).scalars()
+    refused: set[str] = set()
+    calls: list[str] = []
+    revoke = services.vault.revoke_task_token
+
+    def flaky(accessor):
+        calls.append(accessor)
+        if accessor in refused:
+            raise VaultUnavailable("revoke token", "connection refused")
+        revoke(accessor)
+
+    monkeypatch.setattr(services.vault, "revoke_task_token", flaky)
+
+    def unretired():
+        with services.engine.connect() as connection:
+            query = "SELECT token_accessor FROM tasks WHERE token_revoked_at IS NULL ORDER BY finished_at"
+            return list(connection.execute(text(query)).scalars())
+
+    with ThreadPoolExecutor(4) as pool:
+        jobs = Jobs(services, pool)
+        refused.update([oldest, *others])  # Vault down: each tried once, nothing marked, no spin
+        assert jobs.retire_tokens() == 0
+        assert sorted(calls) == sorted([oldest, *others]) and unretired() == [oldest, *others]
+
+        refused.difference_update(others)  # only the oldest refused: the rest of the batch retires
+        calls.clear()
+        assert jobs.retire_tokens() == 2
+        assert calls.count(oldest) == 1 and unretired() == [oldest]
+        for accessor in others:
+            assert vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": accessor}).status_code == 400
+
+        refused.clear()
+        assert jobs.retire_tokens() == 1
+        assert unretired() == []
+    assert vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": oldest}).status_code == 400
