@@ -15,13 +15,13 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, func, or_, select, text, update
+from sqlalchemy import bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -55,6 +55,7 @@ from broker.policy import (
     UnknownTask,
     Usage,
 )
+from broker.tasks.ledger import insert_rows, read_task, write_back_end
 from broker.tasks.schemas import StartTask
 from broker.vault import (
     IssuedSecret,
@@ -102,7 +103,20 @@ def request_hash(task: Task, credentials: Mapping[str, CredentialSpec]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# The start path's statements, built once: building one and deriving its cache key each
+# time cost more than running it.
 _LOCK_AND_NOW = text("SELECT now() FROM pg_advisory_xact_lock(:key)")
+_OPEN = Task.state.in_(TASK_OPEN_STATES)
+_RECENT = Task.created_at > bindparam("since")
+_USAGE = select(func.count().filter(_OPEN), func.count().filter(_RECENT)).where(
+    Task.workload == bindparam("workload"), Task.task == bindparam("task"), or_(_OPEN, _RECENT)
+)
+_ACTIVATE = (
+    update(Task)
+    .where(Task.id == bindparam("task_id"), Task.state == "issuing")
+    .values(state="active")
+    .returning(Task.id)
+)
 
 
 def _workload_lock_key(workload: str, task: str) -> int:
@@ -227,7 +241,7 @@ class TaskService:
                 if not tokens:  # the first look disagreed; rare (a policy reload in between)
                     tokens.append(self._take_token(identity, body, compiled))
                 task.token_accessor = tokens[0].accessor
-                _insert_rows(session, [task])
+                insert_rows(session, [task])
                 record(
                     session,
                     self._clock,
@@ -245,13 +259,11 @@ class TaskService:
         return task, decision, tokens[0]
 
     def _usage(self, session: Session, workload: str, task: str, now: datetime) -> Usage:
-        open_states = Task.state.in_(TASK_OPEN_STATES)
-        recent = Task.created_at > now - timedelta(seconds=60)
-        counts = select(func.count().filter(open_states), func.count().filter(recent)).where(
-            Task.workload == workload, Task.task == task, or_(open_states, recent)
-        )
+        since = now - timedelta(seconds=60)
         # Core statements go to the connection: the ORM's execute layer has nothing to add.
-        active, started = session.connection().execute(counts).one()
+        active, started = (
+            session.connection().execute(_USAGE, {"workload": workload, "task": task, "since": since}).one()
+        )
         return Usage(active_for_workload=int(active), starts_last_minute=int(started))
 
     # ---- issuing -----------------------------------------------------------------------
@@ -348,13 +360,7 @@ class TaskService:
             with self._uow() as session:
                 # One guarded UPDATE instead of loading and locking the task: if a finish
                 # or the kill switch ended it meanwhile, nothing matches.
-                activate = (
-                    update(Task)
-                    .where(Task.id == task.id, Task.state == "issuing")
-                    .values(state="active")
-                    .returning(Task.id)
-                )
-                moved = session.connection().execute(activate).first()
+                moved = session.connection().execute(_ACTIVATE, {"task_id": task.id}).first()
                 if moved is None:
                     raise Conflict("the task ended while its credentials were being issued")
                 task.state = "active"
@@ -362,7 +368,7 @@ class TaskService:
                 leases = [
                     _lease_row(task, name, specs[name].kind, secret, now) for name, secret in issued.items()
                 ]
-                _insert_rows(session, leases)
+                insert_rows(session, leases)
                 for lease, secret in zip(leases, issued.values(), strict=True):
                     record(
                         session,
@@ -472,7 +478,7 @@ class TaskService:
 
     def finish(self, identity: Identity, task_id: uuid.UUID, outcome: str) -> Task:
         with self._uow() as session:
-            task = self._owned(session, identity, task_id, lock=True)
+            task = _mine(read_task(session, task_id, lock=True), identity)
             if task.state not in TERMINAL_TASK_STATES:
                 final_outcome = "cancelled" if task.state == "pending_approval" else outcome
                 self._revoker.end_task(
@@ -484,23 +490,20 @@ class TaskService:
                     trigger="finish",
                     outcome=final_outcome,
                 )
+                write_back_end(session, task)
         return task
 
     def get(self, identity: Identity, task_id: uuid.UUID) -> Task:
         with self._uow() as session:
-            if identity.may("operator"):
-                task = load_task(session, task_id)
-                if task is None:
-                    raise NotFound("no such task")
-                return task
-            return self._owned(session, identity, task_id, lock=False)
+            task = read_task(session, task_id)
+        if identity.may("operator"):
+            if task is None:
+                raise NotFound("no such task")
+            return task
+        return _mine(task, identity)
 
     def _owned(self, session: Session, identity: Identity, task_id: uuid.UUID, *, lock: bool) -> Task:
-        task = load_task(session, task_id, lock=lock)
-        # Another workload's task is indistinguishable from a missing one (SPEC §6.6).
-        if task is None or task.workload != identity.id:
-            raise NotFound("no such task")
-        return task
+        return _mine(load_task(session, task_id, lock=lock), identity)
 
     # ---- plumbing ----------------------------------------------------------------------
 
@@ -514,6 +517,13 @@ class TaskService:
         return value
 
 
+def _mine(task: Task | None, identity: Identity) -> Task:
+    # Another workload's task is indistinguishable from a missing one (SPEC §6.6).
+    if task is None or task.workload != identity.id:
+        raise NotFound("no such task")
+    return task
+
+
 def _approval_summary(task: Task) -> dict[str, Any]:
     return {
         "task_id": str(task.id),
@@ -525,18 +535,6 @@ def _approval_summary(task: Task) -> dict[str, Any]:
         "ttl_seconds": task.ttl_seconds,
         "approval_expires_at": rfc3339(task.approval_expires_at),
     }
-
-
-def _insert_rows(session: Session, rows: Sequence[Task] | Sequence[Lease]) -> None:
-    """INSERT new rows with one cached Core statement instead of an ORM flush.
-
-    The hot path's objects are only rendered afterwards, never changed again in this
-    session, so the unit of work's bookkeeping (identity map, history, refresh) is
-    pure cost. Every column is given explicitly, so no default is left to the ORM.
-    """
-    table = cast(Table, type(rows[0]).__table__)
-    values = [{column.key: getattr(row, column.key) for column in table.columns} for row in rows]
-    session.connection().execute(table.insert(), values)
 
 
 def _lease_row(task: Task, name: str, kind: str, secret: IssuedSecret, now: datetime) -> Lease:
