@@ -76,6 +76,10 @@ class VaultSettings(_Strict):
     # Ready task tokens kept per task type and process, so a start skips one Vault call.
     # 0 mints each task's token on demand.
     task_token_pool: int = Field(default=2, ge=0, le=32)
+    # A finish that revoked every lease of its task (in the process that started it) pools
+    # the task's token for the next task of the same type instead of revoking it; false:
+    # every task gets a token of its own that is revoked when the task ends.
+    task_token_reuse: bool = True
     verify_tls: bool = True
 
 

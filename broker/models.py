@@ -81,11 +81,13 @@ class Task(Base):
             "task",
             postgresql_where=text("state IN ('issuing', 'pending_approval', 'active')"),
         ),
-        # Ended tasks whose Vault token the scheduler has yet to revoke.
+        # Ended tasks whose Vault token the scheduler has yet to revoke (not released for reuse).
         Index(
             "ix_tasks_token_unrevoked",
             "finished_at",
-            postgresql_where=text("token_accessor IS NOT NULL AND token_revoked_at IS NULL"),
+            postgresql_where=text(
+                "token_accessor IS NOT NULL AND token_revoked_at IS NULL AND token_released_at IS NULL"
+            ),
         ),
         Index("ix_tasks_owner_created", "owner", "created_at"),
         Index("ix_tasks_created", "created_at", "id"),
@@ -114,6 +116,9 @@ class Task(Base):
     # crash mid-issue leaves something the reconciler can revoke (SPEC §6.2).
     token_accessor: Mapped[str | None] = mapped_column(String(128))
     token_revoked_at: Mapped[datetime | None] = mapped_column(_tz())
+    # Set when a finish handed the (then empty) token back to its process for the next
+    # task of the type; the scheduler does not retire a released token.
+    token_released_at: Mapped[datetime | None] = mapped_column(_tz())
     policy_version: Mapped[str | None] = mapped_column(String(64))
 
     leases: Mapped[list[Lease]] = relationship(

@@ -75,7 +75,9 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
     backoff = Backoff(settings.scheduler.retry_base_seconds, settings.scheduler.retry_max_seconds)
     revoker = Revoker(vault, clock, backoff)
     notifier = Notifier(settings.notify)
-    token_pool = TaskTokenPool(vault, clock, depth=settings.vault.task_token_pool)
+    token_pool = TaskTokenPool(
+        vault, clock, depth=settings.vault.task_token_pool, reuse=settings.vault.task_token_reuse
+    )
     return Services(
         settings=settings,
         engine=engine,

@@ -71,6 +71,7 @@ def spent_token(limit: int = RETIRE_BATCH) -> Select[uuid.UUID, str | None]:
         .where(
             Task.token_accessor.is_not(None),
             Task.token_revoked_at.is_(None),
+            Task.token_released_at.is_(None),
             Task.state.in_(TERMINAL_TASK_STATES),
             ~Task.leases.any(Lease.state != "revoked"),
         )

@@ -45,6 +45,7 @@ _TASK_ENDED = (
         finished_at=bindparam("p_finished_at"),
         end_reason=bindparam("p_end_reason"),
         outcome=bindparam("p_outcome"),
+        token_released_at=bindparam("p_token_released_at"),
     )
 )
 _LEASE_FIELDS = ("state", "revoked_at", "revoke_reason", "revoke_attempts", "last_error", "next_attempt_at")
@@ -86,6 +87,7 @@ def write_back_end(session: Session, task: Task) -> None:
             "p_finished_at": task.finished_at,
             "p_end_reason": task.end_reason,
             "p_outcome": task.outcome,
+            "p_token_released_at": task.token_released_at,
         },
     )
     if task.leases:

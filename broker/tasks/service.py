@@ -161,7 +161,7 @@ class TaskService:
             self._notifier.send("approval.requested", _approval_summary(task))
             return StartResult(task=task, credentials=None)
         assert token is not None
-        active, credentials = self._issue(task, token, identity.id, compiled.credentials, actor=identity.id)
+        active, credentials = self._issue(task, token, identity.id, compiled, actor=identity.id)
         metrics.TASKS_STARTED.labels(body.task, "active").inc()
         return StartResult(task=active, credentials=credentials)
 
@@ -269,8 +269,9 @@ class TaskService:
     # ---- issuing -----------------------------------------------------------------------
 
     def _issue(
-        self, task: Task, token: TaskToken, workload: str, specs: Mapping[str, CredentialSpec], *, actor: str
+        self, task: Task, token: TaskToken, workload: str, compiled: CompiledTask, *, actor: str
     ) -> tuple[Task, dict[str, IssuedCredential]]:
+        specs = compiled.credentials
         issued: dict[str, IssuedSecret] = {}
         try:
             for name, spec in specs.items():
@@ -283,6 +284,15 @@ class TaskService:
                 raise VaultUnavailableError("Vault could not be reached; nothing was issued") from None
             raise IssuanceFailed("Vault refused one of the task's credentials; nothing was issued") from None
         active = self._commit_leases(task, specs, issued, token, actor)
+        assert active.expires_at is not None
+        self._tokens.lend(
+            active.id,
+            token,
+            task=compiled.name,
+            specs=specs,
+            ttl_max=compiled.ttl_max,
+            until=active.expires_at,
+        )
         return active, {
             name: IssuedCredential(
                 name=name,
@@ -471,7 +481,7 @@ class TaskService:
             tokens.append(token)
             task.token_accessor = token.accessor
             record(session, self._clock, "task.claimed", identity.id, task=task)
-        active, credentials = self._issue(task, token, identity.id, compiled.credentials, actor=identity.id)
+        active, credentials = self._issue(task, token, identity.id, compiled, actor=identity.id)
         return StartResult(task=active, credentials=credentials)
 
     # ---- finish and read ---------------------------------------------------------------
@@ -490,8 +500,21 @@ class TaskService:
                     trigger="finish",
                     outcome=final_outcome,
                 )
+                if self._token_reusable(task):
+                    task.token_released_at = task.finished_at
                 write_back_end(session, task)
+        if task.token_released_at is not None:
+            self._tokens.give_back_used(task.id)  # only now: the release is committed
         return task
+
+    def _token_reusable(self, task: Task) -> bool:
+        """A task token may serve another task once nothing it created is alive: every
+        lease revoked (synchronously, just now) and the token held by this process."""
+        if task.token_accessor is None or task.token_revoked_at is not None:
+            return False
+        if any(lease.state != "revoked" for lease in task.leases):
+            return False
+        return self._tokens.holds(task.id, task.token_accessor)
 
     def get(self, identity: Identity, task_id: uuid.UUID) -> Task:
         with self._uow() as session:

@@ -4,19 +4,26 @@ A task token is created through the task token role with the task type's policie
 TTL of the type's *maximum* TTL (SPEC §6.4: Vault's TTLs never exceed the task's maximum).
 A start takes one whose remaining life covers its own TTL, records its accessor with the
 task in the same transaction as the decision, and the pool refills in the background.
-A token still in the pool was never used for anything; if the process dies, it simply
-expires. Tokens that aged past usefulness are revoked as they are found.
+A token still in the pool has nothing alive under it: it was never used, or (with `reuse`)
+its last task was finished through this process and every lease that task had was revoked
+before the finish committed `token_released_at`. A token is lent to one task at a time
+(`lend` when the start commits, `give_back_used` after the finish commits), so revoking it
+for one task can never touch another's credentials. If the process dies, pooled tokens
+simply expire. Tokens that aged past usefulness are revoked as they are found.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import queue
 import threading
+import uuid
 from collections import deque
 from collections.abc import Mapping
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from broker.clock import Clock, SystemClock
 from broker.credentials import CredentialSpec
@@ -27,6 +34,9 @@ from broker.vault.policies import task_token_policies
 log = logging.getLogger(__name__)
 
 PoolKey = tuple[str, str, int]
+# Ready tokens kept per task type, as a multiple of the pool's depth, when finishes hand
+# back more than starts take; beyond that a returned token is revoked.
+_MAX_READY_FACTOR = 4
 
 
 def _key(task: str, specs: Mapping[str, CredentialSpec], ttl_max: int) -> PoolKey:
@@ -35,15 +45,33 @@ def _key(task: str, specs: Mapping[str, CredentialSpec], ttl_max: int) -> PoolKe
     return task, shape, ttl_max
 
 
+@dataclass(frozen=True)
+class _Lent:
+    token: TaskToken
+    key: PoolKey
+    until: datetime
+
+
 class TaskTokenPool:
     def __init__(
-        self, vault: VaultGateway, clock: Clock | None = None, *, depth: int = 2, margin_seconds: int = 5
+        self,
+        vault: VaultGateway,
+        clock: Clock | None = None,
+        *,
+        depth: int = 2,
+        margin_seconds: int = 5,
+        reuse: bool = False,
     ) -> None:
         self._vault = vault
         self._clock = clock or SystemClock()
         self._depth = depth
         self._margin = timedelta(seconds=margin_seconds)
+        self._reuse = reuse
         self._ready: dict[PoolKey, deque[TaskToken]] = {}
+        # Tokens of tasks this process started and that are still running, by task id,
+        # with a heap of their deadlines so the ones that ended elsewhere are forgotten.
+        self._lent: dict[uuid.UUID, _Lent] = {}
+        self._lent_deadlines: list[tuple[datetime, uuid.UUID]] = []
         self._lock = threading.Lock()
         self._wanted: queue.Queue[tuple[PoolKey, Mapping[str, CredentialSpec]] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -89,6 +117,56 @@ class TaskTokenPool:
                 self._ready.setdefault(_key(task, specs, ttl_max), deque()).appendleft(token)
                 return
         self._revoke_quietly(token)
+
+    # -- reuse: a token whose task ended here with nothing left alive under it -------------
+
+    def lend(
+        self,
+        task_id: uuid.UUID,
+        token: TaskToken,
+        *,
+        task: str,
+        specs: Mapping[str, CredentialSpec],
+        ttl_max: int,
+        until: datetime,
+    ) -> None:
+        """Remember the token of a task started here, so its finish here can `give_back_used`.
+
+        Forgotten at `until` (the task's deadline): a task that ended elsewhere (expired,
+        killed, finished through another worker) has its token retired by the scheduler.
+        """
+        if not self._reuse:
+            return
+        now = self._clock.now()
+        with self._lock:
+            while self._lent_deadlines and self._lent_deadlines[0][0] <= now:
+                _, old = heapq.heappop(self._lent_deadlines)
+                lent = self._lent.get(old)
+                if lent is not None and lent.until <= now:
+                    del self._lent[old]
+            self._lent[task_id] = _Lent(token, _key(task, specs, ttl_max), until)
+            heapq.heappush(self._lent_deadlines, (until, task_id))
+
+    def holds(self, task_id: uuid.UUID, accessor: str) -> bool:
+        """Whether this process lent `task_id` the token with this accessor."""
+        lent = self._lent.get(task_id)
+        return lent is not None and lent.token.accessor == accessor
+
+    def give_back_used(self, task_id: uuid.UUID) -> None:
+        """Pool the token of a task that ended here with every lease revoked.
+
+        The caller has committed the task's `token_released_at` first, so the scheduler
+        will not retire the token under the next task that takes it.
+        """
+        with self._lock:
+            lent = self._lent.pop(task_id, None)
+            if lent is None or self._closed:
+                return
+            ready = self._ready.setdefault(lent.key, deque())
+            if len(ready) < max(self._depth, 1) * _MAX_READY_FACTOR:
+                ready.appendleft(lent.token)
+                return
+        self._revoke_quietly(lent.token)  # more ready than starts want: no need to keep it
 
     def _pop_fresh(self, key: PoolKey, ttl_needed: int) -> TaskToken | None:
         deadline = self._clock.now() + timedelta(seconds=ttl_needed) + self._margin

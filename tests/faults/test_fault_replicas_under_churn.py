@@ -23,6 +23,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -202,12 +203,17 @@ def test_two_replicas_and_two_schedulers_never_revoke_twice_nor_miss_a_lease(
         return (
             all(row["state"] in TERMINAL for row in tasks)
             and all(row["state"] == "revoked" for row in leases)
-            and all(row["token_revoked_at"] is not None for row in tasks if row["token_accessor"])
+            and all(
+                row["token_revoked_at"] is not None or row["token_released_at"] is not None
+                for row in tasks
+                if row["token_accessor"]
+            )
         )
 
     wait_for(settled, timeout=40, interval=0.5, what="every task ended and every lease revoked")
 
     assert churn.problems == [], (churn.problems[:10], churn.counts)
+    assert_no_token_served_two_tasks_at_once(ledger.tasks())
     tasks = {str(row["id"]): row for row in ledger.tasks()}
     leases = ledger.leases()
     states = Counter(row["state"] for row in tasks.values())
@@ -244,9 +250,12 @@ def test_two_replicas_and_two_schedulers_never_revoke_twice_nor_miss_a_lease(
             assert not lease_alive(stack, row["vault_lease_id"]), row
         elif row["revoke_kind"] == "token":
             assert not token_alive(stack, row["revoke_ref"]), row
-    for row in tasks.values():
-        if row["token_accessor"]:
-            assert not token_alive(stack, row["token_accessor"]), row
+    # A task token outlives its tasks only pooled for the next one: its last task
+    # released it (and nothing it made is alive, as checked above).
+    last_holder = {row["token_accessor"]: row for row in sorted(tasks.values(), key=lambda r: r["created_at"])}
+    for accessor, row in last_holder.items():
+        if accessor and token_alive(stack, accessor):
+            assert row["token_released_at"] is not None, row
     wait_for(lambda: dynamic_roles(stack) <= roles_before, what="no database user left behind")
     assert all_live_leases(stack) <= leases_before
 
@@ -272,3 +281,18 @@ def test_two_replicas_and_two_schedulers_never_revoke_twice_nor_miss_a_lease(
     assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
     for process in (replica_a, replica_b, standalone):
         assert process.proc.poll() is None, process.log_tail()
+
+
+def assert_no_token_served_two_tasks_at_once(tasks: list[dict]) -> None:
+    """A reused task token passes from one task to the next, never to two at a time:
+    revoking it for one (the reconciler, a retirement) would kill the other's leases."""
+    by_token: dict[str, list[dict]] = {}
+    for row in tasks:
+        if row["token_accessor"]:
+            by_token.setdefault(row["token_accessor"], []).append(row)
+    for accessor, rows in by_token.items():
+        rows.sort(key=lambda row: row["created_at"])
+        for earlier, later in pairwise(rows):
+            assert earlier["token_released_at"] is not None, (accessor, earlier["id"])
+            assert earlier["token_released_at"] <= later["created_at"], (accessor, earlier["id"], later["id"])
+        assert all(row["token_revoked_at"] is None for row in rows[:-1]), accessor

@@ -16,6 +16,15 @@ from tests.support.proxy import TcpProxy
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture
+def settings(stack, issuers, policy_file, clean_db):
+    # One Vault token per task here, retired by the scheduler once the task ended: the
+    # path every token takes when it can't be reused (tests/scheduler/test_token_reuse.py).
+    config = broker_config(stack, issuers, policy_file)
+    config["vault"]["task_token_reuse"] = False
+    return settings_from_mapping(config, env={})
+
+
 def wait_for(predicate, timeout=10.0, interval=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

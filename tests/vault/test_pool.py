@@ -71,3 +71,29 @@ def test_close_revokes_what_is_pooled(gateway):
     pooled = [token for ready in pool._ready.values() for token in ready]
     pool.close()
     assert pooled and not any(alive(gateway, token) for token in pooled)
+
+
+def test_a_lent_token_is_forgotten_after_its_tasks_deadline_and_never_pooled_twice(gateway):
+    import uuid
+
+    clock = MovableClock()
+    pool = TaskTokenPool(gateway, clock, depth=0, reuse=True)
+    try:
+        token = pool.take(task="pool-lend", specs=SPECS, ttl_max=300, ttl_needed=60)
+        ended_elsewhere, finished_here = uuid.uuid4(), uuid.uuid4()
+        lend = {"task": "pool-lend", "specs": SPECS, "ttl_max": 300}
+        pool.lend(ended_elsewhere, token, until=clock.now() + timedelta(seconds=60), **lend)
+        clock.offset = timedelta(seconds=61)
+        # The next lend forgets the first: its task ended elsewhere, by its deadline at the latest.
+        pool.lend(finished_here, token, until=clock.now() + timedelta(seconds=60), **lend)
+        assert not pool.holds(ended_elsewhere, token.accessor)
+        pool.give_back_used(ended_elsewhere)
+        assert pool.take_ready(ttl_needed=60, **lend) is None
+        assert pool.holds(finished_here, token.accessor)
+        pool.give_back_used(finished_here)
+        pool.give_back_used(finished_here)
+        assert pool.take_ready(ttl_needed=60, **lend) == token
+        assert pool.take_ready(ttl_needed=60, **lend) is None
+    finally:
+        pool.close()
+        gateway.revoke_task_token(token.accessor)
