@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, MetaData, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -66,6 +68,28 @@ def is_connection_error(error: BaseException) -> bool:
     if isinstance(error, OperationalError):
         return True
     return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+
+
+@contextmanager
+def pipelined(session: Session) -> Iterator[psycopg.Connection[Any]]:
+    """The session's own connection, in psycopg pipeline mode, inside its transaction.
+
+    Statements sent in the block travel together and are answered together: a read that
+    must follow a lock (or a batch of writes) costs one round trip, not one each. Results
+    are on the cursors once the block exits. Postgres still runs them one after another,
+    each with its own snapshot, so a statement after `pg_advisory_xact_lock` or `FOR
+    UPDATE` sees what committed while the lock was awaited. The commit stays with the
+    unit of work. A connection failure becomes DatabaseUnavailable, as through SQLAlchemy.
+    """
+    connection = session.connection()
+    driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
+    try:
+        with driver.pipeline():
+            yield driver
+    except psycopg.OperationalError as error:
+        if driver.broken:
+            connection.invalidate(error)
+        raise DatabaseUnavailable() from error
 
 
 @contextmanager

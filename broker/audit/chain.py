@@ -40,6 +40,7 @@ _AUDIT_TABLE = cast(Table, AuditEvent.__table__)
 _HEAD_TABLE = cast(Table, AuditHead.__table__)
 log = logging.getLogger(__name__)
 _PENDING = "broker.audit.pending"
+_RECORDER = "broker.audit.recorder"
 
 
 @dataclass(frozen=True)
@@ -142,25 +143,42 @@ class AuditRecorder:
         self._key = key
 
     def install(self, factory: sessionmaker[Session]) -> None:
+        factory.configure(info={_RECORDER: self})
         event.listen(factory, "before_commit", self._write)
 
-    def _write(self, session: Session) -> None:
+    def take_rows(self, session: Session) -> list[dict[str, Any]]:
+        """The session's queued events as MACed rows, no longer queued: for a caller that
+        inserts them itself, in a round trip it makes anyway (`pending_rows`)."""
         pending: list[_Pending] = session.info.pop(_PENDING, [])
-        if not pending:
-            return
         rows = []
         for item in pending:
-            fields = _fields_of(item)
             rows.append(
                 {
                     "id": item.id, "at": item.at, "event": item.event, "actor": item.actor,
                     "task_id": item.task_id, "lease_id": item.lease_id, "owner": item.owner,
                     "purpose": item.purpose, "detail": dict(item.detail),
-                    "row_mac": row_mac(fields, self._key),
+                    "row_mac": row_mac(_fields_of(item), self._key),
                 }
             )  # fmt: skip
-        # Core, not the ORM's bulk path: one cached statement, no per-row bookkeeping.
-        session.connection().execute(_AUDIT_TABLE.insert(), rows)
+        return rows
+
+    def _write(self, session: Session) -> None:
+        rows = self.take_rows(session)
+        if rows:
+            # Core, not the ORM's bulk path: one cached statement, no per-row bookkeeping.
+            session.connection().execute(_AUDIT_TABLE.insert(), rows)
+
+
+def pending_rows(session: Session) -> list[dict[str, Any]]:
+    """Take the session's queued events as rows to insert in the caller's own statement.
+
+    They are gone from the queue, so the commit hook won't insert them again: the caller
+    must insert them in this transaction.
+    """
+    recorder: AuditRecorder | None = session.info.get(_RECORDER)
+    if recorder is None:
+        raise RuntimeError("no AuditRecorder is installed on this session's factory")
+    return recorder.take_rows(session)
 
 
 _COLUMNS = _AUDIT_TABLE.c

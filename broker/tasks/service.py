@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, text, update
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -43,7 +43,7 @@ from broker.errors import TtlExceedsMax as TtlExceedsMaxError
 from broker.errors import UnknownTask as UnknownTaskError
 from broker.identity import Identity
 from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
-from broker.models import TASK_OPEN_STATES, Lease, Task, load_task
+from broker.models import Lease, Task, load_task
 from broker.notify import Notifier
 from broker.policy import (
     CompiledTask,
@@ -55,7 +55,7 @@ from broker.policy import (
     UnknownTask,
     Usage,
 )
-from broker.tasks.ledger import insert_rows, read_task, write_back_end
+from broker.tasks.ledger import activate_with_leases, insert_task, lock_and_count, read_task, write_back_end
 from broker.tasks.schemas import StartTask
 from broker.vault import (
     IssuedSecret,
@@ -101,22 +101,6 @@ def request_hash(task: Task, credentials: Mapping[str, CredentialSpec]) -> str:
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-# The start path's statements, built once: building one and deriving its cache key each
-# time cost more than running it.
-_LOCK_AND_NOW = text("SELECT now() FROM pg_advisory_xact_lock(:key)")
-_OPEN = Task.state.in_(TASK_OPEN_STATES)
-_RECENT = Task.created_at > bindparam("since")
-_USAGE = select(func.count().filter(_OPEN), func.count().filter(_RECENT)).where(
-    Task.workload == bindparam("workload"), Task.task == bindparam("task"), or_(_OPEN, _RECENT)
-)
-_ACTIVATE = (
-    update(Task)
-    .where(Task.id == bindparam("task_id"), Task.state == "issuing")
-    .values(state="active")
-    .returning(Task.id)
-)
 
 
 def _workload_lock_key(workload: str, task: str) -> int:
@@ -189,10 +173,10 @@ class TaskService:
             tokens.append(self._take_token(identity, body, compiled))
         with self._compensating(tokens), self._uow() as session:
             # Serialise starts of one workload for one task type so limits can't be raced.
-            # The database's clock, so every replica measures deadlines against one time.
-            key = {"key": _workload_lock_key(identity.id, body.task)}
-            now: datetime = session.connection().execute(_LOCK_AND_NOW, key).scalar_one()
-            usage = self._usage(session, identity.id, body.task, now)
+            lock_key = _workload_lock_key(identity.id, body.task)
+            counted = lock_and_count(session, lock_key=lock_key, workload=identity.id, task=body.task)
+            now = counted.now
+            usage = Usage(active_for_workload=counted.active, starts_last_minute=counted.started_last_minute)
             try:
                 decision = policy.evaluate(identity, request, usage, now)
             except TtlExceedsMax as error:
@@ -241,7 +225,6 @@ class TaskService:
                 if not tokens:  # the first look disagreed; rare (a policy reload in between)
                     tokens.append(self._take_token(identity, body, compiled))
                 task.token_accessor = tokens[0].accessor
-                insert_rows(session, [task])
                 record(
                     session,
                     self._clock,
@@ -250,6 +233,7 @@ class TaskService:
                     task=task,
                     detail={"ttl_seconds": task.ttl_seconds},
                 )
+                insert_task(session, task)
         if task.token_accessor is None:
             for unused in tokens:  # a limit said no under the lock
                 self._tokens.give_back(
@@ -257,14 +241,6 @@ class TaskService:
                 )
             return task, decision, None
         return task, decision, tokens[0]
-
-    def _usage(self, session: Session, workload: str, task: str, now: datetime) -> Usage:
-        since = now - timedelta(seconds=60)
-        # Core statements go to the connection: the ORM's execute layer has nothing to add.
-        active, started = (
-            session.connection().execute(_USAGE, {"workload": workload, "task": task, "since": since}).one()
-        )
-        return Usage(active_for_workload=int(active), starts_last_minute=int(started))
 
     # ---- issuing -----------------------------------------------------------------------
 
@@ -368,17 +344,10 @@ class TaskService:
     ) -> Task:
         try:
             with self._uow() as session:
-                # One guarded UPDATE instead of loading and locking the task: if a finish
-                # or the kill switch ended it meanwhile, nothing matches.
-                moved = session.connection().execute(_ACTIVATE, {"task_id": task.id}).first()
-                if moved is None:
-                    raise Conflict("the task ended while its credentials were being issued")
-                task.state = "active"
                 now = self._clock.now()
                 leases = [
                     _lease_row(task, name, specs[name].kind, secret, now) for name, secret in issued.items()
                 ]
-                insert_rows(session, leases)
                 for lease, secret in zip(leases, issued.values(), strict=True):
                     record(
                         session,
@@ -401,6 +370,11 @@ class TaskService:
                     task=task,
                     detail={"credentials": sorted(issued), "expires_at": rfc3339(task.expires_at)},
                 )
+                # No load and lock of the task: the move to active is guarded by its state,
+                # so if a finish or the kill switch ended it meanwhile, nothing is written.
+                if not activate_with_leases(session, task.id, leases):
+                    raise Conflict("the task ended while its credentials were being issued")
+                task.state = "active"
             # The task object is detached now; give it its leases without a load.
             set_committed_value(task, "leases", sorted(leases, key=lambda lease: lease.name))
             return task
