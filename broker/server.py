@@ -19,6 +19,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.workers.gthread import ThreadWorker
 
 from broker.config import Settings
 
@@ -38,6 +39,30 @@ def _mark_dead_for_metrics(_server: Any, worker: Any) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+# Idle keep-alive connections each worker keeps open: clients (agents, load balancers)
+# reuse them instead of paying a TCP handshake, and the accept herd, per request.
+KEEPALIVE_CONNECTIONS = 64
+
+
+class BrokerThreadWorker(ThreadWorker):  # type: ignore[misc]
+    """gunicorn's gthread worker that stops accepting exactly when its threads are busy.
+
+    Stock gthread counts idle keep-alive connections against `worker_connections`, so
+    there is no setting that allows keep-alive and still stops a worker whose threads
+    are all stuck (a slow Vault) from accepting connections it can't serve, which then
+    queue while another worker sits idle. Here the limit moves with the idle keep-alive
+    connections: a worker accepts while fewer than `threads` connections are in flight.
+    """
+
+    @property
+    def worker_connections(self) -> int:
+        return int(self.cfg.threads) + len(self.keepalived_conns)
+
+    @worker_connections.setter
+    def worker_connections(self, _configured: int) -> None:
+        """gunicorn assigns the configured number; the property above replaces it."""
 
 
 class BrokerArbiter(Arbiter):  # type: ignore[misc]
@@ -96,10 +121,11 @@ def serve(
         "bind": bind,
         "workers": workers,
         "threads": threads,
-        "worker_class": "gthread" if threads > 1 else "sync",
+        "worker_class": "broker.server.BrokerThreadWorker" if threads > 1 else "sync",
         # A worker whose threads are all busy (a slow Vault) stops accepting, so another
-        # worker answers /healthz and reads instead of queueing behind it.
-        "worker_connections": threads,
+        # worker answers /healthz and reads instead of queueing behind it; up to
+        # KEEPALIVE_CONNECTIONS idle connections stay open besides (BrokerThreadWorker).
+        "worker_connections": threads + KEEPALIVE_CONNECTIONS,
         "timeout": 60,
         "graceful_timeout": 20,
         "keepalive": 5,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import signal
 import time
 
@@ -35,6 +37,26 @@ def test_serve_is_ready_and_issues(served, issuers):
     assert start_status(served, issuers) == 201
     metrics = requests.get(f"{served.url}/metrics", timeout=5).text
     assert "broker_tasks_started_total" in metrics
+
+
+def test_a_client_connection_is_kept_alive_across_a_task(served, issuers):
+    # Agents and load balancers reuse connections; closing each one after its answer
+    # costs them a handshake per request (and the workers an accept for each).
+    host, port = served.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {**issuers["spire"].bearer(AGENT), "Content-Type": "application/json"}
+    try:
+        connection.request("POST", "/task/start", body=json.dumps(start_body()), headers=headers)
+        started = connection.getresponse()
+        body = json.loads(started.read())
+        assert started.status == 201 and started.getheader("Connection", "").lower() != "close"
+        socket_used = connection.sock
+        connection.request("POST", "/task/finish", body=json.dumps({"task_id": body["task_id"]}), headers=headers)
+        finished = connection.getresponse()
+        assert finished.status == 200 and json.loads(finished.read())["state"] == "finished"
+        assert connection.sock is socket_used  # the same TCP connection carried both
+    finally:
+        connection.close()
 
 
 def test_sighup_reloads_the_policy_in_every_worker_and_keeps_it_on_a_bad_file(served, issuers, policy_file):
