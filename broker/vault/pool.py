@@ -105,7 +105,9 @@ class TaskTokenPool:
         return token
 
     def _refill_behind(self, key: PoolKey, specs: Mapping[str, CredentialSpec]) -> None:
-        if self._depth and not self._closed:
+        # With reuse the pool mostly stays full; waking the refill thread to find that
+        # out would cost every start a thread switch.
+        if self._depth and not self._closed and len(self._ready.get(key, ())) < self._depth:
             self._ask_refill(key, specs)
 
     def give_back(
