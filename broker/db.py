@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, MetaData, create_engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 NAMING_CONVENTION = {
@@ -88,8 +88,15 @@ def pipelined(session: Session) -> Iterator[psycopg.Connection[Any]]:
             yield driver
     except psycopg.OperationalError as error:
         if driver.broken:
+            # As SQLAlchemy does on a disconnect: a restart or failover killed every pooled
+            # connection, not just this one, so the pool starts afresh (one 503, not one
+            # per stale connection).
             connection.invalidate(error)
+            connection.engine.dispose()
         raise DatabaseUnavailable() from error
+    except psycopg.DataError as error:
+        # Bad input the database refused (out of range, bad encoding): the API's 400.
+        raise DataError(None, None, error) from error
 
 
 @contextmanager

@@ -69,3 +69,24 @@ def test_postgres_cut_during_finish_answers_503_and_the_retry_finishes(
     row = ledger.task(task_id)
     # Alive only if pooled for the next task: released, never also revoked.
     assert token_alive(stack, row["token_accessor"]) == (row["token_released_at"] is not None)
+
+
+def test_after_postgres_drops_every_connection_one_request_fails_not_one_per_pooled_connection(
+    stack, issuers, pg_proxy, fault_config, in_process
+):
+    # No pre-ping (a round trip per checkout): a failover costs one 503, after which the
+    # whole pool reconnects, however many idle connections it held.
+    url = make_url(stack.database_url).set(port=pg_proxy.port).render_as_string(hide_password=False)
+    services, client = in_process(fault_config(database_url=url))
+    headers = issuers["spire"].bearer(AGENT)
+    task_id = client.post("/task/start", json=start_body(), headers=headers).get_json()["task_id"]
+    held = [services.engine.connect() for _ in range(4)]  # several connections in the pool
+    for connection in held:
+        connection.close()
+    pg_proxy.cut()
+    pg_proxy.restore()
+
+    answers = [client.get(f"/task/{task_id}", headers=headers).status_code for _ in range(5)]
+
+    assert answers == [503, 200, 200, 200, 200]
+    assert client.post("/task/finish", json={"task_id": task_id}, headers=headers).status_code == 200
