@@ -125,11 +125,7 @@ class Revoker:
         return True
 
     def revoke_token(self, task_id: uuid.UUID, accessor: str) -> bool:
-        """Revoke a task's Vault token by accessor; False when Vault refuses (logged).
-
-        For callers that already know no lease of the task waits on a retry and record
-        `token_revoked_at` themselves (the scheduler retires tokens in batches).
-        """
+        """Revoke a task's Vault token by accessor; False when Vault refuses (logged)."""
         try:
             self._vault.revoke_task_token(accessor)
         except VaultError as error:

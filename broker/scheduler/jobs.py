@@ -25,7 +25,7 @@ from broker.identity.replay import PostgresJtiStore
 from broker.leases.revoker import TERMINAL_TASK_STATES
 from broker.models import Lease, SchedulerHeartbeat, Task
 from broker.services import Services
-from broker.vault import VaultError
+from broker.vault import VaultError, VaultUnavailable
 
 log = logging.getLogger(__name__)
 SYSTEM_ACTOR = "system:scheduler"
@@ -182,7 +182,19 @@ class Jobs:
         """Revoke a batch of spent tokens in Vault; mark only those Vault revoked."""
         connection = session.connection()
         claimed = connection.execute(spent_token().with_for_update(of=Task, skip_locked=True)).all()
-        retired = [row.id for row in claimed if self._s.revoker.revoke_token(row.id, row.token_accessor)]
+        retired = []
+        for row in claimed:
+            try:
+                self._s.vault.revoke_task_token(row.token_accessor)
+            except VaultUnavailable as error:
+                # Down or slow: each further call would wait out its timeout too, with
+                # these task rows locked (a repeated finish waits on them). Next run.
+                log.warning("task token revoke failed for task %s: %s; retiring later", row.id, error)
+                break
+            except VaultError as error:
+                log.warning("task token revoke refused for task %s: %s", row.id, error)
+                continue
+            retired.append(row.id)
         if retired:
             connection.execute(_MARK_RETIRED, {"ids": retired, "at": self._s.clock.now()})
         # A refused token makes the count short, which ends this loop: it waits for the

@@ -204,7 +204,7 @@ def test_a_token_vault_refuses_stays_for_the_next_run_while_the_rest_of_its_batc
     from concurrent.futures import ThreadPoolExecutor
 
     from broker.scheduler.jobs import Jobs
-    from broker.vault import VaultUnavailable
+    from broker.vault import VaultRejected, VaultUnavailable
     from tests.factories import vault
 
     for index in range(3):
@@ -213,14 +213,14 @@ def test_a_token_vault_refuses_stays_for_the_next_run_while_the_rest_of_its_batc
         assert client.post("/task/finish", json={"task_id": task_id}, headers=headers).status_code == 200
     with services.engine.connect() as connection:
         oldest, *others = connection.execute(text("SELECT token_accessor FROM tasks ORDER BY finished_at")).scalars()
-    refused: set[str] = set()
+    failure: dict[str, Exception] = {}
     calls: list[str] = []
     revoke = services.vault.revoke_task_token
 
     def flaky(accessor):
         calls.append(accessor)
-        if accessor in refused:
-            raise VaultUnavailable("revoke token", "connection refused")
+        if accessor in failure:
+            raise failure[accessor]
         revoke(accessor)
 
     monkeypatch.setattr(services.vault, "revoke_task_token", flaky)
@@ -232,18 +232,22 @@ def test_a_token_vault_refuses_stays_for_the_next_run_while_the_rest_of_its_batc
 
     with ThreadPoolExecutor(4) as pool:
         jobs = Jobs(services, pool)
-        refused.update([oldest, *others])  # Vault down: each tried once, nothing marked, no spin
+        down = VaultUnavailable("revoke token", "timed out")
+        failure.update({accessor: down for accessor in [oldest, *others]})
+        # Vault down: the batch stops at the first failure (no timeout per row with the
+        # rows locked), nothing is marked, and nothing spins.
         assert jobs.retire_tokens() == 0
-        assert sorted(calls) == sorted([oldest, *others]) and unretired() == [oldest, *others]
+        assert calls == [oldest] and unretired() == [oldest, *others]
 
-        refused.difference_update(others)  # only the oldest refused: the rest of the batch retires
+        # Vault refuses only the oldest: the rest of the batch retires, the oldest waits.
+        failure = {oldest: VaultRejected("revoke token", "permission denied", status=403)}
         calls.clear()
         assert jobs.retire_tokens() == 2
         assert calls.count(oldest) == 1 and unretired() == [oldest]
         for accessor in others:
             assert vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": accessor}).status_code == 400
 
-        refused.clear()
+        failure.clear()
         assert jobs.retire_tokens() == 1
         assert unretired() == []
     assert vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": oldest}).status_code == 400
