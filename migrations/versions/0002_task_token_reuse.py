@@ -6,6 +6,10 @@ token left this task alive on purpose, and the scheduler's retirement (which rev
 the tokens of ended tasks) must skip it: its partial index is rebuilt to leave released
 tokens out, or it would grow with every reuse.
 
+A scheduler of an older build does not know the column and would retire a released
+token under the task that took it next: run mixed fleets with
+`vault.task_token_reuse: false` until every replica runs this build (docs/operations.md).
+
 Revision ID: 0002
 Revises: 0001
 """
