@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -119,18 +118,12 @@ class Revoker:
             return True
         if any(lease.state != "revoked" for lease in task.leases):
             return False
-        if not self.revoke_token(task.id, task.token_accessor):
+        try:
+            self._vault.revoke_task_token(task.token_accessor)
+        except VaultError as error:
+            log.warning("task token revoke failed for task %s: %s", task.id, error)
             return False
         task.token_revoked_at = self._clock.now()
-        return True
-
-    def revoke_token(self, task_id: uuid.UUID, accessor: str) -> bool:
-        """Revoke a task's Vault token by accessor; False when Vault refuses (logged)."""
-        try:
-            self._vault.revoke_task_token(accessor)
-        except VaultError as error:
-            log.warning("task token revoke failed for task %s: %s", task_id, error)
-            return False
         return True
 
     def _park(self, lease: Lease, now: datetime, error: str) -> None:

@@ -35,6 +35,7 @@ from broker.models import TASK_OPEN_STATES, Approval, AuditEvent, Lease, Task
 _TASKS = cast(Table, Task.__table__)
 _LEASES = cast(Table, Lease.__table__)
 _APPROVALS = cast(Table, Approval.__table__)
+_AUDIT = cast(Table, AuditEvent.__table__)
 _JSON_COLUMNS = frozenset({"context", "detail"})
 
 
@@ -62,11 +63,11 @@ _USAGE = (
 )
 _TASK_COLUMNS = _names(_TASKS)
 _LEASE_COLUMNS = _names(_LEASES)
-_AUDIT_COLUMNS = _names(cast(Table, AuditEvent.__table__), ("id", "at", "event", "actor", "task_id",
+_AUDIT_COLUMNS = _names(_AUDIT, ("id", "at", "event", "actor", "task_id",
                         "lease_id", "owner", "purpose", "detail", "row_mac"))  # fmt: skip
 _INSERT_TASK = _insert(_TASKS, _TASK_COLUMNS)
 _INSERT_LEASE = _insert(_LEASES, _LEASE_COLUMNS)
-_INSERT_AUDIT = _insert(cast(Table, AuditEvent.__table__), _AUDIT_COLUMNS)
+_INSERT_AUDIT = _insert(_AUDIT, _AUDIT_COLUMNS)
 # Guarded: a finish or the kill switch that ended the task meanwhile leaves nothing to move.
 _ACTIVATE = "UPDATE tasks SET state = 'active' WHERE id = %(task_id)s AND state = 'issuing' RETURNING id"
 _TASK = _select(_TASKS, "id = %(task_id)s")
