@@ -220,11 +220,10 @@ def scheduler_queries() -> dict[str, str]:
     """The scheduler's claim queries, built the way broker/scheduler/jobs.py builds them."""
     from datetime import timedelta
 
-    from sqlalchemy import func, select
     from sqlalchemy.dialects import postgresql
 
-    from broker.models import TASK_OPEN_STATES, Task
     from broker.scheduler.jobs import due_retry, due_tasks, spent_token, stuck_start
+    from broker.tasks.ledger import USAGE_QUERY
 
     def sql(statement: Any) -> str:
         return str(statement.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
@@ -233,16 +232,11 @@ def scheduler_queries() -> dict[str, str]:
     retry = due_retry().with_for_update(skip_locked=True)
     reconcile = stuck_start(timedelta(0)).with_for_update(skip_locked=True)
     retire = spent_token().with_for_update(skip_locked=True)
-    usage = (
-        select(func.count())
-        .select_from(Task)
-        .where(
-            Task.workload == "__WORKLOAD__", Task.task == "analytics-read", Task.state.in_(TASK_OPEN_STATES)
-        )
-    )
+    # The limits count a start runs under its workload's lock, as broker/tasks/ledger.py sends it.
+    usage = USAGE_QUERY.replace("%(workload)s", "'__WORKLOAD__'").replace("%(task)s", "'analytics-read'")
     return {
         "due": sql(due), "retry": sql(retry), "reconcile": sql(reconcile), "retire": sql(retire),
-        "usage_active": sql(usage),
+        "usage_active": usage,
     }  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 from psycopg import Connection, Cursor
 from psycopg.rows import dict_row
@@ -31,6 +31,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from broker.audit.chain import pending_rows
 from broker.db import pipelined
 from broker.models import TASK_OPEN_STATES, Approval, AuditEvent, Lease, Task
+from broker.policy import Usage
 
 _TASKS = cast(Table, Task.__table__)
 _LEASES = cast(Table, Lease.__table__)
@@ -57,7 +58,8 @@ _LOCK_AND_NOW = "SELECT now() FROM pg_advisory_xact_lock(%(key)s)"
 # Open tasks, and starts in the last minute by the database's clock: now() is the
 # transaction's start, the same instant the lock statement answers with.
 _RECENT = "created_at > now() - interval '60 seconds'"
-_USAGE = (
+# Public so bench/run plans exactly this query.
+USAGE_QUERY = (
     f"SELECT count(*) FILTER (WHERE {_OPEN}), count(*) FILTER (WHERE {_RECENT})"  # noqa: S608
     f" FROM tasks WHERE workload = %(workload)s AND task = %(task)s AND ({_OPEN} OR {_RECENT})"
 )
@@ -84,13 +86,7 @@ _LEASE_SET = ", ".join(f"{name} = %({name})s" for name in _LEASE_FIELDS)
 _LEASE_ENDED = f"UPDATE leases SET {_LEASE_SET} WHERE id = %(id)s"  # noqa: S608 (fixed names)
 
 
-class TaskCounts(NamedTuple):
-    now: datetime
-    active: int
-    started_last_minute: int
-
-
-def lock_and_count(session: Session, *, lock_key: int, workload: str, task: str) -> TaskCounts:
+def lock_and_count(session: Session, *, lock_key: int, workload: str, task: str) -> tuple[datetime, Usage]:
     """Take the workload's advisory lock, then count its open and recent tasks of `task`.
 
     One round trip, and still exact: Postgres runs the count after the lock is granted,
@@ -99,10 +95,10 @@ def lock_and_count(session: Session, *, lock_key: int, workload: str, task: str)
     """
     with pipelined(session) as connection:
         clock = connection.execute(_LOCK_AND_NOW, {"key": lock_key})
-        counts = connection.execute(_USAGE, {"workload": workload, "task": task})
+        counts = connection.execute(USAGE_QUERY, {"workload": workload, "task": task})
     (now,) = _one(clock)
     active, started = _one(counts)
-    return TaskCounts(now, int(active), int(started))
+    return now, Usage(active_for_workload=int(active), starts_last_minute=int(started))
 
 
 def insert_task(session: Session, task: Task) -> None:

@@ -174,9 +174,7 @@ class TaskService:
         with self._compensating(tokens), self._uow() as session:
             # Serialise starts of one workload for one task type so limits can't be raced.
             lock_key = _workload_lock_key(identity.id, body.task)
-            counted = lock_and_count(session, lock_key=lock_key, workload=identity.id, task=body.task)
-            now = counted.now
-            usage = Usage(active_for_workload=counted.active, starts_last_minute=counted.started_last_minute)
+            now, usage = lock_and_count(session, lock_key=lock_key, workload=identity.id, task=body.task)
             try:
                 decision = policy.evaluate(identity, request, usage, now)
             except TtlExceedsMax as error:
