@@ -94,6 +94,46 @@ def test_read_write_role_can_write(gateway, start_task, pg):
     assert not pg.role_exists(secret.data["username"])
 
 
+def test_read_only_user_reads_through_its_group_and_cannot_write(gateway, start_task, pg):
+    task = start_task({"db": RO})
+    secret = issue(gateway, task)
+    with pg.connect(secret.data["username"], secret.data["password"]) as conn:
+        assert conn.execute("SELECT count(*) FROM analytics.events").fetchone()[0] >= 3
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO analytics.events (name) VALUES ('from-analytics-ro')")
+    gateway.revoke(secret.handle)
+    assert not pg.role_exists(secret.data["username"])
+
+
+def test_a_user_with_grants_of_its_own_is_revoked_and_dropped(gateway, start_task, pg, pg_target, root):
+    # Users made by the creation statements of earlier releases hold direct grants, which
+    # DROP ROLE refuses to drop over; the shipped revocation statement revokes them first.
+    from broker.stack.vault_setup import database_connection_config, database_roles
+
+    legacy_create = [
+        """CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';""",
+        'GRANT CONNECT ON DATABASE "analytics" TO "{{name}}";',
+        'GRANT USAGE ON SCHEMA analytics TO "{{name}}";',
+        'GRANT SELECT ON ALL TABLES IN SCHEMA analytics TO "{{name}}";',
+    ]
+    shipped = database_roles("analytics", "legacy")["analytics-ro"]
+    root.call("POST", "database/config/legacy", database_connection_config(pg_target, ["legacy-ro"]))
+    root.call("POST", "database/roles/legacy-ro", {**shipped, "creation_statements": legacy_create})
+    try:
+        spec = DatabaseCredential(kind="database", role="legacy-ro")
+        task = start_task({"db": spec}, task="vault-test-legacy")
+        secret = issue(gateway, task, spec)
+        assert pg.can_login(secret.data["username"], secret.data["password"])
+
+        gateway.revoke(secret.handle)
+
+        assert not pg.role_exists(secret.data["username"])
+        assert not root.lease_exists(secret.handle.ref)
+    finally:
+        root.call("DELETE", "database/roles/legacy-ro")
+        root.call("DELETE", "database/config/legacy")
+
+
 def test_task_token_can_only_read_its_own_roles(gateway, start_task):
     task = start_task({"db": RO})
     with pytest.raises(VaultRejected) as caught:
