@@ -183,8 +183,7 @@ def database_connection_config(target: PostgresTarget, allowed_roles: Sequence[s
 # A dynamic user gets its privileges by joining a group role made once with the database
 # (`prepare_database`), not by grants of its own: a grant per user rewrites the table's
 # ACL, which grows with every live user, so creating and dropping users got slower the
-# more there were (revoke 1.0 -> 3.2 ms of Postgres CPU with 1,000 live users) and
-# concurrent creations queued on the table's catalog row.
+# more there were (revoke 1.0 -> 3.2 ms of Postgres CPU with 1,000 live users).
 _CREATE = """CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'"""
 READER_GROUP = "analytics_reader"
 WRITER_GROUP = "analytics_writer"
