@@ -224,7 +224,8 @@ def database_roles(dbname: str, connection: str) -> dict[str, dict[str, Any]]:
 
 
 def prepare_database(target: PostgresTarget) -> None:
-    """Create the target database and the `analytics` schema with a table to read."""
+    """Create the target database, the `analytics` schema with a table to read, and the
+    group roles the dynamic users join (as `vault-config/postgres-init.sql` does)."""
     from psycopg import sql
 
     _identifier(target.dbname)
