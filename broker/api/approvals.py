@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
+from pydantic import BaseModel, ConfigDict, Field
 
-from broker.api.common import caller, json_body, services
+from broker.api.common import caller, json_body, query_args, services
 from broker.api.render import task_json
-from broker.errors import ValidationFailed
-from broker.leases.paging import DEFAULT_LIMIT, clamp_limit
+from broker.leases.paging import clamp_limit
 from broker.tasks.schemas import Decide
 
 bp = Blueprint("approvals", __name__)
@@ -24,15 +24,18 @@ def decide(task_id: uuid.UUID) -> Any:
     return jsonify(task_json(task))
 
 
+class PendingQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state: Literal["pending"] = "pending"
+    limit: Annotated[int, Field(ge=1)] | None = None
+    cursor: str | None = None
+
+
 @bp.get("/approvals")
 def pending() -> Any:
     approver = caller("approver")
-    state = request.args.get("state", "pending")
-    if state != "pending":
-        raise ValidationFailed("'state' supports only 'pending'")
-    try:
-        limit = clamp_limit(int(request.args.get("limit", DEFAULT_LIMIT)))
-    except ValueError:
-        raise ValidationFailed("'limit' must be a whole number") from None
-    tasks = services().approvals.pending_for(approver, limit)
-    return jsonify(items=[task_json(task, with_leases=False) for task in tasks], next_cursor=None)
+    query = query_args(PendingQuery)
+    found = services().approvals.pending_for(approver, clamp_limit(query.limit), query.cursor)
+    return jsonify(
+        items=[task_json(task, with_leases=False) for task in found.items], next_cursor=found.next_cursor
+    )

@@ -8,16 +8,17 @@ must satisfy the task type's `approval.approvers` rule. One `deny` ends the task
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from broker.audit import record
 from broker.clock import Clock
 from broker.db import unit_of_work
 from broker.errors import Conflict, Forbidden, NotFound
 from broker.identity import Identity
+from broker.leases.paging import Page, decode_position, encode_cursor
 from broker.models import Approval, Task, load_task
 from broker.notify import Notifier
 from broker.policy import PolicyStore, UnknownTask, approver_allowed
@@ -132,23 +133,48 @@ class ApprovalService:
             return 1
         return approval.min_approvals if approval is not None else 1
 
-    def pending_for(self, approver: Identity, limit: int = 100) -> Sequence[Task]:
-        """Tasks waiting for a decision that this approver may make."""
+    def pending_for(self, approver: Identity, limit: int, cursor: str | None = None) -> Page[Task]:
+        """Tasks waiting for a decision that this approver may make, oldest first.
+
+        Which tasks an approver may decide depends on the policy and on who they are, so
+        the filter runs here, over the pending tasks in batches, until a page is full:
+        tasks they may not decide never crowd out the ones they may.
+        """
+        after = decode_position(cursor) if cursor else None
+        visible: list[Task] = []
         with unit_of_work(self._sessions) as session:
-            rows = session.scalars(
-                select(Task)
-                .where(Task.state == "pending_approval", Task.approved_at.is_(None))
-                .where(Task.approval_expires_at > func.now())
-                .order_by(Task.created_at)
-                .limit(limit * 4)
-            ).all()
-        visible = []
-        for task in rows:
-            try:
-                self._check_may_decide(approver, task)
-            except (Forbidden, Conflict):
-                continue
-            if any(a.approver == approver.id for a in task.approvals):
-                continue
-            visible.append(task)
-        return visible[:limit]
+            while len(visible) <= limit:
+                rows = session.scalars(_pending_after(after, _SCAN_BATCH)).all()
+                visible.extend(task for task in rows if self._may_decide_now(approver, task))
+                if len(rows) < _SCAN_BATCH:
+                    break
+                after = (rows[-1].created_at, rows[-1].id)
+        more = len(visible) > limit
+        items = visible[:limit]
+        return Page(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
+
+    def _may_decide_now(self, approver: Identity, task: Task) -> bool:
+        try:
+            self._check_may_decide(approver, task)
+        except (Forbidden, Conflict):
+            return False
+        return not any(a.approver == approver.id for a in task.approvals)
+
+
+# Pending tasks read per query while filling a page of `GET /approvals`.
+_SCAN_BATCH = 200
+
+
+def _pending_after(after: tuple[datetime, uuid.UUID] | None, batch: int) -> Select[Task]:
+    query = (
+        select(Task)
+        .where(Task.state == "pending_approval", Task.approved_at.is_(None))
+        .where(Task.approval_expires_at > func.now())
+        .options(selectinload(Task.approvals))
+        .order_by(Task.created_at, Task.id)
+        .limit(batch)
+    )
+    if after is not None:
+        at, key = after
+        query = query.where(or_(Task.created_at > at, and_(Task.created_at == at, Task.id > key)))
+    return query

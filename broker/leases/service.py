@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.audit import record
@@ -16,17 +15,9 @@ from broker.clock import Clock
 from broker.db import unit_of_work
 from broker.errors import NotFound
 from broker.identity import Identity
-from broker.leases.paging import clamp_limit, encode_cursor, page
+from broker.leases.paging import Page, clamp_limit, encode_cursor, page
 from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
 from broker.models import TASK_OPEN_STATES, AuditEvent, Lease, Task, load_task
-
-Row = TypeVar("Row")
-
-
-@dataclass(frozen=True)
-class Page(Generic[Row]):
-    items: Sequence[Row]
-    next_cursor: str | None
 
 
 @dataclass(frozen=True)
@@ -86,7 +77,12 @@ class OperatorService:
         if filters.owner is not None:
             query = query.where(AuditEvent.owner == filters.owner)
         if filters.workload is not None:
-            query = query.where(AuditEvent.actor == filters.workload)
+            # What the workload did, and what anyone (the scheduler, an operator, an
+            # approver) did to its tasks.
+            of_workload = select(Task.id).where(Task.workload == filters.workload)
+            query = query.where(
+                or_(AuditEvent.actor == filters.workload, AuditEvent.task_id.in_(of_workload))
+            )
         if filters.task is not None or filters.state is not None:
             of_tasks = _matching(
                 select(Task.id),
@@ -97,7 +93,12 @@ class OperatorService:
                 Task.task,
                 Task.id,
             )
-            query = query.where(AuditEvent.task_id.in_(of_tasks))
+            matches: ColumnElement[bool] = AuditEvent.task_id.in_(of_tasks)
+            if filters.state is None:
+                # A start refused before any task existed (denied, failed) names the type in `detail`.
+                unborn = and_(AuditEvent.task_id.is_(None), AuditEvent.detail["task"].astext == filters.task)
+                matches = or_(matches, unborn)
+            query = query.where(matches)
         if since is not None:
             query = query.where(AuditEvent.at >= since)
         if event is not None:

@@ -110,6 +110,39 @@ def test_pending_list_shows_what_the_approver_may_decide(client, issuers):
     assert as_owner.get_json()["items"] == []
 
 
+def _pending_page(client, headers, query=""):
+    response = client.get(f"/approvals?state=pending{query}", headers=headers)
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    return [item["task_id"] for item in body["items"]], body["next_cursor"]
+
+
+@pytest.mark.parametrize("scan_batch", [2, 200])
+def test_tasks_an_approver_may_not_decide_never_hide_the_ones_they_may(client, issuers, monkeypatch, scan_batch):
+    monkeypatch.setattr("broker.approvals.service._SCAN_BATCH", scan_batch)
+    dana_owns = {**PROD, "owner": "dba-dana@example.com"}
+    for _ in range(5):  # separation of duties: dana may not decide these
+        assert client.post("/task/start", json=dana_owns, headers=issuers["spire"].bearer(AGENT)).status_code == 202
+    alices = request_prod(client, issuers)["task_id"]
+    assert _pending_page(client, approver(issuers), "&limit=1") == ([alices], None)
+
+
+def test_the_pending_list_pages_oldest_first(client, issuers, monkeypatch):
+    monkeypatch.setattr("broker.approvals.service._SCAN_BATCH", 2)
+    ids = [request_prod(client, issuers)["task_id"] for _ in range(3)]
+    first, cursor = _pending_page(client, approver(issuers), "&limit=2")
+    assert first == ids[:2] and cursor
+    second, last = _pending_page(client, approver(issuers), f"&limit=2&cursor={cursor}")
+    assert second == ids[2:] and last is None
+
+
+@pytest.mark.parametrize("query", ["?state=approved", "?limit=0", "?limit=x", "?cursor=bogus", "?colour=red", "?state=pending&state=pending"])
+def test_a_bad_pending_query_is_a_validation_error(client, issuers, query):
+    response = client.get(f"/approvals{query}", headers=approver(issuers))
+    assert response.status_code == 400
+    assert response.get_json()["code"] == "validation_error"
+
+
 def test_a_lapsed_approval_cannot_be_claimed(client, issuers, services):
     from sqlalchemy import text
 
