@@ -124,6 +124,10 @@ def json_body(model: type[Model]) -> Model:
 
 
 def query_args(model: type[Model]) -> Model:
+    repeated = next((key for key in request.args if len(request.args.getlist(key)) > 1), None)
+    if repeated is not None:
+        # Which one would count is a guess either way; `?state=a&state=b` is no "or".
+        raise ValidationFailed(f"'{repeated}' is given more than once")
     data = {key: value for key, value in request.args.items()}
     where = unprintable_at(data)
     if where:

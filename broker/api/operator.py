@@ -34,22 +34,24 @@ class ListQuery(BaseModel):
         return Filters(self.state, self.owner, self.workload, self.task, self.task_id)
 
 
+def _one_of(value: str | None, states: tuple[str, ...]) -> str | None:
+    if value is not None and value not in states:
+        raise ValueError(f"must be one of {', '.join(states)}")
+    return value
+
+
 class LeaseQuery(ListQuery):
     @field_validator("state")
     @classmethod
     def _known(cls, value: str | None) -> str | None:
-        if value is not None and value not in LEASE_STATES:
-            raise ValueError(f"must be one of {', '.join(LEASE_STATES)}")
-        return value
+        return _one_of(value, LEASE_STATES)
 
 
 class TaskQuery(ListQuery):
     @field_validator("state")
     @classmethod
     def _known(cls, value: str | None) -> str | None:
-        if value is not None and value not in TASK_STATES:
-            raise ValueError(f"must be one of {', '.join(TASK_STATES)}")
-        return value
+        return _one_of(value, TASK_STATES)
 
 
 class AuditQuery(BaseModel):
@@ -63,6 +65,28 @@ class AuditQuery(BaseModel):
     event: str | None = None
     limit: Annotated[int, Field(ge=1)] | None = None
     cursor: str | None = None
+
+    @field_validator("state")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        return _one_of(value, TASK_STATES)
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        # Not pydantic's lax parsing, which takes a bare number as a Unix time and a time
+        # without an offset as naive: the API speaks RFC 3339, and a guess shifts the window.
+        if not isinstance(value, str):
+            return value
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                "must be an RFC 3339 time such as 2026-12-02T15:00:00Z (write + as %2B)"
+            ) from None
+        if parsed.tzinfo is None:
+            raise ValueError("must carry its offset, Z or +hh:mm (write + as %2B)")
+        return parsed
 
     def filters(self) -> Filters:
         """`task` and `state` select events of tasks of that type or in that state."""

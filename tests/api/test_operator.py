@@ -273,3 +273,42 @@ def test_audit_takes_the_same_task_and_state_filters(client, issuers):
     assert by_task and {event["task_id"] for event in by_task} == {analytics["task_id"]}
     by_state = client.get("/audit?state=finished", headers=sre(issuers)).get_json()["items"]
     assert by_state and {event["task_id"] for event in by_state} == {everything["task_id"]}
+
+
+def test_audit_by_workload_includes_what_others_did_to_its_tasks(client, issuers):
+    task = start(client, issuers)
+    revoked = client.post(f"/leases/{task['leases'][0]['id']}/revoke", json={"reason": "rotating"}, headers=sre(issuers))
+    assert revoked.status_code == 200
+    events = client.get(f"/audit?workload={AGENT}", headers=sre(issuers)).get_json()["items"]
+    by_actor = {(event["event"], event["actor"] == AGENT) for event in events}
+    assert ("task.started", True) in by_actor
+    assert ("lease.revoked", False) in by_actor  # the operator's revoke of the workload's lease
+
+
+def test_audit_by_task_type_includes_refused_starts(client, issuers):
+    refused = client.post("/task/start", json=start_body(owner="mallory@evil.test"), headers=issuers["spire"].bearer(AGENT))
+    assert refused.status_code == 403
+    denied = client.get("/audit?task=analytics-read&event=task.denied", headers=sre(issuers)).get_json()["items"]
+    assert [event["detail"]["task"] for event in denied] == ["analytics-read"]
+    assert client.get("/audit?task=everything&event=task.denied", headers=sre(issuers)).get_json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?state=bogus",
+        "?since=2026-12-02T15:00:00",  # no offset: which zone?
+        "?since=1733000000",
+        "?event=task.started&event=task.finished",
+    ],
+)
+def test_a_bad_audit_query_is_a_validation_error(client, issuers, query):
+    response = client.get(f"/audit{query}", headers=sre(issuers))
+    assert response.status_code == 400, response.get_json()
+    assert response.get_json()["code"] == "validation_error"
+
+
+def test_since_takes_an_offset(client, issuers):
+    start(client, issuers)
+    response = client.get("/audit?since=2000-01-01T01:00:00%2B01:00", headers=sre(issuers))
+    assert response.status_code == 200 and response.get_json()["items"]
