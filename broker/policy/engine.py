@@ -192,11 +192,19 @@ class Policy:
     def evaluate(self, identity: Identity, request: TaskRequest, usage: Usage, now: dt.datetime) -> Decision:
         """Decide on `request`; raises `UnknownTask` and `TtlExceedsMax`, nothing else."""
         task = self.task(request.task)
-        ttl_rule, ttl_seconds = _check_ttl(task, request.ttl_seconds)
+        workloads = _check_workloads(task, identity)
+        try:
+            ttl_rule, ttl_seconds = _check_ttl(task, request.ttl_seconds)
+        except TtlExceedsMax:
+            if workloads.passed:
+                raise
+            # A workload the task is not for is denied by `workloads`, the first rule, and
+            # learns nothing of the task's limits, not even its maximum TTL.
+            ttl_rule, ttl_seconds = RuleResult(RULE_TTL, False, "exceeds the maximum"), task.ttl_max
         activation = CelActivation(_cel_values(identity, request, ttl_seconds, now, task.cel_variables))
         rules = (
+            workloads,
             ttl_rule,
-            _check_workloads(task, identity),
             _check_owners(task, request.owner),
             *_check_when(task, activation),
             *_check_limits(task, usage),

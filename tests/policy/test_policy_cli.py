@@ -111,7 +111,7 @@ def test_explain_allowed_prints_every_rule(agent_claims: Path) -> None:
     out = result.stdout
     assert "decision: ALLOWED" in out
     assert "workload: spiffe://example.org/agents/reporter (issuer spire)" in out
-    for name in ("ttl", "workloads", "owners", "when[0]", "limits.max_active_per_workload"):
+    for name in ("workloads", "ttl", "owners", "when[0]", "limits.max_active_per_workload"):
         assert f"PASS  {name}" in out
     assert 'request.context.environment in ["dev", "staging", "prod"]' in out, "shows the expression"
     assert "approval: not required" in out
@@ -164,7 +164,7 @@ def test_explain_json_with_approval(ci_claims: Path) -> None:
     assert body["allowed"] is True
     assert body["approval_required"] is True
     assert body["workload"] == "ci:repo:acme/app:ref:refs/heads/main"
-    assert [r["rule"] for r in body["rules"]][:3] == ["ttl", "workloads", "owners"]
+    assert [r["rule"] for r in body["rules"]][:3] == ["workloads", "ttl", "owners"]
     assert body["failed_rule"] is None
 
 

@@ -130,8 +130,8 @@ def test_allowed_decision_lists_every_rule_in_order() -> None:
     assert decision.failed_rule is None
     assert decision.detail == "all rules passed"
     assert [r.rule for r in decision.rules] == [
-        "ttl",
         "workloads",
+        "ttl",
         "owners",
         "when[0]",
         "limits.max_active_per_workload",
@@ -417,6 +417,13 @@ def test_ttl_above_max_raises_instead_of_deciding() -> None:
     with pytest.raises(TtlExceedsMax) as raised:
         decide(req=request(ttl=901))
     assert (raised.value.requested, raised.value.max) == (901, 900)
+
+
+def test_a_workload_the_task_is_not_for_learns_nothing_of_its_maximum_ttl() -> None:
+    decision = decide(identity=spire("spiffe://example.org/strangers/x"), req=request(ttl=901))
+    assert not decision.allowed
+    assert decision.failed_rule == "workloads"
+    assert "900" not in decision.detail
 
 
 def test_ttl_default_reaches_cel_as_effective_ttl() -> None:
