@@ -118,6 +118,36 @@ _HTTP_CODES = {
     413: ("body_too_large", "The request body is too large"),
     415: ("unsupported_media_type", "Send application/json"),
 }
+# What gunicorn refuses before the app sees a request (a malformed request line or header,
+# a URI or headers over its limits), answered in the same shape instead of its HTML page.
+_SERVER_REFUSALS = {
+    400: ("bad_request", "Bad request", "the request is not valid HTTP/1.1"),
+    403: ("forbidden", "Forbidden", "the request was refused"),
+    414: ("uri_too_long", "URI too long", "the request line is longer than the server accepts"),
+    417: ("expectation_failed", "Expectation failed", "only 'Expect: 100-continue' is supported"),
+    431: (
+        "headers_too_large",
+        "Request headers too large",
+        "a header, or all of them, exceed the server's limits",
+    ),
+    501: ("not_implemented", "Not implemented", "that transfer coding is not supported"),
+}
+
+
+def server_refusal(status: int) -> bytes:
+    """A whole HTTP/1.1 answer, problem+json, for a request the HTTP server refused itself.
+    The detail is a fixed sentence: gunicorn's message quotes the client's bytes."""
+    code, title, detail = _SERVER_REFUSALS.get(
+        status, ("internal_error", "Internal error", "an unexpected error occurred")
+    )
+    body = json.dumps(
+        {"type": PROBLEM_BASE + code, "title": title, "status": status, "detail": detail, "code": code}
+    )
+    head = (
+        f"HTTP/1.1 {status} {title}\r\nConnection: close\r\nContent-Type: {PROBLEM_JSON}\r\n"
+        f"Content-Length: {len(body.encode())}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body.encode()
 
 
 def problem(

@@ -17,11 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.gthread import ThreadWorker
 
 from broker.config import Settings
+from broker.errors import server_refusal
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,19 @@ def _reload_policy_in_worker(worker: Any) -> None:
         services.policies.reload()
 
     signal.signal(signal.SIGHUP, on_hup)
+
+
+def _prepare_worker(worker: Any) -> None:
+    _reload_policy_in_worker(worker)
+    # gunicorn answers what it refuses before the app (a URI over its limit, a broken
+    # request line or header) with an HTML page from `util.write_error`, which its error
+    # handler looks up on the module at each call; every error is problem+json (SPEC §5),
+    # so in a worker process those are answered in that shape too.
+    gunicorn_util.write_error = _write_problem
+
+
+def _write_problem(sock: Any, status: int, _reason: str, _message: str) -> None:
+    gunicorn_util.write_nonblock(sock, server_refusal(status))
 
 
 def _mark_dead_for_metrics(_server: Any, worker: Any) -> None:
@@ -85,7 +100,7 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         for key, value in self._options.items():
             self.cfg.set(key, value)
-        self.cfg.set("post_worker_init", _reload_policy_in_worker)
+        self.cfg.set("post_worker_init", _prepare_worker)
         self.cfg.set("child_exit", _mark_dead_for_metrics)
 
     def load(self) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import time
 
 import pytest
@@ -57,6 +58,30 @@ def test_a_client_connection_is_kept_alive_across_a_task(served, issuers):
         assert connection.sock is socket_used  # the same TCP connection carried both
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"),
+    [
+        (b"GET /leases?workload=" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+        (b"POST /task/start HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, "bad_request"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", 431, "headers_too_large"),
+    ],
+    ids=["uri-too-long", "bad-content-length", "header-too-large"],
+)
+def test_what_the_http_server_refuses_is_problem_json_too(served, raw, status, code):
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(raw)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].startswith(f"HTTP/1.1 {status} ".encode())
+    assert b"content-type: application/problem+json" in head.lower()
+    problem = json.loads(body)
+    assert (problem["status"], problem["code"]) == (status, code)
+    assert b"aaaa" not in body and b"bbbb" not in body  # the client's bytes are not echoed
 
 
 def test_sighup_reloads_the_policy_in_every_worker_and_keeps_it_on_a_bad_file(served, issuers, policy_file):
