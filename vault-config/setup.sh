@@ -101,8 +101,7 @@ DECLARE
   user_oid oid := (SELECT oid FROM pg_roles WHERE rolname = '{{name}}');
 BEGIN
   IF user_oid IS NOT NULL THEN
-    ALTER ROLE "{{name}}" NOLOGIN;
-    PERFORM pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = '{{name}}';
+    PERFORM pg_terminate_backend(pid, 5000) FROM pg_stat_get_activity(NULL) WHERE usesysid = user_oid;
     IF EXISTS (SELECT 1 FROM pg_shdepend WHERE refobjid = user_oid AND deptype = 'a') THEN
       REVOKE ALL ON ALL TABLES IN SCHEMA analytics FROM "{{name}}";
       REVOKE ALL ON ALL SEQUENCES IN SCHEMA analytics FROM "{{name}}";

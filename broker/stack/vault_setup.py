@@ -188,19 +188,24 @@ _CREATE = """CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNT
 READER_GROUP = "analytics_reader"
 WRITER_GROUP = "analytics_writer"
 # Idempotent (Vault retries a failed revocation) and session-killing: VALID UNTIL stops
-# new logins but not sessions already open (vault#10681), so: NOLOGIN, terminate the
-# role's backends (waiting up to 5 s for each), then drop. A member of a group holds no
-# grants of its own; a user made by older creation statements (one grant per user) has
-# them revoked first, which DROP ROLE needs. Checking first matters: a REVOKE rewrites
-# the catalog row of every table in the schema even when there is nothing to revoke.
+# new logins but not sessions already open (vault#10681), so: terminate the role's
+# backends (waiting up to 5 s for each), then drop. A member of a group holds no grants
+# of its own; a user made by older creation statements (one grant per user) has them
+# revoked first, which DROP ROLE needs. Checking first matters: a REVOKE rewrites the
+# catalog row of every table in the schema even when there is nothing to revoke.
+# Revocations run one at a time per connection config in Vault's plugin, so each
+# statement here is on the expiry storm's critical path: `pg_stat_get_activity` by oid,
+# not the `pg_stat_activity` view, which Postgres plans anew for every unprepared
+# statement (its joins cost ~0.4 ms of the ~1 ms a revocation took); and no `ALTER ROLE
+# NOLOGIN`, which others can't see before this one transaction commits, and then the
+# role is gone anyway. (bench/PROFILE.md, item 8.)
 # Vault runs a statement containing $$ as one unit instead of splitting it at each ';'.
 _REVOKE = """DO $$
 DECLARE
   user_oid oid := (SELECT oid FROM pg_roles WHERE rolname = '{{name}}');
 BEGIN
   IF user_oid IS NOT NULL THEN
-    ALTER ROLE "{{name}}" NOLOGIN;
-    PERFORM pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = '{{name}}';
+    PERFORM pg_terminate_backend(pid, 5000) FROM pg_stat_get_activity(NULL) WHERE usesysid = user_oid;
     IF EXISTS (SELECT 1 FROM pg_shdepend WHERE refobjid = user_oid AND deptype = 'a') THEN
       REVOKE ALL ON ALL TABLES IN SCHEMA <schema> FROM "{{name}}";
       REVOKE ALL ON ALL SEQUENCES IN SCHEMA <schema> FROM "{{name}}";
