@@ -145,6 +145,7 @@ def dev(port: int, directory: Path | None, smoke: bool) -> None:
     env_file = workdir / "env.sh"
     psql = Path(stack.postgres.bin_dir) / "psql"
     exports = {"BROKER_URL": url, "BROKER_CONFIG": str(config_path), "PSQL": str(psql), **tokens}
+    exports["BROKER_TOKEN"] = tokens["OPERATOR_TOKEN"]  # what `broker leases|tasks` send
     env_file.write_text("".join(f"export {key}='{value}'\n" for key, value in exports.items()))
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` tears the stack down like Ctrl-C
     server = subprocess.Popen(
