@@ -2,19 +2,21 @@
 
 Semantics (one set, used everywhere a policy takes a glob):
 
-- `*`  matches any run of characters, possibly empty, that does NOT contain `/`;
-- `**` matches any run of characters, possibly empty, including `/`;
-- `?`  matches exactly one character other than `/`;
+- in a pattern that starts with `spiffe://` (a SPIFFE ID, a path): `*` matches any run of
+  characters, possibly empty, that does NOT contain `/`, `?` one character other than `/`,
+  and `**` any run including `/`;
+- in every other pattern (OIDC and CI subjects, owners, approver ids): `*` and `**` match
+  any run of characters, possibly empty, and `?` exactly one character, as in AWS's
+  `StringLike`, which is how CI providers teach their subjects to be matched;
 - every other character matches itself: `[`, `]`, `{`, `.`, `+`, `\\` ... are literals;
 - matching is case-sensitive and anchored: the pattern must cover the whole value.
 
-Why `*` stops at `/`: subjects are hierarchical (SPIFFE IDs, URLs, `repo:org/name`), and a
-policy that grants `spiffe://example.org/agents/*` means the agents directly under that path,
-not everything nested beneath it. Granting a whole subtree has to be spelled `**`, so a wider
-grant is always visible in review. Note that a GitHub Actions `sub` such as
-`repo:acme/app:ref:refs/heads/main` contains `/` after the repository, so
-`repo:acme/app:*` does not match it; write `repo:acme/app:**` (and pin the branch with a
-`claims: {ref: ...}` entry) or spell the subject out.
+Why `*` stops at `/` in SPIFFE IDs: they are paths, and a policy that grants
+`spiffe://example.org/agents/*` means the agents directly under that path, not everything
+nested beneath it; a whole subtree is spelled `**`, so a wider grant is visible in review.
+Other subjects are not paths: a GitHub Actions `sub` such as
+`repo:acme/app:ref:refs/heads/main` holds `/` inside its values, and `repo:acme/app:*` (the
+contract's own example, pinned to a branch by `claims: {ref: ...}`) must match it.
 
 There are deliberately no character classes or braces: a pattern author who writes `[` means
 a bracket, and a smaller language is easier to review for over-broad grants.
@@ -30,11 +32,21 @@ _PIECE = re.compile(r"\*\*|\*|\?|[^*?]+")
 _ANY_RUN_WITHIN_SEGMENT = "[^/]*"
 _ANY_RUN = ".*"
 _ONE_CHAR_WITHIN_SEGMENT = "[^/]"
+_ONE_CHAR = "."
+SEGMENTED_PREFIX = "spiffe://"
 
 
-def glob_to_regex(pattern: str, *, star_crosses_slash: bool = False) -> str:
-    """The regex source equivalent to `pattern` (to be used with `fullmatch`)."""
-    single_star = _ANY_RUN if star_crosses_slash else _ANY_RUN_WITHIN_SEGMENT
+def segmented(pattern: str) -> bool:
+    """Whether `*` and `?` stay within one `/`-separated segment in this pattern."""
+    return pattern.startswith(SEGMENTED_PREFIX)
+
+
+def glob_to_regex(pattern: str, *, star_crosses_slash: bool | None = None) -> str:
+    """The regex source equivalent to `pattern` (to be used with `fullmatch`); by default
+    `*` crosses `/` unless the pattern is `segmented`."""
+    crosses = not segmented(pattern) if star_crosses_slash is None else star_crosses_slash
+    single_star = _ANY_RUN if crosses else _ANY_RUN_WITHIN_SEGMENT
+    one_char = _ONE_CHAR if crosses else _ONE_CHAR_WITHIN_SEGMENT
     parts: list[str] = []
     for piece in _PIECE.findall(pattern):
         if piece == "**":
@@ -42,7 +54,7 @@ def glob_to_regex(pattern: str, *, star_crosses_slash: bool = False) -> str:
         elif piece == "*":
             parts.append(single_star)
         elif piece == "?":
-            parts.append(_ONE_CHAR_WITHIN_SEGMENT)
+            parts.append(one_char)
         else:
             parts.append(re.escape(piece))
     return "".join(parts)

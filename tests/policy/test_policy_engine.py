@@ -552,3 +552,61 @@ def test_only_referenced_cel_variables_are_converted() -> None:
 def test_same_inputs_same_decision() -> None:
     policy = make_policy()
     assert decide(policy) == decide(policy)
+
+
+# The policy example of the product contract (SPEC §4), verbatim.
+SPEC_EXAMPLE = """
+tasks:
+  analytics-read:
+    description: Read the analytics database
+    ttl: {default: 300, max: 900}                 # seconds
+    workloads:                                    # who may start it (any entry matches)
+      - {issuer: spire, subject: "spiffe://example.org/agents/*"}   # glob on the sub / SPIFFE ID
+      - {issuer: github, subject: "repo:acme/app:*", claims: {ref: refs/heads/main}}
+    owners: ["*@example.com"]                     # glob(s) the declared owner must match
+    when:                                         # CEL expressions, all must be true
+      - 'request.context.environment in ["staging", "prod"]'
+    limits: {max_active_per_workload: 5, max_starts_per_minute: 30}
+    approval:                                     # omit for low-risk tasks
+      required_when: 'request.context.environment == "prod"'   # omit = always
+      approvers: {groups: [dba]}                  # approver token's groups must meet this
+      min_approvals: 1                            # distinct approvers needed (default 1)
+      expires_in: 600                             # an unused approval lapses
+    credentials:
+      db:    {kind: database, mount: database, role: analytics-ro}
+      token: {kind: vault_token, policies: [reports-read]}
+      cert:  {kind: pki, mount: pki, role: agents, common_name: "{task_id}.agents.example.org"}
+      aws:   {kind: lease, path: aws/creds/deploy}    # any Vault path that returns a lease
+"""
+
+
+def github(sub: str, ref: str) -> Identity:
+    return Identity(
+        id=f"github:{sub}", issuer_name="github", issuer="https://token.actions.githubusercontent.com",
+        subject=sub, kind="oidc", uses=frozenset({"workload"}), groups=frozenset(),
+        claims={"sub": sub, "ref": ref}, expires_at=NOW + dt.timedelta(minutes=5),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("identity", "allowed"),
+    [
+        (github("repo:acme/app:ref:refs/heads/main", "refs/heads/main"), True),
+        (github("repo:acme/app:ref:refs/heads/dev", "refs/heads/dev"), False),
+        (github("repo:acme/app-evil:ref:refs/heads/main", "refs/heads/main"), False),
+        (spire("spiffe://example.org/agents/reporter"), True),
+        (spire("spiffe://example.org/agents/team/reporter"), False),
+        (spire("spiffe://example.org/other/reporter"), False),
+    ],
+    ids=["main-branch-job", "other-branch", "other-repo", "agent", "nested-agent", "not-an-agent"],
+)
+def test_the_contracts_example_policy_admits_whom_it_says(identity: Identity, allowed: bool) -> None:
+    from broker.policy import parse_policy
+
+    policy = parse_policy(SPEC_EXAMPLE)
+    req = TaskRequest(task="analytics-read", owner="alice@example.com", purpose="weekly revenue report",
+                      ttl_seconds=None, context={"environment": "staging"})  # fmt: skip
+    decision = policy.evaluate(identity, req, NO_USAGE, NOW)
+    assert decision.allowed is allowed, decision.detail
+    if not allowed:
+        assert decision.failed_rule == "workloads"

@@ -1,4 +1,5 @@
-"""Glob semantics: `*` within a `/` segment, `**` across, `?` one char, all else literal."""
+"""Glob semantics: in `spiffe://` patterns `*` stays within a `/` segment and `**` crosses;
+elsewhere `*` matches any run; `?` one char; everything else literal."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ CASES = [
         "double-star-anchored-end",
     ),
     ("repo:acme/app:*", "repo:acme/app:pull_request", True, "github-no-slash"),
-    ("repo:acme/app:*", "repo:acme/app:ref:refs/heads/main", False, "github-ref-has-slash"),
+    ("repo:acme/app:*", "repo:acme/app:ref:refs/heads/main", True, "github-star-crosses-slash-SPEC-4-example"),
     ("repo:acme/app:**", "repo:acme/app:ref:refs/heads/main", True, "github-double-star"),
     ("repo:org/app*", "repo:org/app-evil", True, "J36-sloppy-pattern-is-wide"),
     ("repo:org/app:*", "repo:org/app-evil:ref", False, "J36-colon-pins-repo"),
@@ -43,11 +44,14 @@ CASES = [
     ("*@example.com", "alice@example.com.evil.io", False, "owner-anchored-end"),
     ("*@example.com", "alice@EXAMPLE.com", False, "case-sensitive"),
     ("*@example.com", "@example.com", True, "owner-empty-local-part"),
-    ("*@example.com", "team/a@example.com", False, "owner-star-not-cross-slash"),
+    ("*@example.com", "team/a@example.com", True, "owner-star-crosses-slash"),
     ("agent-?", "agent-1", True, "question-one-char"),
     ("agent-?", "agent-12", False, "question-not-two"),
     ("agent-?", "agent-", False, "question-not-zero"),
-    ("a?b", "a/b", False, "question-not-slash"),
+    ("a?b", "a/b", True, "question-any-char-outside-spiffe"),
+    ("spiffe://x.org/a?b", "spiffe://x.org/a/b", False, "spiffe-question-not-slash"),
+    ("spiffe://x.org/*", "spiffe://x.org/a/b", False, "spiffe-star-not-cross-slash"),
+    ("Spiffe://x.org/*", "Spiffe://x.org/a/b", True, "only-the-exact-spiffe-prefix-segments"),
     ("a.b", "axb", False, "dot-is-literal"),
     ("a.b", "a.b", True, "dot-matches-dot"),
     ("a+b", "aab", False, "plus-is-literal"),
@@ -62,7 +66,7 @@ CASES = [
     ("exact", "exactly", False, "no-metachar-anchored"),
     ("exact", "", False, "empty-value"),
     ("*", "", True, "star-matches-empty-value"),
-    ("*", "a/b", False, "star-alone-not-cross-slash"),
+    ("*", "a/b", True, "star-alone-crosses-slash-outside-spiffe"),
     ("**", "a/b", True, "double-star-alone"),
     ("a*", "a\nb", True, "newline-is-ordinary"),
 ]
@@ -86,6 +90,6 @@ def test_explain_miss_hints_double_star(pattern: str, value: str, hinted: bool) 
 
 
 def test_first_match_returns_first_matching_glob() -> None:
-    globs = (Glob("a*"), Glob("*"), Glob("b"))
-    assert first_match(globs, "b") == Glob("*")
+    globs = (Glob("a*"), Glob("*b"), Glob("b"))
+    assert first_match(globs, "b") == Glob("*b")
     assert first_match(globs, "x/y") is None
