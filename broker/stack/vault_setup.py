@@ -125,6 +125,11 @@ path "sys/leases/lookup" {{
   capabilities = ["update"]
 }}
 
+# Give a lease the task's TTL instead of its role's default (one renew with `increment`).
+path "sys/leases/renew" {{
+  capabilities = ["update"]
+}}
+
 # Write the generated per-task-type ACL policies, and only those.
 path "sys/policies/acl/{policy_prefix}*" {{
   capabilities = ["create", "update"]

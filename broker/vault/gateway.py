@@ -184,10 +184,13 @@ class VaultGateway:
         _positive(ttl_seconds)
         started = self._clock.now()
         if isinstance(spec, DatabaseCredential):
-            # Database roles take no per-request TTL: the task token's TTL bounds the lease.
+            # Database roles take no per-request TTL: the lease gets the role's default,
+            # which `_fit_to_task` moves to the task's.
             path = f"{spec.mount}/creds/{spec.role}"
             reply = self._as_task(token, "GET", path, operation=f"issue {path}")
-            return _leased(reply, started, token, f"issue {path}")
+            return self._fit_to_task(
+                reply, _leased(reply, started, token, f"issue {path}"), ttl_seconds, token
+            )
         if isinstance(spec, PkiCredential):
             return self._issue_pki(
                 token,
@@ -199,7 +202,7 @@ class VaultGateway:
             )
         if isinstance(spec, VaultTokenCredential):
             return self._issue_child_token(token, spec, ttl_seconds, task_id, started)
-        return self._issue_lease(token, spec, task_id, workload, started)
+        return self._issue_lease(token, spec, ttl_seconds, task_id, workload, started)
 
     def _issue_pki(
         self,
@@ -270,6 +273,7 @@ class VaultGateway:
         self,
         token: TaskToken,
         spec: LeaseCredential,
+        ttl_seconds: int,
         task_id: str,
         workload: str,
         started: datetime,
@@ -280,7 +284,39 @@ class VaultGateway:
             reply = self._as_task(token, "GET", path, operation=operation, params=spec.params or None)
         else:
             reply = self._as_task(token, "POST", path, operation=operation, json=spec.params)
-        return _leased(reply, started, token, operation)
+        return self._fit_to_task(reply, _leased(reply, started, token, operation), ttl_seconds, token)
+
+    def _fit_to_task(
+        self, reply: Reply, issued: IssuedSecret, ttl_seconds: int, token: TaskToken
+    ) -> IssuedSecret:
+        """Give a lease the task's TTL instead of its role's default (SPEC §6.4).
+
+        A role's default is blind to the task: longer than a short task's maximum (the
+        backstop would be the task token's expiry alone), shorter than a long task (the
+        credential would die mid-task). One renew with `increment` sets the lease's TTL,
+        down as well as up, within the role's max_ttl; for a database user Vault moves its
+        `VALID UNTIL` too. Only when the two differ, so a task of the role's default TTL
+        costs no extra call.
+        """
+        lease_id = issued.vault_lease_id
+        if lease_id is None or not reply.body.get("renewable"):
+            return issued
+        if int(reply.body.get("lease_duration") or 0) == ttl_seconds:
+            return issued
+        body = {"lease_id": lease_id, "increment": ttl_seconds}
+        renewed_at = self._clock.now()
+        try:
+            renewed = self._as_broker("PUT", "sys/leases/renew", operation="fit lease to task", json=body)
+        except VaultRejected as error:
+            # The broker's policy predates `sys/leases/renew`: the lease keeps its role's
+            # TTL, and the task token's expiry still bounds it.
+            log.warning("lease %s keeps its role's TTL: %s (grant sys/leases/renew)", lease_id, error)
+            return issued
+        duration = int(renewed.body.get("lease_duration") or 0)
+        if duration <= 0:
+            return issued
+        expires_at = min(renewed_at + timedelta(seconds=duration), token.expires_at)
+        return IssuedSecret(issued.data, expires_at, issued.handle, lease_id)
 
     # -- revocation ------------------------------------------------------------------
 

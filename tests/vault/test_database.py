@@ -36,6 +36,35 @@ def test_credentials_log_in_until_revoked_and_fail_right_after(gateway, start_ta
     assert not root.lease_exists(secret.handle.ref)
 
 
+@pytest.mark.parametrize(
+    ("task_ttl", "token_ttl"),
+    [(10, 30), (600, 900)],
+    ids=["shorter-than-the-roles-default", "longer-than-the-roles-default"],
+)
+def test_a_database_lease_gets_the_tasks_ttl_not_the_roles_default(
+    gateway, start_task, pg, root, task_ttl, token_ttl
+):
+    """The role's default is 300 s; Vault's own TTL must follow the task (SPEC §6.4)."""
+    from datetime import UTC, datetime, timedelta
+
+    task = start_task({"db": RO}, ttl=token_ttl)
+    before = datetime.now(UTC)
+    secret = gateway.issue(task.token, RO, ttl_seconds=task_ttl, task_id=task.task_id, workload=WORKLOAD)
+    after = datetime.now(UTC)
+    vault_ttl = root.call("PUT", "sys/leases/lookup", {"lease_id": secret.vault_lease_id})["data"]["ttl"]
+    assert task_ttl - (after - before).total_seconds() - 2 <= vault_ttl <= task_ttl
+    t = pg.target
+    with psycopg.connect(host=t.host, port=t.port, user=t.superuser, password=t.password, dbname="postgres") as conn:
+        (valid_until,) = conn.execute(
+            "SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s", (secret.data["username"],)
+        ).fetchone()
+    # Within [issue began, issue returned] + the task's TTL (whole seconds in Postgres, where
+    # Vault pads VALID UNTIL by 5 s so a password never dies before its lease).
+    assert before + timedelta(seconds=task_ttl - 1) <= secret.expires_at <= after + timedelta(seconds=task_ttl)
+    assert before + timedelta(seconds=task_ttl - 1) <= valid_until <= after + timedelta(seconds=task_ttl + 6)
+    gateway.revoke(secret.handle)
+
+
 def test_revoke_is_idempotent(gateway, start_task):
     task = start_task({"db": RO})
     secret = issue(gateway, task)
