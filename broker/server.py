@@ -1,9 +1,10 @@
 """`broker serve`: gunicorn with the app, plus one scheduler process per replica.
 
 The scheduler never runs inside a request worker: with N workers it would sweep N times
-(flask-apscheduler#51). It runs as a sibling process that `broker serve` starts and stops.
-SIGHUP to the master reloads the policy in every worker and in the scheduler, without
-restarting anything; a bad policy file is logged and the old policy stays.
+(flask-apscheduler#51). It runs as a sibling process that `broker serve` starts and stops,
+and that the master starts again if it dies. SIGHUP to the master reloads the policy in
+every worker and in the scheduler, without restarting anything; a bad policy file is
+logged and the old policy stays.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +82,19 @@ class BrokerThreadWorker(ThreadWorker):  # type: ignore[misc]
         """gunicorn assigns the configured number; the property above replaces it."""
 
 
+# A scheduler that dies is started again; one that dies soon after each start (its database
+# unreachable, say) waits longer every time, so the master doesn't spin on it.
+SCHEDULER_BACKOFF_SECONDS = 1.0
+SCHEDULER_BACKOFF_MAX_SECONDS = 30.0
+SCHEDULER_STABLE_SECONDS = 60.0
+
+
 class BrokerArbiter(Arbiter):  # type: ignore[misc]
     scheduler: subprocess.Popen[bytes] | None = None
+    scheduler_config: str | None = None
+    _scheduler_started = 0.0
+    _scheduler_backoff = SCHEDULER_BACKOFF_SECONDS
+    _scheduler_restart_at: float | None = None
 
     def handle_hup(self) -> None:
         log.info("SIGHUP: reloading the policy in %d workers", len(self.WORKERS))
@@ -89,6 +102,40 @@ class BrokerArbiter(Arbiter):  # type: ignore[misc]
             os.kill(pid, signal.SIGHUP)
         if self.scheduler is not None and self.scheduler.poll() is None:
             self.scheduler.send_signal(signal.SIGHUP)
+
+    def reap_workers(self) -> None:
+        # gunicorn reaps every child with waitpid(-1), which would take the scheduler's exit
+        # status from Popen (it then reports 0); waiting for its pid first keeps it.
+        if self.scheduler is not None:
+            self.scheduler.poll()
+        super().reap_workers()
+
+    def manage_workers(self) -> None:
+        # Runs about once a second in the master's loop, and never once it is stopping.
+        super().manage_workers()
+        if self.scheduler is not None and self.scheduler.poll() is not None:
+            self._restart_scheduler(self.scheduler)
+
+    def _restart_scheduler(self, dead: subprocess.Popen[bytes]) -> None:
+        now = time.monotonic()
+        if self._scheduler_restart_at is None:
+            if now - self._scheduler_started >= SCHEDULER_STABLE_SECONDS:
+                self._scheduler_backoff = SCHEDULER_BACKOFF_SECONDS
+            code = dead.returncode
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            log.error(
+                "the scheduler (pid %d) %s; starting a new one in %.0f s",
+                dead.pid,
+                how,
+                self._scheduler_backoff,
+            )
+            self._scheduler_restart_at = now + self._scheduler_backoff
+            self._scheduler_backoff = min(2 * self._scheduler_backoff, SCHEDULER_BACKOFF_MAX_SECONDS)
+        elif now >= self._scheduler_restart_at:
+            self._scheduler_restart_at = None
+            self._scheduler_started = now
+            self.scheduler = _start_scheduler(self.scheduler_config)
+            log.warning("started a new scheduler (pid %d)", self.scheduler.pid)
 
 
 class BrokerApplication(BaseApplication):  # type: ignore[misc]
@@ -109,10 +156,15 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
 
         return create_app(self._settings)
 
-    def run_with(self, scheduler: subprocess.Popen[bytes] | None) -> None:
+    def run_with(self, scheduler: subprocess.Popen[bytes] | None, config_path: str | None) -> None:
         arbiter = BrokerArbiter(self)
         arbiter.scheduler = scheduler
-        arbiter.run()
+        arbiter.scheduler_config = config_path
+        try:
+            arbiter.run()
+        finally:
+            # Not necessarily the one it was given: it may have restarted it.
+            _stop_scheduler(arbiter.scheduler)
 
 
 def serve(
@@ -151,14 +203,9 @@ def serve(
         "proc_name": "credential-broker",
     }
     try:
-        BrokerApplication(settings, options).run_with(scheduler)
+        BrokerApplication(settings, options).run_with(scheduler, config_path)
     finally:
-        if scheduler is not None and scheduler.poll() is None:
-            scheduler.terminate()
-            try:
-                scheduler.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                scheduler.kill()
+        _stop_scheduler(scheduler)
 
 
 def _start_scheduler(config_path: str | None) -> subprocess.Popen[bytes]:
@@ -166,3 +213,12 @@ def _start_scheduler(config_path: str | None) -> subprocess.Popen[bytes]:
     if config_path:
         command += ["--config", str(Path(config_path).resolve())]
     return subprocess.Popen(command)
+
+
+def _stop_scheduler(scheduler: subprocess.Popen[bytes] | None) -> None:
+    if scheduler is not None and scheduler.poll() is None:
+        scheduler.terminate()
+        try:
+            scheduler.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            scheduler.kill()

@@ -1,17 +1,21 @@
-"""`broker serve` as a real process: readiness, policy reload on SIGHUP, metrics."""
+"""`broker serve` as a real process: readiness, policy reload on SIGHUP, metrics, its scheduler."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
-from tests.factories import AGENT, start_body
+from tests.factories import AGENT, can_log_in, start_body
+from tests.support.broker_procs import descendants_of
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +34,16 @@ def eventually(predicate, timeout=15.0):
             return True
         time.sleep(0.2)
     return False
+
+
+def scheduler_pids(served):
+    found = set()
+    for pid in descendants_of(served.pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv[1:4] == [b"-m", b"broker", b"scheduler"]:
+                found.add(pid)
+    return found
 
 
 def test_serve_is_ready_and_issues(served, issuers):
@@ -120,3 +134,29 @@ def test_the_operator_cli_lists_and_revokes_over_rest(served, issuers):
     assert killed.exit_code == 0 and "0 task(s) ended" in killed.output
     denied = runner.invoke(main, ["leases", "list"], env={**env, "BROKER_TOKEN": issuers["spire"].mint(AGENT)})
     assert denied.exit_code == 1 and "HTTP 403 forbidden" in denied.output
+
+
+def test_the_master_restarts_a_scheduler_that_died_and_deadlines_are_kept(served, issuers, stack):
+    [killed] = scheduler_pids(served)
+    os.kill(killed, signal.SIGKILL)
+
+    def replaced():
+        pids = scheduler_pids(served)
+        return len(pids) == 1 and killed not in pids
+
+    assert eventually(replaced, timeout=60), "no new scheduler after the first one was killed"
+
+    headers = issuers["spire"].bearer(AGENT)
+    response = requests.post(f"{served.url}/task/start", json=start_body("short"), headers=headers, timeout=30)
+    assert response.status_code == 201, response.text
+    started = response.json()
+    creds = started["credentials"]["db"]["data"]
+    assert can_log_in(stack, creds)
+
+    def task():
+        return requests.get(f"{served.url}/task/{started['task_id']}", headers=headers, timeout=30).json()
+
+    assert eventually(lambda: task()["state"] == "expired", timeout=60), task()
+    [lease] = task()["leases"]
+    assert lease["state"] == "revoked"
+    assert not can_log_in(stack, creds)
