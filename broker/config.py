@@ -82,6 +82,17 @@ class VaultSettings(_Strict):
     task_token_reuse: bool = True
     verify_tls: bool = True
 
+    @field_validator("addr")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        # Caught here, not as a 503 on every start: "vault:8200" or "" is a typo.
+        parsed = urlsplit(value)
+        if parsed.scheme not in {"http", "https"} or not parsed.hostname:
+            raise ValueError(
+                "must be an http:// or https:// URL with a host, e.g. https://vault.internal:8200"
+            )
+        return value
+
 
 class IssuerSettings(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
@@ -92,7 +103,7 @@ class IssuerSettings(_Strict):
     kind: Literal["spiffe", "oidc"] = "oidc"
     trust_domain: str | None = None
     groups_claim: str = "groups"
-    use: list[IdentityUse]
+    use: Annotated[list[IdentityUse], Field(min_length=1)]
     single_use: bool = False
     algorithms: list[str] | None = None
     # Refuse tokens whose exp - iat exceeds this (e.g. year-long Kubernetes tokens).

@@ -59,6 +59,10 @@ def test_a_good_config_loads_with_defaults():
         ({"issuers__0__algorithms": ["HS256"]}, "only asymmetric algorithms are allowed"),
         ({"issuers__0__jwks_uri": "https://x"}, "exactly one of 'jwks_file' or 'jwks_uri'"),
         ({"limits": {"max_body_bytes": 0}}, "config: bad value for 'limits.max_body_bytes'"),
+        ({"vault__addr": "vault.internal:8200"}, "config: bad value for 'vault.addr': must be an http:// or https://"),
+        ({"vault__addr": ""}, "config: bad value for 'vault.addr'"),
+        ({"vault__addr": "https://"}, "config: bad value for 'vault.addr'"),
+        ({"issuers__0__use": []}, "config: bad value for 'issuers.0.use'"),
     ],
     ids=lambda value: str(value)[:40],
 )
