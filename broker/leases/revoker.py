@@ -18,7 +18,7 @@ from broker import metrics
 from broker.audit import record
 from broker.clock import Clock
 from broker.models import Lease, Task
-from broker.vault import RevokeHandle, VaultError, VaultGateway
+from broker.vault import RevokeHandle, VaultError, VaultGateway, VaultUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,16 @@ class Revoker:
         task.state, task.finished_at, task.end_reason = state, now, reason
         if outcome is not None:
             task.outcome = outcome
+        unreachable: VaultUnavailable | None = None
         for lease in task.leases:
-            self.revoke_lease(session, lease, actor=actor, reason=reason, trigger=trigger)
+            if unreachable is None:
+                unreachable = self._revoke(session, lease, actor=actor, reason=reason, trigger=trigger)
+            elif lease.state != "revoked":
+                # Vault gave no answer at all (timed out, refused the connection): each
+                # further call would wait out its own timeout while the caller waits for
+                # all of them. The retry sweep takes these, as it takes the first.
+                lease.revoke_reason = lease.revoke_reason or reason
+                self._parked(session, lease, actor, trigger, f"not tried: {unreachable}")
         # The task's own Vault token holds nothing once its leases are revoked (and it
         # never left the broker): the scheduler retires it within a sweep, off this path.
         record(
@@ -76,26 +84,25 @@ class Revoker:
 
     def revoke_lease(self, session: Session, lease: Lease, *, actor: str, reason: str, trigger: str) -> bool:
         """Revoke one lease now; on failure park it in `revoke_pending`. True when revoked."""
+        self._revoke(session, lease, actor=actor, reason=reason, trigger=trigger)
+        return lease.state == "revoked"
+
+    def _revoke(
+        self, session: Session, lease: Lease, *, actor: str, reason: str, trigger: str
+    ) -> VaultUnavailable | None:
+        """`revoke_lease`; returns the error when Vault itself gave no answer."""
         if lease.state == "revoked":
-            return True
+            return None
         now = self._clock.now()
         lease.revoke_attempts += 1
         lease.revoke_reason = lease.revoke_reason or reason
         try:
             self._vault.revoke(RevokeHandle(kind=lease.revoke_kind, ref=lease.revoke_ref))  # type: ignore[arg-type]
         except VaultError as error:
-            self._park(lease, now, str(error))
-            metrics.REVOKE_FAILURES.inc()
-            metrics.REVOCATIONS.labels(trigger, "pending").inc()
-            record(
-                session,
-                self._clock,
-                "lease.revoke_failed",
-                actor,
-                lease=lease,
-                detail={"attempt": lease.revoke_attempts, "error": lease.last_error, "trigger": trigger},
-            )
-            return False
+            self._parked(session, lease, actor, trigger, str(error))
+            # No status: no answer from Vault at all, as opposed to Vault (or the engine's
+            # backend behind it) answering with an error for this one lease.
+            return error if isinstance(error, VaultUnavailable) and error.status is None else None
         lease.state, lease.revoked_at, lease.next_attempt_at = "revoked", now, None
         metrics.REVOCATIONS.labels(trigger, "revoked").inc()
         record(
@@ -106,7 +113,20 @@ class Revoker:
             lease=lease,
             detail={"reason": reason, "trigger": trigger, "attempts": lease.revoke_attempts},
         )
-        return True
+        return None
+
+    def _parked(self, session: Session, lease: Lease, actor: str, trigger: str, error: str) -> None:
+        self._park(lease, self._clock.now(), error)
+        metrics.REVOKE_FAILURES.inc()
+        metrics.REVOCATIONS.labels(trigger, "pending").inc()
+        record(
+            session,
+            self._clock,
+            "lease.revoke_failed",
+            actor,
+            lease=lease,
+            detail={"attempt": lease.revoke_attempts, "error": lease.last_error, "trigger": trigger},
+        )
 
     def revoke_token_if_clear(self, task: Task) -> bool:
         """Revoke the task's Vault token once none of its leases is waiting on a retry.

@@ -193,3 +193,27 @@ def test_concurrent_starts_of_one_workload_against_a_slow_vault_say_vault_unavai
         assert answer.status_code == 503
         assert elapsed < 3 * timeout, elapsed
     assert not [row for row in ledger.tasks() if row["state"] in OPEN]
+
+
+def test_a_finish_tries_vault_once_when_it_does_not_answer(issuers, vault_proxy, fault_config, processes, ledger):
+    """Four leases, Vault silent: the first revoke waits out the timeout, the other three are
+    parked without a call (each would wait out its own), and the retry revokes all four."""
+    server, headers, _ = launch(processes, fault_config, vault_proxy, issuers, workers=1, threads=2, warm=0)
+    started = requests.post(f"{server.url}/task/start", json=start_body("everything"), headers=headers, timeout=30)
+    assert started.status_code == 201, started.text
+    task_id = started.json()["task_id"]
+    hang = vault_proxy.add_rule(r"^/v1/(sys/leases/revoke|auth/token/revoke)", action="hang", times=None, hang_seconds=120)
+
+    finished = requests.post(f"{server.url}/task/finish", json={"task_id": task_id}, headers=headers, timeout=60)
+
+    assert finished.status_code == 200, finished.text
+    leases = finished.json()["leases"]
+    assert [lease["state"] for lease in leases] == ["revoke_pending"] * 4
+    assert len(hang.fired) == 1  # one revoke reached Vault's address; the rest were never sent
+    assert sum(lease["last_error"].startswith("not tried: ") for lease in leases) == 3
+    vault_proxy.clear_rules()
+    vault_proxy.release()
+    wait_for(
+        lambda: {row["state"] for row in ledger.leases(task_id)} == {"revoked"},
+        what="every parked lease revoked by the scheduler's retry",
+    )
