@@ -152,6 +152,8 @@ def audit() -> None:
 def audit_verify(config: str | None, anchor: Path | None) -> None:
     """Walk the audit hash chain; exit 1 if any row was changed, inserted or deleted.
 
+    Exit 2 on a config error, 3 if the database could not be reached.
+
     With an audit key ($BROKER_AUDIT_KEY by default) the chain is HMAC-keyed; run verify
     with the same key in the environment. Deleting the newest rows *and* rewinding the
     head is only visible against a copy of a later head kept elsewhere: pass --anchor
@@ -165,14 +167,21 @@ def audit_verify(config: str | None, anchor: Path | None) -> None:
     import os
 
     from broker.audit.chain import Anchor, head_anchor, verify_chain
-    from broker.db import make_engine, make_session_factory, unit_of_work
+    from broker.db import DatabaseUnavailable, make_engine, make_session_factory, unit_of_work
 
     key = os.environ.get(settings.audit.key_env, "").encode() or None
     previous = Anchor.loads(anchor.read_text()) if anchor is not None and anchor.exists() else None
     engine = make_engine(settings.sqlalchemy_url, pool_size=1)
-    with unit_of_work(make_session_factory(engine)) as session:
-        report = verify_chain(session, key, previous)
-        head = head_anchor(session)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            report = verify_chain(session, key, previous)
+            head = head_anchor(session)
+    except DatabaseUnavailable as error:
+        # Not 1: a cron job alerting on the exit code must tell "tampered" from "could not look".
+        click.echo(f"audit verify: the database could not be reached: {_connection_failure(error)}", err=True)
+        sys.exit(3)
+    finally:
+        engine.dispose()
     for problem in report.problems:
         click.echo(f"seq {problem.seq}: {problem.problem}")
     if report.unsealed:
@@ -184,6 +193,14 @@ def audit_verify(config: str | None, anchor: Path | None) -> None:
         return
     click.echo(f"TAMPERED: {len(report.problems)} problem(s) in {report.checked} events", err=True)
     sys.exit(1)
+
+
+def _connection_failure(error: Exception) -> str:
+    """The driver's first line (refused, timed out, authentication failed): it names the
+    host and port, never the password of the URL."""
+    driver_error = getattr(error.__cause__, "orig", error.__cause__) or error
+    lines = str(driver_error).splitlines()
+    return lines[0] if lines else type(driver_error).__name__
 
 
 for command in (policy, dev, leases, tasks):

@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
-from sqlalchemy import text
+from flask.blueprints import BlueprintSetupState
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker import metrics
 from broker.api.common import services
 from broker.errors import problem
+from broker.migrate import SchemaState, schema_state, schema_state_of, shipped_revisions
+from broker.services import Services
 from broker.vault import VaultError
 
+log = logging.getLogger(__name__)
 bp = Blueprint("health", __name__)
+# The schema's state while the database can't be reached (a failure named on its own).
+UNKNOWN = "unknown"
+# A schema a newer build migrated keeps the replica in service: see SchemaState.AHEAD.
+PASSING = frozenset({"ok", SchemaState.AHEAD, UNKNOWN})
+
+
+@bp.record_once
+def _report_schema_at_start(state: BlueprintSetupState) -> None:
+    # Against a database `broker migrate` never ran on, the process would start and then
+    # fail every request and sweep with UndefinedTable; say it once, with the fix.
+    built: Services = state.app.extensions["broker.services"]
+    try:
+        shipped = shipped_revisions()
+        schema = schema_state_of(built.engine)
+    except Exception:  # a warning at start must never keep a worker from booting
+        log.warning("could not compare the database schema with this build's migrations", exc_info=True)
+        return
+    heads = ", ".join(sorted(shipped.heads))
+    if schema is SchemaState.BEHIND:
+        log.error(
+            "the database schema is behind this build (head %s): run `broker migrate`;"
+            " until then /readyz answers 503 and requests fail",
+            heads,
+        )
+    elif schema is SchemaState.AHEAD:
+        log.warning(
+            "the database schema is newer than this build (head %s): a newer build migrated it",
+            heads,
+        )
 
 
 @bp.get("/healthz")
@@ -22,14 +56,15 @@ def healthz() -> Any:
 
 @bp.get("/readyz")
 def readyz() -> Any:
-    checks = {"database": _check_database(), "vault": _check_vault()}
-    failed = [name for name, state in checks.items() if state != "ok"]
+    database, schema = _check_database()
+    checks = {"database": database, "schema": schema, "vault": _check_vault()}
+    failed = [f"{name} {state}" for name, state in checks.items() if state not in PASSING]
     if failed:
         return problem(
             503,
             "not_ready",
             "Not ready",
-            f"unavailable: {', '.join(failed)}",
+            f"not ready: {', '.join(failed)}",
             {"Retry-After": "5"},
             checks=checks,
         )
@@ -49,13 +84,14 @@ def openapi() -> Any:
     return jsonify(document())
 
 
-def _check_database() -> str:
+def _check_database() -> tuple[str, str]:
+    """The database's state and its schema's, from one query."""
     try:
         with services().engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except Exception:
-        return "unavailable"
-    return "ok"
+            schema = schema_state(connection)
+    except SQLAlchemyError:
+        return "unavailable", UNKNOWN
+    return "ok", schema
 
 
 def _check_vault() -> str:

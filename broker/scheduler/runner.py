@@ -11,10 +11,13 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor as JobExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from broker.migrate import SchemaState, schema_state_of
 from broker.scheduler.jobs import Jobs
 from broker.services import Services
 
 log = logging.getLogger(__name__)
+# How often a scheduler held by a schema that is behind looks again: one tiny query.
+SCHEMA_POLL_SECONDS = 2.0
 
 
 class SchedulerRunner:
@@ -56,7 +59,30 @@ class SchedulerRunner:
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
         signal.signal(signal.SIGINT, lambda *_: stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self.services.policies.reload())
+        if not self._wait_for_schema(stopping):
+            return
         self.start()
         log.info("scheduler running")
         stopping.wait()
         self.stop()
+
+    def _wait_for_schema(self, stopping: threading.Event) -> bool:
+        """Hold the jobs while the schema is behind this build; False if stopped meanwhile.
+
+        Every job would fail each sweep on a missing table or column, a traceback per
+        second; one error that names the fix says more. The jobs start once the database
+        is migrated, so the scheduler of `broker serve` survives a late `broker migrate`.
+        A schema a newer build migrated does not hold them: deadlines must still be met.
+        """
+        engine = self.services.engine
+        state = schema_state_of(engine)
+        if state is SchemaState.AHEAD:
+            log.warning("the database schema is newer than this build: a newer build migrated it")
+        if state is not SchemaState.BEHIND:
+            return True
+        log.error("the database schema is behind this build: run `broker migrate`; the scheduler waits")
+        while not stopping.wait(SCHEMA_POLL_SECONDS):
+            if schema_state_of(engine) in (SchemaState.OK, SchemaState.AHEAD):
+                log.info("the database schema was migrated: scheduler starting")
+                return True
+        return False

@@ -1,10 +1,26 @@
 from __future__ import annotations
 
+import logging
+import time
+import uuid
+
 import pytest
+import yaml
+from sqlalchemy import create_engine, text
 
 from broker.config import settings_from_mapping
+from broker.migrate import upgrade_to_head
 from broker.stack.postgres import free_port, start_postgres
 from tests.conftest import broker_config
+from tests.support.broker_procs import BrokerProcess
+
+
+@pytest.fixture
+def empty_database(stack):
+    name = f"readyz_{uuid.uuid4().hex[:8]}"
+    stack.postgres.create_database(name)
+    yield stack.postgres.url(name)
+    stack.postgres.drop_database(name)
 
 
 def test_healthz_is_always_ok(client):
@@ -14,7 +30,7 @@ def test_healthz_is_always_ok(client):
 def test_readyz_is_ok_when_both_answer(client):
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.get_json()["checks"] == {"database": "ok", "vault": "ok"}
+    assert response.get_json()["checks"] == {"database": "ok", "schema": "ok", "vault": "ok"}
 
 
 def _client_for(config):
@@ -29,13 +45,14 @@ def test_readyz_names_vault_when_it_is_down(stack, issuers, policy_file):
     response = _client_for(config).get("/readyz")
     assert response.status_code == 503
     assert response.mimetype == "application/problem+json"
-    assert response.get_json()["checks"] == {"database": "ok", "vault": "unavailable"}
+    assert response.get_json()["checks"] == {"database": "ok", "schema": "ok", "vault": "unavailable"}
     assert "vault" in response.get_json()["detail"]
 
 
 @pytest.mark.slow
 def test_readyz_names_the_database_when_postgres_stops(stack, issuers, policy_file, workdir):
     own = start_postgres(workdir / "readyz-pg")
+    upgrade_to_head(own.url("postgres"))
     config = broker_config(stack, issuers, policy_file)
     config["database_url"] = own.url("postgres")
     client = _client_for(config)
@@ -44,11 +61,89 @@ def test_readyz_names_the_database_when_postgres_stops(stack, issuers, policy_fi
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.get_json()["checks"]["database"] == "unavailable"
+    assert response.get_json()["checks"]["schema"] == "unknown"
     assert "database" in response.get_json()["detail"]
     assert response.headers["Retry-After"]
     own.start()
     assert client.get("/readyz").status_code == 200
     own.stop()
+
+
+def _services_of(client):
+    return client.application.extensions["broker.services"]
+
+
+def test_a_database_never_migrated_is_not_ready_and_the_start_says_how_to_fix_it(
+    stack, issuers, policy_file, empty_database, caplog
+):
+    config = broker_config(stack, issuers, policy_file, database_url=empty_database)
+    with caplog.at_level(logging.WARNING):
+        client = _client_for(config)
+    fixes = [record for record in caplog.records if "`broker migrate`" in record.getMessage()]
+    assert [record.levelno for record in fixes] == [logging.ERROR]
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["code"] == "not_ready"
+    assert response.get_json()["checks"] == {"database": "ok", "schema": "behind", "vault": "ok"}
+    assert "schema behind" in response.get_json()["detail"]
+    upgrade_to_head(empty_database)
+    migrated = client.get("/readyz")
+    _services_of(client).close()
+    assert migrated.status_code == 200
+    assert migrated.get_json()["checks"]["schema"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("revision", "status", "schema"),
+    [
+        ("0001", 503, "behind"),  # an older revision: this build's queries need the newer columns
+        ("f" * 12, 200, "ahead"),  # a newer build migrated it (rolling upgrade): stay in service
+    ],
+)
+def test_readyz_compares_the_database_revision_with_the_shipped_head(
+    stack, issuers, policy_file, empty_database, revision, status, schema
+):
+    upgrade_to_head(empty_database)
+    engine = create_engine(empty_database)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = :revision"), {"revision": revision})
+    engine.dispose()
+    client = _client_for(broker_config(stack, issuers, policy_file, database_url=empty_database))
+    response = client.get("/readyz")
+    _services_of(client).close()
+    assert response.status_code == status
+    assert response.get_json()["checks"] == {"database": "ok", "schema": schema, "vault": "ok"}
+
+
+@pytest.mark.slow
+def test_the_scheduler_waits_for_the_migration_with_one_error_not_a_traceback_per_sweep(
+    stack, issuers, policy_file, empty_database, tmp_path
+):
+    config_path = tmp_path / "broker.yaml"
+    config_path.write_text(yaml.safe_dump(broker_config(stack, issuers, policy_file, database_url=empty_database)))
+    scheduler = BrokerProcess(["scheduler"], config_path, tmp_path / "scheduler.log")
+
+    def log():
+        return scheduler.log_path.read_text(errors="replace")
+
+    try:
+        _eventually(lambda: "`broker migrate`" in log(), what="the error naming the fix")
+        time.sleep(2)  # eight sweeps at 0.25 s, had the jobs started
+        assert log().count("`broker migrate`") == 1
+        assert "Traceback" not in log()
+        upgrade_to_head(empty_database)
+        _eventually(lambda: "scheduler running" in log(), what="the jobs to start")
+        assert scheduler.proc.poll() is None
+    finally:
+        scheduler.stop()
+    assert "Traceback" not in log()
+
+
+def _eventually(predicate, *, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 def test_the_api_document_lists_every_endpoint_of_the_contract(client):

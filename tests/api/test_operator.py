@@ -168,6 +168,20 @@ def test_audit_verify_detects_changed_inserted_and_deleted_rows(client, issuers,
     assert tail.exit_code == 1 and "head mismatch" in tail.output
 
 
+def test_audit_verify_without_the_database_says_so_in_one_line_and_exits_3(config_file):
+    # Exit 1 means tampered: an alert on it must not fire, or be silenced, for an outage.
+    from broker.stack.postgres import free_port
+
+    closed = f"postgresql+psycopg://broker@127.0.0.1:{free_port()}/broker"
+    result = CliRunner().invoke(
+        main, ["audit", "verify", "--config", str(config_file)], env={"BROKER_DATABASE_URL": closed}
+    )
+    assert result.exit_code == 3, result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith("audit verify: the database could not be reached: ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
 def test_with_an_audit_key_a_forged_event_is_never_sealed(stack, issuers, policy_file, clean_db, monkeypatch, tmp_path):
     import yaml
 
