@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -85,6 +87,11 @@ def scheduler(config: str | None, metrics_bind: str | None) -> None:
     FOR UPDATE SKIP LOCKED, so no lease is revoked twice. `broker serve` runs one itself
     unless --no-scheduler.
     """
+    # First of all: a SIGHUP's default action ends the process, and `broker serve` forwards
+    # one on every policy reload, also while this process is still loading. Remembered, it
+    # is honoured once the scheduler runs.
+    hup_seen = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: hup_seen.set())
     settings = _settings(config)
     _logging(settings)
     _check_policy(settings)
@@ -97,7 +104,7 @@ def scheduler(config: str | None, metrics_bind: str | None) -> None:
     from broker.services import build_services
 
     services = build_services(settings, pool_size=settings.scheduler.revoke_workers + 4)
-    SchedulerRunner(services).run_forever()
+    SchedulerRunner(services).run_forever(hup_seen)
 
 
 @main.command()

@@ -53,12 +53,15 @@ class SchedulerRunner:
         self._scheduler.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
-    def run_forever(self) -> None:
-        """`broker scheduler`: until SIGTERM/SIGINT; SIGHUP reloads the policy."""
+    def run_forever(self, hup_seen: threading.Event | None = None) -> None:
+        """`broker scheduler`: until SIGTERM/SIGINT; SIGHUP reloads the policy (also one
+        that arrived while the process was starting, recorded in `hup_seen`)."""
         stopping = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
         signal.signal(signal.SIGINT, lambda *_: stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self.services.policies.reload())
+        if hup_seen is not None and hup_seen.is_set():
+            self.services.policies.reload()
         if not self._wait_for_schema(stopping):
             return
         self.start()
