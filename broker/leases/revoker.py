@@ -69,7 +69,9 @@ class Revoker:
                 # further call would wait out its own timeout while the caller waits for
                 # all of them. The retry sweep takes these, as it takes the first.
                 lease.revoke_reason = lease.revoke_reason or reason
-                self._parked(session, lease, actor, trigger, f"not tried: {unreachable}")
+                self._parked(
+                    session, lease, actor, trigger, f"not tried: {unreachable}", "lease.revoke_deferred"
+                )
         # The task's own Vault token holds nothing once its leases are revoked (and it
         # never left the broker): the scheduler retires it within a sweep, off this path.
         record(
@@ -115,14 +117,22 @@ class Revoker:
         )
         return None
 
-    def _parked(self, session: Session, lease: Lease, actor: str, trigger: str, error: str) -> None:
+    def _parked(
+        self,
+        session: Session,
+        lease: Lease,
+        actor: str,
+        trigger: str,
+        error: str,
+        event: str = "lease.revoke_failed",
+    ) -> None:
         self._park(lease, self._clock.now(), error)
         metrics.REVOKE_FAILURES.inc()
         metrics.REVOCATIONS.labels(trigger, "pending").inc()
         record(
             session,
             self._clock,
-            "lease.revoke_failed",
+            event,
             actor,
             lease=lease,
             detail={"attempt": lease.revoke_attempts, "error": lease.last_error, "trigger": trigger},
