@@ -88,7 +88,54 @@ def compile_rule(source: str) -> CelRule:
     if unknown:
         names = ", ".join(sorted(unknown))
         raise CelCompileError(source, f"unknown variable {names} (available: workload, request, now)")
+    problem = _misspelt_field(source) or _dry_run_problem(program)
+    if problem:
+        raise CelCompileError(source, problem)
     return CelRule(source=source, program=program, variables=referenced & VARIABLE_NAMES)
+
+
+# The fields of `request` and `workload` are fixed (SPEC §4); `context` and `claims` are
+# the caller's, and any key may be missing from one request and present in the next.
+FIELDS = {
+    "request": ("task", "owner", "purpose", "ttl_seconds", "context"),
+    "workload": ("id", "issuer", "subject", "claims"),
+}
+_FIELD_USE = re.compile(r"(?<![\w.])(request|workload)\s*\.\s*([A-Za-z_]\w*)")
+
+
+def _misspelt_field(source: str) -> str | None:
+    for variable, name in _FIELD_USE.findall(source):
+        if name not in FIELDS[variable]:
+            return f"{variable} has no field {name!r} (fields: {', '.join(FIELDS[variable])})"
+    return None
+
+
+def _dry_run_problem(program: cel_runtime.Program) -> str | None:
+    """Run the rule once on a request of the right shape with an empty context and no
+    claims: what fails there for a reason other than a missing context or claim key
+    (those are data) fails on every request, so it is a mistake in the rule."""
+    sample = cel_runtime.Context(
+        {
+            "request": {"task": "t", "owner": "o@example.com", "purpose": "a sample purpose",
+                        "ttl_seconds": 300, "context": {}},
+            "workload": {"id": "w", "issuer": "i", "subject": "s", "claims": {}},
+            "now": dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+        }
+    )  # fmt: skip
+    try:
+        result = program.execute(sample)
+    except TypeError as error:  # operand types come from the fixed fields or literals here
+        return _one_line(f"CEL type error: {error}")
+    except RuntimeError as error:
+        if str(error).startswith("Undefined variable or function"):
+            return _one_line(f"CEL error: {error}")
+        return None
+    except BaseException as error:  # a missing key, and anything else data may explain
+        _reraise_control_flow(error)
+        return None
+    if isinstance(result, bool):
+        return None
+    return f"evaluates to {_cel_type_name(result)}, not a boolean"
 
 
 def _macro_bound_names(source: str) -> set[str]:

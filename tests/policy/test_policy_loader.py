@@ -169,8 +169,18 @@ def test_all_schema_errors_reported_at_once_in_line_order() -> None:
         ('request.context.x == "a', "line 9: tasks.analytics-read.when[0]: CEL syntax error"),
         ("requets.context.x", "line 9: tasks.analytics-read.when[0]: unknown variable requets"),
         ("", "line 9: tasks.analytics-read.when[0]: String should have at least 1 character"),
+        ("request.ownr == 'x'", "line 9: tasks.analytics-read.when[0]: request has no field 'ownr'"),
+        ("workload.subjct == 'x'", "line 9: tasks.analytics-read.when[0]: workload has no field 'subjct'"),
+        ("1 + 1", "line 9: tasks.analytics-read.when[0]: evaluates to int, not a boolean"),
+        ("request.ttl_seconds", "line 9: tasks.analytics-read.when[0]: evaluates to int, not a boolean"),
+        ("null", "line 9: tasks.analytics-read.when[0]: evaluates to null, not a boolean"),
+        ("request.owner + 1 == 2", "line 9: tasks.analytics-read.when[0]: CEL type error"),
+        ("nosuchfn(request.owner)", "line 9: tasks.analytics-read.when[0]: CEL error: Undefined variable or function"),
     ],
-    ids=["syntax", "unterminated-string", "misspelt-variable", "empty"],
+    ids=[
+        "syntax", "unterminated-string", "misspelt-variable", "empty", "misspelt-request-field",
+        "misspelt-workload-field", "int-result", "field-result", "null-result", "type-error", "unknown-function",
+    ],
 )
 def test_cel_compile_errors_name_expression_index_and_line(expression: str, expected: str) -> None:
     text = GOOD.replace("""'request.context.environment in ["staging", "prod"]'""", repr(expression)).replace(
@@ -180,6 +190,22 @@ def test_cel_compile_errors_name_expression_index_and_line(expression: str, expe
     assert errors[0].startswith(expected), errors
     if expression:
         assert errors[0].endswith(repr(expression)), "the expression's text is quoted"
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        'request.context.environment == "prod"',  # the key may be there in the next request
+        'workload.claims.ref == "refs/heads/main"',
+        'has(request.context.env) && request.context.env == "x"',
+        "int(request.context.n) > 1",
+        'request.context.tags.exists(t, t.request == "x")',  # a field of a bound variable
+        'now > timestamp("2025-01-01T00:00:00Z") && request.ttl_seconds <= 600',
+    ],
+)
+def test_rules_that_depend_on_the_requests_data_are_accepted(expression: str) -> None:
+    text = GOOD.replace("""'request.context.environment in ["staging", "prod"]'""", repr(expression))
+    parse_policy(textwrap.dedent(text))  # raises PolicyError on any problem
 
 
 def test_cel_errors_in_several_places_are_all_reported() -> None:
