@@ -170,6 +170,10 @@ class OperatorService:
                 self._clock,
                 "operator.kill_switch",
                 operator.id,
+                # One event for many tasks: attributed to the owner it targets, if it names
+                # one, and to the operator's stated reason as its purpose (SPEC §6.8).
+                owner=owner,
+                purpose=reason,
                 detail={
                     "reason": reason,
                     "workload": workload,

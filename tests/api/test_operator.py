@@ -326,3 +326,12 @@ def test_since_takes_an_offset(client, issuers):
     start(client, issuers)
     response = client.get("/audit?since=2000-01-01T01:00:00%2B01:00", headers=sre(issuers))
     assert response.status_code == 200 and response.get_json()["items"]
+
+
+def test_the_kill_switch_event_names_its_target_owner_and_reason(client, issuers):
+    start(client, issuers)
+    body = {"reason": "laptop stolen", "owner": "alice@example.com"}
+    assert client.post("/leases/revoke", json=body, headers=sre(issuers)).status_code == 200
+    [event] = client.get("/audit?event=operator.kill_switch", headers=sre(issuers)).get_json()["items"]
+    assert (event["owner"], event["purpose"], event["detail"]["owner"]) == ("alice@example.com", "laptop stolen", "alice@example.com")
+    assert event["actor"].endswith("sre-sam@example.com")
