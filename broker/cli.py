@@ -26,8 +26,17 @@ def _settings(config: str | None) -> Settings:
         sys.exit(2)
 
 
+# Libraries that speak at INFO about routine work: APScheduler two lines per job run (about
+# ten a second at the default sweep), Alembic one per plugin whenever its scripts are read.
+# Their warnings and errors still show; `log_level: DEBUG` shows everything.
+_CHATTY = ("apscheduler", "alembic.runtime.plugins")
+
+
 def _logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_level != "DEBUG":
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @click.group(
