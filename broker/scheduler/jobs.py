@@ -15,7 +15,7 @@ from typing import cast
 
 from sqlalchemy import Select, Table, any_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
-from sqlalchemy.orm import Session, lazyload, selectinload
+from sqlalchemy.orm import Session
 
 from broker import metrics
 from broker.audit import record, seal_pending
@@ -25,6 +25,7 @@ from broker.identity.replay import PostgresJtiStore
 from broker.leases.revoker import TERMINAL_TASK_STATES
 from broker.models import Lease, SchedulerHeartbeat, Task
 from broker.services import Services
+from broker.tasks.ledger import read_tasks, write_back_ended
 from broker.vault import VaultError, VaultUnavailable
 
 log = logging.getLogger(__name__)
@@ -115,15 +116,7 @@ class Jobs:
     def _expire_one(self, session: Session) -> int:
         """Expire a small batch of due tasks in one transaction (fewer round trips and
         commits in a storm; the batch is small so a slow revoke delays few deadlines)."""
-        tasks = (
-            session.scalars(
-                due_tasks(EXPIRE_BATCH)
-                .options(selectinload(Task.leases), lazyload(Task.approvals))
-                .with_for_update(of=Task, skip_locked=True)
-            )
-            .unique()
-            .all()
-        )
+        tasks = read_tasks(session, due_tasks(EXPIRE_BATCH).with_for_update(skip_locked=True))
         for task in tasks:
             self._s.revoker.end_task(
                 session, task, state="expired", actor=SYSTEM_ACTOR, reason="deadline reached",
@@ -132,6 +125,8 @@ class Jobs:
             if task.expires_at is not None and task.finished_at is not None:
                 lag = (task.finished_at - task.expires_at).total_seconds()
                 metrics.REVOCATION_LAG.observe(max(0.0, lag))
+        if tasks:
+            write_back_ended(session, tasks)
         return len(tasks)
 
     # ---- retries -----------------------------------------------------------------------
