@@ -113,6 +113,14 @@ class Jobs:
         self._heartbeat("expire")
         return done
 
+    def seconds_to_next_deadline(self) -> float | None:
+        """Until the earliest deadline of an active task, by the database's clock (the one
+        deadlines are set and checked with); None when no task is active."""
+        until = func.extract("epoch", func.min(Task.expires_at) - func.now())
+        with unit_of_work(self._s.sessions) as session:
+            value = session.scalar(select(until).where(Task.state == "active"))
+        return None if value is None else float(value)
+
     def _expire_one(self, session: Session) -> int:
         """Expire a small batch of due tasks in one transaction (fewer round trips and
         commits in a storm; the batch is small so a slow revoke delays few deadlines)."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor as JobExecutor
+from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from broker.migrate import SchemaState, schema_state_of
@@ -34,7 +37,8 @@ class SchedulerRunner:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         )
         sweep = settings.sweep_interval_seconds
-        self._add(self.jobs.expire_due, sweep, "expire")
+        self._sweep = sweep
+        self._add(self._expire, sweep, "expire")
         self._add(self.jobs.retry_pending, sweep, "retry")
         self._add(self.jobs.lapse_approvals, sweep, "approvals")
         self._add(self.jobs.seal_audit, sweep, "audit")
@@ -45,6 +49,29 @@ class SchedulerRunner:
 
     def _add(self, func: Any, seconds: float, name: str) -> None:
         self._scheduler.add_job(func, "interval", seconds=seconds, id=name, name=name)
+
+    def _expire(self) -> None:
+        self.jobs.expire_due()
+        self._wake_at_next_deadline()
+
+    def _wake_at_next_deadline(self) -> None:
+        """A deadline due before the next sweep gets a run of its own at that instant: a
+        task is expired at its deadline, not up to a sweep interval after it."""
+        try:
+            wait = self.jobs.seconds_to_next_deadline()
+        except Exception:
+            log.warning("could not look up the next deadline; the sweep will find it", exc_info=True)
+            return
+        # Not for a deadline already past: that task is locked by a finish (SKIP LOCKED
+        # passed it by) and an immediate rerun would spin on it; the next sweep takes it.
+        if wait is None or not 0 < wait < self._sweep:
+            return
+        at = datetime.now(UTC) + timedelta(seconds=wait)
+        with contextlib.suppress(SchedulerNotRunningError):  # stopping
+            self._scheduler.add_job(
+                self._expire, "date", run_date=at, id="expire-at-deadline", name="expire at deadline",
+                replace_existing=True,
+            )  # fmt: skip
 
     def start(self) -> None:
         self._scheduler.start()

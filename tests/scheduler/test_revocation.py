@@ -251,3 +251,34 @@ def test_a_token_vault_refuses_stays_for_the_next_run_while_the_rest_of_its_batc
         assert jobs.retire_tokens() == 1
         assert unretired() == []
     assert vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": oldest}).status_code == 400
+
+
+def test_a_deadline_before_the_next_sweep_gets_a_run_at_that_instant(stack, issuers, policy_file, clean_db):
+    """With sweeps a minute apart, a 2 s task is still expired at its deadline: the sweep
+    that saw it coming woke the scheduler for that instant."""
+    from broker.app import create_app
+    from broker.scheduler.runner import SchedulerRunner
+    from broker.services import build_services
+
+    config = broker_config(stack, issuers, policy_file)
+    config["scheduler"]["sweep_interval_seconds"] = 60
+    services = build_services(settings_from_mapping(config, env={}))
+    client = create_app(services=services).test_client()
+    runner = SchedulerRunner(services)
+    try:
+        runner.start()  # its first interval sweep is a minute away
+        started = client.post("/task/start", json=start_body("short", ttl_seconds=2), headers=issuers["spire"].bearer(AGENT))
+        assert started.status_code == 201, started.get_json()
+        runner._expire()  # one sweep, as the interval would run it, while the task is active
+        task_id = started.get_json()["task_id"]
+
+        def expired():
+            task = client.get(f"/task/{task_id}", headers=issuers["spire"].bearer(AGENT)).get_json()
+            return task if task["state"] == "expired" else None
+
+        task = wait_for(expired, timeout=20)
+        assert task["leases"][0]["state"] == "revoked"
+        assert not can_log_in(stack, started.get_json()["credentials"]["db"]["data"])
+    finally:
+        runner.stop()
+        services.close()
