@@ -147,6 +147,11 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         for key, value in self._options.items():
             self.cfg.set(key, value)
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn >= 25 opens a control socket at one path per user ($HOME/.gunicorn):
+            # a second replica on the host would take it over, and the broker has no use
+            # for runtime worker changes from outside (SIGHUP and SIGTERM are its interface).
+            self.cfg.set("control_socket_disable", True)
         self.cfg.set("post_worker_init", _prepare_worker)
         self.cfg.set("child_exit", _mark_dead_for_metrics)
 
