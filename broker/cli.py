@@ -26,6 +26,14 @@ def _settings(config: str | None) -> Settings:
         sys.exit(2)
 
 
+def _host_port(value: str | None) -> str | None:
+    if value is not None:
+        port = value.rpartition(":")[2]
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise click.BadParameter("expected HOST:PORT or :PORT, e.g. 0.0.0.0:9102")
+    return value
+
+
 # Libraries that speak at INFO about routine work: APScheduler two lines per job run (about
 # ten a second at the default sweep), Alembic one per plugin whenever its scripts are read.
 # Their warnings and errors still show; `log_level: DEBUG` shows everything.
@@ -88,7 +96,11 @@ def serve(config: str | None, bind: str, workers: int, threads: int, no_schedule
 
 @main.command()
 @click.option("--config", "config", envvar="BROKER_CONFIG", help=CONFIG_HELP)
-@click.option("--metrics-bind", help="HOST:PORT to serve Prometheus metrics on (standalone scheduler).")
+@click.option(
+    "--metrics-bind",
+    callback=lambda _ctx, _param, value: _host_port(value),
+    help="HOST:PORT to serve Prometheus metrics on (standalone scheduler).",
+)
 def scheduler(config: str | None, metrics_bind: str | None) -> None:
     """Run the revocation scheduler alone (deadlines, retries, lapsed approvals, orphans).
 

@@ -297,4 +297,10 @@ def load_settings(
             raise ConfigError(f"config: {source} is not valid YAML{where}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config: {source} must hold a mapping at the top level")
-    return settings_from_mapping(raw, environ)
+    try:
+        return settings_from_mapping(raw, environ)
+    except ConfigError as error:
+        if source:
+            raise
+        # Most likely not a bad config but none at all: say where one is looked for.
+        raise ConfigError(f"{error} (no config file given: use --config FILE or BROKER_CONFIG)") from None

@@ -45,3 +45,18 @@ def test_help_teaches_with_examples():
     for command in ("serve", "scheduler", "migrate", "dev", "policy", "audit", "leases", "tasks"):
         assert command in result.output
     assert "broker policy check" in result.output
+
+
+def test_without_any_config_the_error_says_where_one_is_looked_for(monkeypatch):
+    for name in ("BROKER_CONFIG", "BROKER_DATABASE_URL", "BROKER_VAULT_ADDR", "BROKER_VAULT_TOKEN", "BROKER_POLICY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(main, ["migrate"])
+    assert result.exit_code == 2
+    assert "no config file given: use --config FILE or BROKER_CONFIG" in result.output
+
+
+def test_a_bad_metrics_bind_is_a_usage_error_not_a_traceback(tmp_path):
+    result = CliRunner().invoke(main, ["scheduler", "--config", str(write_config(tmp_path)), "--metrics-bind", "abc"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--metrics-bind'" in result.output
+    assert "Traceback" not in result.output
