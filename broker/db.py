@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, MetaData, create_engine, event
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 NAMING_CONVENTION = {
@@ -97,6 +97,9 @@ def pipelined(session: Session) -> Iterator[psycopg.Connection[Any]]:
     except psycopg.DataError as error:
         # Bad input the database refused (out of range, bad encoding): the API's 400.
         raise DataError(None, None, error) from error
+    except psycopg.ProgrammingError as error:
+        # As SQLAlchemy would wrap it (a missing table: the schema is behind).
+        raise ProgrammingError(None, None, error) from error
 
 
 @contextmanager

@@ -189,12 +189,29 @@ def _bad_data(_error: Exception) -> Response:
     return _from_broker(ValidationFailed("a value in the request can't be stored or compared"))
 
 
+def _schema_or_unexpected(error: Exception) -> Response:
+    # A table or column this build expects is missing: the schema is behind (broker
+    # migrate never ran, or ran for an older build). Unavailable, with the fix, not a 500.
+    import psycopg
+
+    if isinstance(
+        getattr(error, "orig", None), psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn
+    ):
+        log.error("the database schema is behind this build: run `broker migrate`")
+        return _from_broker(
+            DatabaseUnavailableError(
+                "the database schema is not migrated; an operator must run broker migrate"
+            )
+        )
+    return _from_unexpected(error)
+
+
 def _vault_down(_error: Exception) -> Response:
     return _from_broker(VaultUnavailableError("Vault could not be reached; try again shortly"))
 
 
 def register_error_handlers(app: Flask) -> None:
-    from sqlalchemy.exc import DataError, OperationalError
+    from sqlalchemy.exc import DataError, OperationalError, ProgrammingError
 
     from broker.db import DatabaseUnavailable
     from broker.vault import VaultUnavailable
@@ -204,5 +221,6 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(OperationalError, _database_down)
     app.register_error_handler(VaultUnavailable, _vault_down)
     app.register_error_handler(DataError, _bad_data)
+    app.register_error_handler(ProgrammingError, _schema_or_unexpected)
     app.register_error_handler(HTTPException, _from_http)
     app.register_error_handler(Exception, _from_unexpected)

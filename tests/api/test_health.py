@@ -12,6 +12,7 @@ from broker.config import settings_from_mapping
 from broker.migrate import upgrade_to_head
 from broker.stack.postgres import free_port, start_postgres
 from tests.conftest import broker_config
+from tests.factories import AGENT, start_body
 from tests.support.broker_procs import BrokerProcess
 
 
@@ -86,6 +87,10 @@ def test_a_database_never_migrated_is_not_ready_and_the_start_says_how_to_fix_it
     assert response.get_json()["code"] == "not_ready"
     assert response.get_json()["checks"] == {"database": "ok", "schema": "behind", "vault": "ok"}
     assert "schema behind" in response.get_json()["detail"]
+    start = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
+    assert start.status_code == 503, start.get_json()  # not a 500: the answer says why
+    assert start.get_json()["code"] == "database_unavailable"
+    assert "broker migrate" in start.get_json()["detail"]
     upgrade_to_head(empty_database)
     migrated = client.get("/readyz")
     _services_of(client).close()
