@@ -143,7 +143,7 @@ def document() -> dict[str, Any]:
             parameters=AUDIT_FILTERS,
             security=bearer)},
         "/healthz": {"get": _op("Liveness", {"200": _answer("Alive")})},
-        "/readyz": {"get": _op("Database and Vault reachable", {"200": _answer("Ready")})},
+        "/readyz": {"get": _op("Database and Vault reachable, schema migrated", {"200": _answer("Ready")})},
         "/metrics": {"get": _op("Prometheus metrics", {"200": _answer("Text exposition")})},
     }  # fmt: skip
     schemas["TaskList"] = _list_of(task_ref)
