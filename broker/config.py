@@ -167,8 +167,10 @@ class SchedulerSettings(_Strict):
     retry_max_seconds: float = Field(default=300.0, gt=0)
     # Vault leases no task owns are revoked only after this grace, so a start that is
     # still between Vault and its commit is never raced.
-    orphan_grace_seconds: int = Field(default=120, ge=0)
-    reconcile_interval_seconds: float = Field(default=30.0, gt=0)
+    # 30 s is above what a start can take with the default Vault timeout (5 s a call) and
+    # a few credentials; one the reconciler overtakes fails at its commit, safely.
+    orphan_grace_seconds: int = Field(default=30, ge=0)
+    reconcile_interval_seconds: float = Field(default=10.0, gt=0)
 
 
 class NotifySettings(_Strict):
