@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -146,6 +147,9 @@ def dev(port: int, directory: Path | None, smoke: bool) -> None:
     psql = Path(stack.postgres.bin_dir) / "psql"
     exports = {"BROKER_URL": url, "BROKER_CONFIG": str(config_path), "PSQL": str(psql), **tokens}
     exports["BROKER_TOKEN"] = tokens["OPERATOR_TOKEN"]  # what `broker leases|tasks` send
+    # A keyed audit chain, as production should run: `audit verify` then also catches a row
+    # inserted with a recomputed plain hash. In env.sh too, for verify from the user's shell.
+    exports["BROKER_AUDIT_KEY"] = secrets.token_hex(32)
     env_file.write_text("".join(f"export {key}='{value}'\n" for key, value in exports.items()))
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` tears the stack down like Ctrl-C
     server = subprocess.Popen(
@@ -159,7 +163,11 @@ def dev(port: int, directory: Path | None, smoke: bool) -> None:
             "--bind",
             f"127.0.0.1:{port}",
         ],
-        env={**os.environ, "BROKER_CONFIG": str(config_path)},
+        env={
+            **os.environ,
+            "BROKER_CONFIG": str(config_path),
+            "BROKER_AUDIT_KEY": exports["BROKER_AUDIT_KEY"],
+        },
     )
     try:
         _wait_ready(url, server)

@@ -19,7 +19,7 @@ def test_broker_dev_smoke_runs_the_example_and_tears_down(tmp_path):
     assert "its database user read 3 rows" in result.stdout
     assert "the credentials are refused, as promised" in result.stdout
     env = (tmp_path / "dev" / "env.sh").read_text()
-    for name in ("BROKER_URL", "AGENT_TOKEN", "OPERATOR_TOKEN", "APPROVER_TOKEN", "PSQL"):
+    for name in ("BROKER_URL", "AGENT_TOKEN", "OPERATOR_TOKEN", "APPROVER_TOKEN", "PSQL", "BROKER_TOKEN", "BROKER_AUDIT_KEY"):
         assert f"export {name}=" in env
 
 
