@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,15 @@ def stack(workdir: Path) -> Iterator[Stack]:
     running = start_stack(workdir / "stack")
     yield running
     running.stop()
+
+
+@pytest.fixture
+def empty_database(stack: Stack) -> Iterator[str]:
+    """A database of its own on the test Postgres, never migrated; dropped afterwards."""
+    name = f"empty_{uuid.uuid4().hex[:8]}"
+    stack.postgres.create_database(name)
+    yield stack.postgres.url(name)
+    stack.postgres.drop_database(name)
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,6 @@ from sqlalchemy.exc import IntegrityError
 from broker.migrate import alembic_config, current_revision, upgrade_to_head
 
 
-@pytest.fixture
-def empty_database(stack):
-    name = f"migrate_{uuid.uuid4().hex[:8]}"
-    stack.postgres.create_database(name)
-    yield stack.postgres.url(name)
-    stack.postgres.drop_database(name)
-
-
 def test_upgrade_from_empty_creates_the_ledger(empty_database):
     upgrade_to_head(empty_database)
     engine = create_engine(empty_database)

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 import pytest
 import yaml
@@ -14,14 +13,6 @@ from broker.stack.postgres import free_port, start_postgres
 from tests.conftest import broker_config
 from tests.factories import AGENT, start_body
 from tests.support.broker_procs import BrokerProcess
-
-
-@pytest.fixture
-def empty_database(stack):
-    name = f"readyz_{uuid.uuid4().hex[:8]}"
-    stack.postgres.create_database(name)
-    yield stack.postgres.url(name)
-    stack.postgres.drop_database(name)
 
 
 def test_healthz_is_always_ok(client):
