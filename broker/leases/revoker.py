@@ -61,17 +61,19 @@ class Revoker:
         if outcome is not None:
             task.outcome = outcome
         unreachable: VaultUnavailable | None = None
-        for lease in task.leases:
+        leases = list(task.leases)
+        for position, lease in enumerate(leases):
             if unreachable is None:
-                unreachable = self._revoke(session, lease, actor=actor, reason=reason, trigger=trigger)
+                silence = self._revoke(session, lease, actor=actor, reason=reason, trigger=trigger)
+                more = position + 1 < len(leases)
+                if silence is not None and more and (not silence.sent or not self._vault.answers()):
+                    unreachable = silence
             elif lease.state != "revoked":
-                # Vault gave no answer at all (timed out, refused the connection): each
-                # further call would wait out its own timeout while the caller waits for
-                # all of them. The retry sweep takes these, as it takes the first.
+                # Vault is down or hung (no connection, or a timed-out call and a health
+                # probe with no answer either): each further call would wait out its own
+                # timeout while the caller waits. The retry sweep takes these with the first.
                 lease.revoke_reason = lease.revoke_reason or reason
-                self._parked(
-                    session, lease, actor, trigger, f"not tried: {unreachable}", "lease.revoke_deferred"
-                )
+                self._parked(session, lease, actor, trigger, f"not tried: {unreachable}", deferred=True)
         # The task's own Vault token holds nothing once its leases are revoked (and it
         # never left the broker): the scheduler retires it within a sweep, off this path.
         record(
@@ -118,21 +120,16 @@ class Revoker:
         return None
 
     def _parked(
-        self,
-        session: Session,
-        lease: Lease,
-        actor: str,
-        trigger: str,
-        error: str,
-        event: str = "lease.revoke_failed",
+        self, session: Session, lease: Lease, actor: str, trigger: str, error: str, *, deferred: bool = False
     ) -> None:
         self._park(lease, self._clock.now(), error)
-        metrics.REVOKE_FAILURES.inc()
+        if not deferred:  # a call that failed; a deferred lease was never sent
+            metrics.REVOKE_FAILURES.inc()
         metrics.REVOCATIONS.labels(trigger, "pending").inc()
         record(
             session,
             self._clock,
-            event,
+            "lease.revoke_deferred" if deferred else "lease.revoke_failed",
             actor,
             lease=lease,
             detail={"attempt": lease.revoke_attempts, "error": lease.last_error, "trigger": trigger},

@@ -22,7 +22,15 @@ class VaultError(Exception):
 
 
 class VaultUnavailable(VaultError):
-    """Connection refused or timed out, sealed, 5xx, 429: nothing was decided, retry later."""
+    """Connection refused or timed out, sealed, 5xx, 429: nothing was decided, retry later.
+
+    `sent` is False when the request never reached Vault (no connection could be made):
+    then nothing at all was applied, and the next call would most likely fail the same way.
+    """
+
+    def __init__(self, operation: str, reason: str, *, status: int | None = None, sent: bool = True) -> None:
+        super().__init__(operation, reason, status=status)
+        self.sent = sent
 
 
 class VaultRejected(VaultError):

@@ -149,7 +149,7 @@ class VaultHTTP:
         try:
             status, data = self._exchange(method, target, body, headers)
         except ConnectFailed as error:
-            raise VaultUnavailable(operation, error.reason) from None
+            raise VaultUnavailable(operation, error.reason, sent=False) from None
         except TimeoutError:
             raise VaultUnavailable(operation, "timed out") from None
         except MaxRetryError as error:
@@ -188,7 +188,7 @@ def _dumps(payload: Mapping[str, Any]) -> bytes:
 
 def _unavailable(operation: str, cause: object) -> VaultUnavailable:
     if isinstance(cause, NewConnectionError):  # a subclass of the timeout error, so first
-        return VaultUnavailable(operation, "cannot connect")
+        return VaultUnavailable(operation, "cannot connect", sent=False)
     if isinstance(cause, Urllib3Timeout):
         return VaultUnavailable(operation, "timed out")
     return VaultUnavailable(operation, "request failed")
