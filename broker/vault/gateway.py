@@ -72,6 +72,13 @@ class IssuedSecret:
     vault_lease_id: str | None
 
 
+# The health probe after a timed-out call: long enough for a busy Vault, short enough that
+# a finish against a hung one still answers soon.
+PROBE_TIMEOUT_SECONDS = 1.0
+# How long leases keep their role's TTL after Vault refused to renew one.
+RENEW_REFUSED_PAUSE_SECONDS = 300.0
+
+
 class VaultGateway:
     """Thread-safe; one per process, sharing one pooled HTTP session."""
 
@@ -85,12 +92,23 @@ class VaultGateway:
             namespace=settings.namespace,
             pool_size=pool_size,
         )
+        self._probe = VaultHTTP(
+            settings.addr,
+            timeout=min(PROBE_TIMEOUT_SECONDS, settings.timeout_seconds),
+            verify_tls=settings.verify_tls,
+            namespace=settings.namespace,
+            pool_size=2,
+        )
         self._login = BrokerLogin(settings.auth, self._http, self._clock)
+        # Until when no renew is tried, after Vault refused `sys/leases/renew` to the broker
+        # (a policy that predates it; a while, not for good: a stale token gives 403 too).
+        self._no_renew_until = 0.0
         self._policy_digests: dict[str, str] = {}
         self._policy_lock = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
+        self._probe.close()
 
     # -- health and the broker's own token -------------------------------------------
 
@@ -107,6 +125,17 @@ class VaultGateway:
         except VaultRejected as error:
             # 472/473 (DR or perf standby not accepted), 403 (our token is gone): not ready.
             raise VaultUnavailable("health", error.reason, status=error.status) from None
+
+    def answers(self) -> bool:
+        """Whether Vault answers at all, asked with a timeout of at most a second: after a
+        call timed out, this tells a Vault that is down or hung from one that is slow."""
+        try:
+            self._probe.call("GET", "sys/health", operation="health", params={"standbyok": "true"})
+        except VaultUnavailable as error:
+            return error.status is not None  # sealed or 5xx is an answer; silence is not
+        except VaultRejected:
+            return True
+        return True
 
     def renew_self(self) -> None:
         """Renew the broker's token if renewable (re-login for AppRole/Kubernetes)."""
@@ -299,18 +328,31 @@ class VaultGateway:
         costs no extra call.
         """
         lease_id = issued.vault_lease_id
-        if lease_id is None or not reply.body.get("renewable"):
+        if lease_id is None or not reply.body.get("renewable") or time.monotonic() < self._no_renew_until:
             return issued
         if int(reply.body.get("lease_duration") or 0) == ttl_seconds:
             return issued
         body = {"lease_id": lease_id, "increment": ttl_seconds}
         renewed_at = self._clock.now()
         try:
-            renewed = self._as_broker("PUT", "sys/leases/renew", operation="fit lease to task", json=body)
+            # The broker's token as it is: a 403 here is the policy, not a stale token, and
+            # must not cost a fresh login per credential (`_as_broker` would).
+            renewed = self._http.call(
+                "PUT", "sys/leases/renew", operation="fit lease to task", token=self._login.token(), json=body
+            )
         except VaultRejected as error:
-            # The broker's policy predates `sys/leases/renew`: the lease keeps its role's
-            # TTL, and the task token's expiry still bounds it.
-            log.warning("lease %s keeps its role's TTL: %s (grant sys/leases/renew)", lease_id, error)
+            if error.status == 403:
+                # The broker's policy predates `sys/leases/renew`: leases keep their role's
+                # TTL, bounded by the task token's expiry. Said once, not per credential.
+                self._no_renew_until = time.monotonic() + RENEW_REFUSED_PAUSE_SECONDS
+                log.warning("Vault refused sys/leases/renew: leases keep their role's TTL (grant it)")
+            else:
+                log.warning("lease %s keeps its role's TTL: %s", lease_id, error)
+            return issued
+        except VaultUnavailable as error:
+            # The lease exists and the caller holds it: fitting it is not worth failing the
+            # start for; if Vault is really gone, the next call fails and revokes it.
+            log.warning("lease %s keeps its role's TTL: %s", lease_id, error)
             return issued
         duration = int(renewed.body.get("lease_duration") or 0)
         if duration <= 0:

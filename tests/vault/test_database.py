@@ -234,3 +234,30 @@ def test_revoke_while_the_target_database_is_down_fails_then_succeeds(
         other.stop()
         root.call("DELETE", "database/roles/flaky-ro")
         root.call("DELETE", "database/config/flaky")
+
+
+def test_a_broker_policy_without_lease_renew_still_issues_with_the_roles_ttl(vault_setup, root, start_task, caplog):
+    """An upgrade that kept the old broker policy: starts still work, the lease keeps its
+    role's TTL (bounded by the task token), and the refusal is logged once, not per lease."""
+    import logging
+
+    from broker.stack.vault_setup import render_broker_policy
+
+    old_policy = render_broker_policy().replace('path "sys/leases/renew"', 'path "sys/leases/renew-not-granted"')
+    root.call("PUT", "sys/policies/acl/broker-without-renew", {"policy": old_policy})
+    made = root.call(
+        "POST", "auth/token/create", {"policies": ["broker-without-renew"], "no_default_policy": True, "ttl": "10m"}
+    )  # Vault's default policy grants sys/leases/renew itself
+    settings = vault_setup.vault_settings(timeout_seconds=5)
+    settings = settings.model_copy(update={"auth": settings.auth.model_copy(update={"token": made["auth"]["client_token"]})})
+    old = VaultGateway(settings)
+    try:
+        task = start_task({"db": RO}, ttl=600)
+        with caplog.at_level(logging.WARNING, logger="broker.vault.gateway"):
+            secrets = [old.issue(task.token, RO, ttl_seconds=60, task_id=task.task_id, workload=WORKLOAD) for _ in range(2)]
+        for secret in secrets:
+            assert root.call("PUT", "sys/leases/lookup", {"lease_id": secret.vault_lease_id})["data"]["ttl"] > 60
+            old.revoke(secret.handle)
+        assert sum("sys/leases/renew" in record.getMessage() for record in caplog.records) == 1
+    finally:
+        old.close()
