@@ -103,8 +103,12 @@ FIELDS = {
 _FIELD_USE = re.compile(r"(?<![\w.])(request|workload)\s*\.\s*([A-Za-z_]\w*)")
 
 
+# String literals, so that `request.owner == "request.x"` is not read as a field use.
+_STRING_LITERAL = re.compile(r'"(?:\\.|[^"\\])*"' + r"|'(?:\\.|[^'\\])*'")
+
+
 def _misspelt_field(source: str) -> str | None:
-    for variable, name in _FIELD_USE.findall(source):
+    for variable, name in _FIELD_USE.findall(_STRING_LITERAL.sub('""', source)):
         if name not in FIELDS[variable]:
             return f"{variable} has no field {name!r} (fields: {', '.join(FIELDS[variable])})"
     return None

@@ -120,11 +120,13 @@ def _dropped(connection: http.client.HTTPConnection) -> bool:
     sock = connection.sock
     if sock is None:
         return False
+    # poll, not select: select refuses descriptors above 1024, which a busy worker has.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI)
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
+        return bool(poller.poll(0))
+    except OSError:
         return True
-    return bool(readable)
 
 
 def tls_context(verify: bool, ca_bundle: str | None) -> ssl.SSLContext:

@@ -201,6 +201,7 @@ def test_cel_compile_errors_name_expression_index_and_line(expression: str, expe
         "int(request.context.n) > 1",
         'request.context.tags.exists(t, t.request == "x")',  # a field of a bound variable
         'now > timestamp("2025-01-01T00:00:00Z") && request.ttl_seconds <= 600',
+        'request.purpose.contains("request.foo")',  # a field name inside a string is text
     ],
 )
 def test_rules_that_depend_on_the_requests_data_are_accepted(expression: str) -> None:
