@@ -140,9 +140,7 @@ def server_refusal(status: int) -> bytes:
     code, title, detail = _SERVER_REFUSALS.get(
         status, ("internal_error", "Internal error", "an unexpected error occurred")
     )
-    body = json.dumps(
-        {"type": PROBLEM_BASE + code, "title": title, "status": status, "detail": detail, "code": code}
-    )
+    body = json.dumps(_problem_body(status, code, title, detail))
     head = (
         f"HTTP/1.1 {status} {title}\r\nConnection: close\r\nContent-Type: {PROBLEM_JSON}\r\n"
         f"Content-Length: {len(body.encode())}\r\n\r\n"
@@ -150,10 +148,14 @@ def server_refusal(status: int) -> bytes:
     return head.encode("latin-1") + body.encode()
 
 
+def _problem_body(status: int, code: str, title: str, detail: str) -> dict[str, Any]:
+    return {"type": PROBLEM_BASE + code, "title": title, "status": status, "detail": detail, "code": code}
+
+
 def problem(
     status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
-    body = {"type": PROBLEM_BASE + code, "title": title, "status": status, "detail": detail, "code": code}
+    body = _problem_body(status, code, title, detail)
     body.update({k: v for k, v in extra.items() if k not in body})
     response = Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
     for name, value in (headers or {}).items():

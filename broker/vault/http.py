@@ -30,6 +30,7 @@ from urllib3.exceptions import (
     NewConnectionError,
 )
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.response import BaseHTTPResponse
 
 from broker.vault.errors import VaultRejected, VaultUnavailable
 from broker.vault.transport import ConnectFailed, DirectTransport, tls_context
@@ -92,8 +93,8 @@ class Reply:
 
 
 # A standby answers with one of these and the active node's address (Vault's
-# `api_addr`), unless it forwards the request itself.
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# `api_addr`), unless it forwards the request itself; urllib3 follows the same ones.
+_REDIRECTS = frozenset(BaseHTTPResponse.REDIRECT_STATUSES)
 
 
 def _is_unavailable(status: int) -> bool:
