@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     args = parser.parse_args()
 
-    policy = load_policy(ROOT / "broker" / "devdata" / "policy.yaml")
+    policy = load_policy(ROOT / "broker" / "dev" / "data" / "policy.yaml")
     now = dt.datetime.now(dt.UTC)
     identity = Identity(
         id=SUBJECT,

@@ -222,8 +222,7 @@ def scheduler_queries() -> dict[str, str]:
 
     from sqlalchemy.dialects import postgresql
 
-    from broker.scheduler.jobs import due_retry, due_tasks, spent_token, stuck_start
-    from broker.tasks.ledger import USAGE_QUERY
+    from broker.ledger import USAGE_QUERY, due_retry, due_tasks, spent_token, stuck_start
 
     def sql(statement: Any) -> str:
         return str(statement.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))

@@ -259,7 +259,7 @@ def bench_policy(ttl_max: int = 3600) -> dict[str, Any]:
 
 
 def _peer_policy_with_revoke() -> str:
-    from broker.stack.vault_setup import render_peer_policy
+    from broker.dev.stack.vault_setup import render_peer_policy
 
     return render_peer_policy("database", "pki") + (
         "# bench: the agent revokes its own lease when done\n"
@@ -300,7 +300,7 @@ class BenchStack:
     """A throwaway Postgres + OpenBao (with the jwt auth method) + broker config."""
 
     def __init__(self, *, sweep_seconds: float = 1.0, keep: bool = False, ttl_max: int = 3600) -> None:
-        from broker.stack import start_stack
+        from broker.dev.stack import start_stack
 
         self.keep = keep
         self.workdir = Path(tempfile.mkdtemp(prefix="broker-bench-"))
@@ -355,7 +355,7 @@ class BenchStack:
         return psycopg.connect(self.dsn, autocommit=True)
 
     def serve(self, *, workers: int = 2, threads: int = 4, scheduler: bool = True) -> BrokerProcess:
-        from broker.stack.postgres import free_port
+        from broker.dev.stack.postgres import free_port
 
         port = free_port()
         command = [

@@ -6,8 +6,8 @@ import logging
 
 from flask import Flask
 
+from broker.api.problems import register_error_handlers
 from broker.config import Settings
-from broker.errors import register_error_handlers
 from broker.services import Services, build_services
 
 SERVICES_KEY = "broker.services"

@@ -1,4 +1,4 @@
-"""Typed settings: one YAML file plus a few environment overrides (SPEC §2).
+"""Typed settings: one YAML file plus a few environment overrides (docs/contract.md §2).
 
 Every key is validated at start-up; an unknown or bad key stops the process with a
 one-line message naming it, because a silently ignored typo in a security service
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 IdentityUse = Literal["workload", "approver", "operator"]
 
-# Asymmetric algorithms only: `none` and HMAC are refused whatever the config says (SPEC §3).
+# Asymmetric algorithms only: `none` and HMAC are refused whatever the config says (docs/contract.md §3).
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )

@@ -1,4 +1,4 @@
-"""Credential templates of a task type (SPEC §4 `credentials:`), shared by policy and vault."""
+"""Credential templates of a task type (docs/contract.md §4 `credentials:`), shared by policy and vault."""
 
 from __future__ import annotations
 

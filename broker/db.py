@@ -1,7 +1,7 @@
 """Engine, declarative base and the one transaction boundary per request or job.
 
 Services receive a `Session` and may `flush()`; only `unit_of_work` commits. That keeps
-the transaction scope visible at one level (style anchors §4) and lets the audit chain be
+the transaction scope visible at one level and lets the audit chain be
 appended in the same transaction as the change it describes.
 """
 

@@ -1,4 +1,6 @@
-"""The ledger: tasks, their leases, approvals, the audit chain and spent token ids.
+"""The tables: tasks, their leases, approvals, the audit chain and spent token ids, and their states.
+
+Rows are read and written through `broker.ledger`; this module only declares them.
 
 States are enforced by CHECK constraints so that no code path (or hand-written SQL in
 an incident) can park a row in a state the scheduler does not know how to drive.
@@ -22,11 +24,10 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
-    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import Mapped, Session, joinedload, lazyload, mapped_column, relationship, selectinload
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from broker.db import Base
 
@@ -42,6 +43,8 @@ TASK_STATES = (
     "failed",
 )
 TASK_OPEN_STATES = ("issuing", "pending_approval", "active")
+# Every state but the open ones: a task here has nothing left to revoke or decide.
+TERMINAL_TASK_STATES = frozenset(TASK_STATES) - frozenset(TASK_OPEN_STATES)
 OUTCOMES = ("succeeded", "failed", "cancelled")
 LEASE_STATES = ("active", "revoke_pending", "revoked")
 REVOKE_KINDS = ("lease", "token", "none")
@@ -113,7 +116,7 @@ class Task(Base):
     outcome: Mapped[str | None] = mapped_column(String(16))
     end_reason: Mapped[str | None] = mapped_column(Text)
     # Accessor of the per-task Vault token, committed before any secret is issued so a
-    # crash mid-issue leaves something the reconciler can revoke (SPEC §6.2).
+    # crash mid-issue leaves something the reconciler can revoke (docs/contract.md §6.2).
     token_accessor: Mapped[str | None] = mapped_column(String(128))
     token_revoked_at: Mapped[datetime | None] = mapped_column(_tz())
     # Set when a finish handed the (then empty) token back to its process for the next
@@ -127,30 +130,6 @@ class Task(Base):
     approvals: Mapped[list[Approval]] = relationship(
         back_populates="task_row", order_by="Approval.created_at", lazy="selectin"
     )
-
-
-def load_task(session: Session, task_id: uuid.UUID, *, lock: bool = False) -> Task | None:
-    """A task with its leases in one round trip (and its approvals only if it has any).
-
-    The hot paths (start, finish, expiry) read tasks that never needed approval; loading
-    their (empty) approvals would be a wasted query each time.
-    """
-    # Locked: the leases are read by a second statement once the lock is held. Joined into
-    # the locking statement they would be the rows as they were *before* waiting for the
-    # lock, and a finish would revoke again what an operator had just revoked.
-    leases = selectinload(Task.leases) if lock else joinedload(Task.leases)
-    query = (
-        select(Task)
-        .where(Task.id == task_id)
-        .options(leases, lazyload(Task.approvals))
-        .execution_options(populate_existing=True)
-    )
-    if lock:
-        query = query.with_for_update(of=Task)
-    task = session.scalars(query).unique().first()
-    if task is not None and task.approval_expires_at is not None:
-        task.approvals  # noqa: B018 (load while attached: rendered after the session closes)
-    return task
 
 
 class Lease(Base):

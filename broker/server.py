@@ -24,8 +24,8 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.gthread import ThreadWorker
 
+from broker.api.problems import server_refusal
 from broker.config import Settings
-from broker.errors import server_refusal
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _prepare_worker(worker: Any) -> None:
     _reload_policy_in_worker(worker)
     # gunicorn answers what it refuses before the app (a URI over its limit, a broken
     # request line or header) with an HTML page from `util.write_error`, which its error
-    # handler looks up on the module at each call; every error is problem+json (SPEC §5),
+    # handler looks up on the module at each call; every error is problem+json (docs/contract.md §5),
     # so in a worker process those are answered in that shape too.
     gunicorn_util.write_error = _write_problem
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.approvals.notify import Notifier
 from broker.approvals.service import ApprovalService
 from broker.audit import AuditRecorder
 from broker.clock import Clock, SystemClock
@@ -21,8 +22,7 @@ from broker.db import make_engine, make_session_factory
 from broker.identity import Verifier
 from broker.identity.replay import PostgresJtiStore
 from broker.leases.revoker import Backoff, Revoker
-from broker.leases.service import OperatorService
-from broker.notify import Notifier
+from broker.operator.service import OperatorService
 from broker.policy import PolicyStore
 from broker.tasks.service import TaskService
 from broker.vault import VaultGateway

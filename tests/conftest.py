@@ -19,11 +19,11 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from broker.config import Settings, settings_from_mapping
-from broker.stack import Stack, start_stack
+from broker.dev.stack import Stack, start_stack
 from tests.support.tokens import TestIssuer
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_POLICY = ROOT / "broker" / "devdata" / "policy.yaml"
+DEMO_POLICY = ROOT / "broker" / "dev" / "data" / "policy.yaml"
 # Task types the integration tests need (every credential kind, a broken one, short ttls).
 TEST_POLICY = ROOT / "tests" / "support" / "policy.yaml"
 LEDGER_TABLES = "audit_events, audit_head, approvals, leases, tasks, used_jtis, scheduler_heartbeats"

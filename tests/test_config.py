@@ -111,7 +111,7 @@ def test_the_config_file_comes_from_broker_config(tmp_path):
 def test_broker_migrate_with_a_typo_exits_nonzero_with_one_line(tmp_path):
     from click.testing import CliRunner
 
-    from broker.cli import main
+    from broker.cli.main import main
 
     path = tmp_path / "broker.yaml"
     path.write_text(yaml.safe_dump(with_changes(databse_url="x")))

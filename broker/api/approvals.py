@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from flask import Blueprint, jsonify
-from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api.common import caller, json_body, query_args, services
 from broker.api.render import task_json
-from broker.leases.paging import clamp_limit
-from broker.tasks.schemas import Decide
+from broker.api.schemas import Decide, PendingQuery
+from broker.paging import clamp_limit
 
 bp = Blueprint("approvals", __name__)
 
@@ -22,13 +21,6 @@ def decide(task_id: uuid.UUID) -> Any:
     body = json_body(Decide)
     task = services().approvals.decide(approver, task_id, body.decision, body.reason)
     return jsonify(task_json(task))
-
-
-class PendingQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    state: Literal["pending"] = "pending"
-    limit: Annotated[int, Field(ge=1)] | None = None
-    cursor: str | None = None
 
 
 @bp.get("/approvals")

@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker import metrics
 from broker.api.common import services
-from broker.errors import problem
+from broker.api.problems import problem
 from broker.migrate import SchemaState, schema_state, schema_state_of, shipped_revisions
 from broker.services import Services
 from broker.vault import VaultError

@@ -6,9 +6,8 @@ from functools import cache
 from typing import Any
 
 from broker import __version__
-from broker.api.operator import KillSwitchBody, RevokeBody
+from broker.api.schemas import Decide, FinishTask, KillSwitchBody, RevokeBody, StartTask, TaskRef
 from broker.models import LEASE_STATES, TASK_STATES
-from broker.tasks.schemas import Decide, FinishTask, StartTask, TaskRef
 
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 _STR = {"type": "string"}

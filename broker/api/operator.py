@@ -3,121 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
 from flask import Blueprint, jsonify
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from broker.api.common import caller, json_body, query_args, services
 from broker.api.render import audit_json, lease_json, task_json
-from broker.leases.service import Filters
-from broker.models import LEASE_STATES, TASK_STATES
-from broker.tasks.schemas import printable
+from broker.api.schemas import AuditQuery, KillSwitchBody, LeaseQuery, RevokeBody, TaskQuery
 
 bp = Blueprint("operator", __name__)
-
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=500)]
-
-
-class ListQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    state: str | None = None
-    owner: str | None = None
-    workload: str | None = None
-    task: str | None = None
-    task_id: uuid.UUID | None = None
-    limit: Annotated[int, Field(ge=1)] | None = None
-    cursor: str | None = None
-
-    def filters(self) -> Filters:
-        return Filters(self.state, self.owner, self.workload, self.task, self.task_id)
-
-
-def _one_of(value: str | None, states: tuple[str, ...]) -> str | None:
-    if value is not None and value not in states:
-        raise ValueError(f"must be one of {', '.join(states)}")
-    return value
-
-
-class LeaseQuery(ListQuery):
-    @field_validator("state")
-    @classmethod
-    def _known(cls, value: str | None) -> str | None:
-        return _one_of(value, LEASE_STATES)
-
-
-class TaskQuery(ListQuery):
-    @field_validator("state")
-    @classmethod
-    def _known(cls, value: str | None) -> str | None:
-        return _one_of(value, TASK_STATES)
-
-
-class AuditQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    task_id: uuid.UUID | None = None
-    task: str | None = None
-    state: str | None = None
-    owner: str | None = None
-    workload: str | None = None
-    since: datetime | None = None
-    event: str | None = None
-    limit: Annotated[int, Field(ge=1)] | None = None
-    cursor: str | None = None
-
-    @field_validator("state")
-    @classmethod
-    def _known(cls, value: str | None) -> str | None:
-        return _one_of(value, TASK_STATES)
-
-    @field_validator("since", mode="before")
-    @classmethod
-    def _rfc3339(cls, value: Any) -> Any:
-        # Not pydantic's lax parsing, which takes a bare number as a Unix time and a time
-        # without an offset as naive: the API speaks RFC 3339, and a guess shifts the window.
-        if not isinstance(value, str):
-            return value
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(
-                "must be an RFC 3339 time such as 2026-12-02T15:00:00Z (write + as %2B)"
-            ) from None
-        if parsed.tzinfo is None:
-            raise ValueError("must carry its offset, Z or +hh:mm (write + as %2B)")
-        return parsed
-
-    def filters(self) -> Filters:
-        """`task` and `state` select events of tasks of that type or in that state."""
-        return Filters(self.state, self.owner, self.workload, self.task, self.task_id)
-
-
-class RevokeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    reason: Reason
-
-    @field_validator("reason")
-    @classmethod
-    def _printable(cls, value: str) -> str:
-        return printable(value)
-
-
-class KillSwitchBody(RevokeBody):
-    workload: Annotated[str, StringConstraints(min_length=1)] | None = None
-    owner: Annotated[str, StringConstraints(min_length=1)] | None = None
-    task: Annotated[str, StringConstraints(min_length=1)] | None = None
-
-    @field_validator("workload", "owner", "task")
-    @classmethod
-    def _printable_filter(cls, value: str | None) -> str | None:
-        return None if value is None else printable(value)
-
-    @model_validator(mode="after")
-    def _scoped(self) -> KillSwitchBody:
-        if self.workload is None and self.owner is None and self.task is None:
-            raise ValueError("name at least one of 'workload', 'owner' or 'task'")
-        return self
 
 
 @bp.get("/leases")

@@ -1,4 +1,4 @@
-"""JSON shapes of SPEC §5. Secret values appear only in `credentials`, built per response."""
+"""JSON shapes of docs/contract.md §5. Secret values appear only in `credentials`, built per response."""
 
 from __future__ import annotations
 

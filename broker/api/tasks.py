@@ -9,8 +9,8 @@ from flask import Blueprint, jsonify
 
 from broker.api.common import caller, json_body, services
 from broker.api.render import credentials_json, task_json
+from broker.api.schemas import FinishTask, StartTask, TaskRef
 from broker.clock import rfc3339
-from broker.tasks.schemas import FinishTask, StartTask, TaskRef
 from broker.tasks.service import TaskService
 
 bp = Blueprint("tasks", __name__)
@@ -25,7 +25,7 @@ def start() -> Any:
     identity = caller("workload")
     body = json_body(StartTask)
     body.check_context_size(services().settings.limits.max_context_bytes)
-    result = task_service().start(identity, body)
+    result = task_service().start(identity, body.request())
     task = result.task
     if result.credentials is None:
         return jsonify(

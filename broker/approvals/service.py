@@ -1,4 +1,4 @@
-"""Deciding on pending tasks (SPEC §6.5).
+"""Deciding on pending tasks (docs/contract.md §6.5).
 
 An approval covers one task and its exact request (the request hash), once, until it
 lapses. The approver must differ from the requesting workload and from the owner, and
@@ -13,14 +13,15 @@ from datetime import datetime
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from broker.approvals.notify import Notifier
 from broker.audit import record
 from broker.clock import Clock
 from broker.db import unit_of_work
 from broker.errors import Conflict, Forbidden, NotFound
 from broker.identity import Identity
-from broker.leases.paging import Page, decode_position, encode_cursor
-from broker.models import Approval, Task, load_task
-from broker.notify import Notifier
+from broker.ledger import load_task
+from broker.models import Approval, Task
+from broker.paging import Page, decode_position, encode_cursor
 from broker.policy import PolicyStore, UnknownTask, approver_allowed
 
 

@@ -1,4 +1,4 @@
-"""The tamper-evident audit log (SPEC §6.8)."""
+"""The tamper-evident audit log (docs/contract.md §6.8)."""
 
 from broker.audit.chain import AuditRecorder, record, seal_pending, verify_chain
 

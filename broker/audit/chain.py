@@ -71,7 +71,7 @@ def record(
     """Queue an event; it is chained and written when the session commits.
 
     Owner and purpose come from the task or lease; pass them for events that have
-    neither (a denied start) so every event stays attributable (SPEC §6.8).
+    neither (a denied start) so every event stays attributable (docs/contract.md §6.8).
     """
     owner_source = task or lease
     session.info.setdefault(_PENDING, []).append(

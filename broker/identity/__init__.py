@@ -1,4 +1,4 @@
-"""Who is calling: verified JWT attestations (SPEC §3)."""
+"""Who is calling: verified JWT attestations (docs/contract.md §3)."""
 
 from broker.identity.errors import InvalidToken, JwksError, KeysUnavailable
 from broker.identity.jwks import JwksCache, JwksStats

@@ -1,4 +1,4 @@
-"""Signing keys of one issuer, from its JWKS file or URL (SPEC §3, catalogue J06, J24-J26).
+"""Signing keys of one issuer, from its JWKS file or URL (docs/contract.md §3; docs/security.md).
 
 Why not `jwt.PyJWKClient`: it refetches on every unknown `kid` with no cooldown (an attacker
 with random kids turns the broker into a JWKS flooder), and it empties its cache when a fetch

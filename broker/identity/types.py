@@ -7,14 +7,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-IdentityUse = Literal["workload", "approver", "operator"]
+# Defined with the config that grants it; re-exported here for the code that checks it.
+from broker.config import IdentityUse
+
+__all__ = ["Identity", "IdentityUse"]
 
 
 @dataclass(frozen=True)
 class Identity:
     """A caller proven by a verified JWT.
 
-    `id` is `<issuer name>:<sub>`, or the bare SPIFFE ID for `spiffe` issuers (SPEC §3).
+    `id` is `<issuer name>:<sub>`, or the bare SPIFFE ID for `spiffe` issuers (docs/contract.md §3).
     """
 
     id: str

@@ -1,4 +1,4 @@
-"""Turn a bearer JWT into an `Identity` (SPEC §3; catalogue §1, J01-J31).
+"""Turn a bearer JWT into an `Identity` (docs/contract.md §3; the checks are listed in docs/security.md).
 
 Order matters: everything the token says about itself is checked against configuration
 before a key is looked up, the signature is checked before any claim is trusted, and the
@@ -41,7 +41,7 @@ VERIFIED_CACHE_SIZE = 4096
 # 9999-12-31T23:59:59Z: the last instant a `datetime` can hold.
 _MAX_TIMESTAMP = 253402300799
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
-# Never followed (SPEC §3); refusing them outright means no code path can start to.
+# Never followed (docs/contract.md §3); refusing them outright means no code path can start to.
 _KEY_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 # JWT-SVID §2: alg and kid, optionally typ JWT/JOSE; nothing else.
 _SVID_HEADERS = frozenset({"alg", "kid", "typ"})
@@ -245,7 +245,7 @@ class Verifier:
     def _uses(self, issuer: IssuerSettings, groups: frozenset[str]) -> frozenset[IdentityUse]:
         uses: set[IdentityUse] = set(issuer.use)
         # An operator issuer (say corp SSO) vouches for many people; only the operator
-        # groups among them may act as operators (SPEC §3).
+        # groups among them may act as operators (docs/contract.md §3).
         if not groups & self._operator_groups:
             uses.discard("operator")
         return frozenset(uses)

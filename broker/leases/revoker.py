@@ -17,12 +17,10 @@ from sqlalchemy.orm import Session
 from broker import metrics
 from broker.audit import record
 from broker.clock import Clock
-from broker.models import Lease, Task
+from broker.models import TERMINAL_TASK_STATES, Lease, Task
 from broker.vault import RevokeHandle, VaultError, VaultGateway, VaultUnavailable
 
 log = logging.getLogger(__name__)
-
-TERMINAL_TASK_STATES = frozenset({"finished", "expired", "revoked", "denied", "approval_expired", "failed"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +35,19 @@ class Backoff:
 
 
 class Revoker:
+    # Every field `end_task` and the revocations under it may change (a finish also sets
+    # `token_released_at`). `broker.ledger` writes exactly these back for tasks it read
+    # without the ORM; a test holds this list against every assignment in this module.
+    TASK_FIELDS = ("state", "finished_at", "end_reason", "outcome", "token_released_at", "token_revoked_at")
+    LEASE_FIELDS = (
+        "state",
+        "revoked_at",
+        "revoke_reason",
+        "revoke_attempts",
+        "last_error",
+        "next_attempt_at",
+    )
+
     def __init__(self, vault: VaultGateway, clock: Clock, backoff: Backoff | None = None) -> None:
         self._vault = vault
         self._clock = clock

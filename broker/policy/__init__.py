@@ -1,13 +1,14 @@
-"""Policy-as-code (SPEC §4): load, validate and compile the policy file; decide task starts.
+"""Policy-as-code: load, validate and compile the policy file; decide task starts.
 
 Typical use::
 
     store = PolicyStore(settings.policy_file)          # raises PolicyError if unusable
     decision = store.current().evaluate(identity, TaskRequest(...), usage, now)
 
-The CLI group lives in `broker.policy.cli` (imported separately: it needs click).
+The CLI group lives in `broker.cli.policy` (imported separately: it needs click).
 """
 
+from broker.errors import TtlExceedsMax, UnknownTask
 from broker.policy.engine import (
     RULE_MAX_ACTIVE,
     RULE_MAX_STARTS,
@@ -20,8 +21,6 @@ from broker.policy.engine import (
     Policy,
     RuleResult,
     TaskRequest,
-    TtlExceedsMax,
-    UnknownTask,
     Usage,
     approver_allowed,
     compile_policy,

@@ -1,6 +1,6 @@
 """CEL rules of a policy: compiled once at load, evaluated fail-closed per request.
 
-Variables visible to every expression (SPEC §4):
+Variables visible to every expression (docs/contract.md §4):
 
 - `workload`: `{id, issuer, subject, claims}`; `issuer` is the configured issuer *name*
   (as written in the policy's `workloads[].issuer`), not the JWT's `iss` URL;
@@ -94,7 +94,7 @@ def compile_rule(source: str) -> CelRule:
     return CelRule(source=source, program=program, variables=referenced & VARIABLE_NAMES)
 
 
-# The fields of `request` and `workload` are fixed (SPEC §4); `context` and `claims` are
+# The fields of `request` and `workload` are fixed (docs/contract.md §4); `context` and `claims` are
 # the caller's, and any key may be missing from one request and present in the next.
 FIELDS = {
     "request": ("task", "owner", "purpose", "ttl_seconds", "context"),

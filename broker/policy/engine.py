@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any
 
 from broker.credentials import CredentialSpec
+from broker.errors import TtlExceedsMax, UnknownTask
 from broker.identity.types import Identity
 from broker.policy.cel import (
     CelActivation,
@@ -63,23 +64,6 @@ _RETRY_AFTER = {
 
 def when_rule_name(index: int) -> str:
     return f"when[{index}]"
-
-
-class UnknownTask(LookupError):
-    """No task type of that name in the policy (the API answers `404 unknown_task`)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown task type {name!r}")
-        self.name = name
-
-
-class TtlExceedsMax(ValueError):
-    """The request asked for more than `ttl.max` (the API answers `400 ttl_exceeds_max`)."""
-
-    def __init__(self, requested: int, max: int) -> None:
-        super().__init__(f"ttl_seconds {requested} exceeds this task type's maximum of {max}")
-        self.requested = requested
-        self.max = max
 
 
 @dataclass(frozen=True)

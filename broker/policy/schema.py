@@ -1,4 +1,4 @@
-"""The policy file's shape (SPEC §4), validated strictly.
+"""The policy file's shape (docs/contract.md §4), validated strictly.
 
 Every model forbids unknown keys and is strict about types: a typo such as `tll:` or a
 quoted number `"300"` is an error at load time, never a silently ignored or coerced value,

@@ -1,1 +1,1 @@
-"""The revocation scheduler: deadlines, retries, lapsed approvals, orphans (SPEC §6.3-6.4)."""
+"""The revocation scheduler: deadlines, retries, lapsed approvals, orphans (docs/contract.md §6.3-6.4)."""

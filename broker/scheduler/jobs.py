@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import logging
 import socket
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import cast
 
-from sqlalchemy import Select, Table, any_, bindparam, func, select, update
-from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from broker import metrics
@@ -22,10 +20,19 @@ from broker.audit import record, seal_pending
 from broker.audit.chain import SEAL_BATCH
 from broker.db import unit_of_work
 from broker.identity.replay import PostgresJtiStore
-from broker.leases.revoker import TERMINAL_TASK_STATES
+from broker.ledger import (
+    MARK_RETIRED,
+    RETIRE_BATCH,
+    due_retry,
+    due_tasks,
+    lapse_pending_approvals,
+    read_tasks,
+    spent_token,
+    stuck_start,
+    write_back_ended,
+)
 from broker.models import Lease, SchedulerHeartbeat, Task
 from broker.services import Services
-from broker.tasks.ledger import read_tasks, write_back_ended
 from broker.vault import VaultError, VaultUnavailable
 
 log = logging.getLogger(__name__)
@@ -33,70 +40,7 @@ SYSTEM_ACTOR = "system:scheduler"
 # Due tasks one sweeper thread expires per transaction: measured with bench/run --storm
 # 1000 on 2 cores, 1 -> 8.1 s, 5 -> 5.9 s, 10 -> 4.9-5.1 s, 20 -> 3.8-4.0 s to clear the storm.
 EXPIRE_BATCH = 20
-# Spent task tokens one sweeper thread retires per transaction: claim, UPDATE and commit
-# are paid per batch, not per token (scheduler CPU per token, Vault call aside, ~3 ms ->
-# ~0.1 ms); small, so a slow Vault keeps few rows locked.
-RETIRE_BATCH = 20
 RUNNER = f"{socket.gethostname()}"
-
-
-# The scheduler's claim queries, also planned by bench/run (EXPLAIN at 100,000 rows).
-
-
-def due_tasks(limit: int) -> Select[Task]:
-    """Active tasks past their deadline, oldest deadline first (ix_tasks_due)."""
-    return (
-        select(Task)
-        .where(Task.state == "active", Task.expires_at <= func.now())
-        .order_by(Task.expires_at)
-        .limit(limit)
-    )
-
-
-def due_retry() -> Select[Lease, Task]:
-    """The `revoke_pending` lease whose backoff ran out first, with its task (ix_leases_retry_due)."""
-    return (
-        select(Lease, Task)
-        .join(Task, Task.id == Lease.task_id)
-        .where(Lease.state == "revoke_pending", Lease.next_attempt_at <= func.now())
-        .order_by(Lease.next_attempt_at)
-        .limit(1)
-    )
-
-
-def spent_token(limit: int = RETIRE_BATCH) -> Select[uuid.UUID, str | None]:
-    """Ended tasks whose leases are all revoked but whose Vault token is not, oldest end
-    first (ix_tasks_token_unrevoked): just the id and accessor a retirement needs."""
-    return (
-        select(Task.id, Task.token_accessor)
-        .where(
-            Task.token_accessor.is_not(None),
-            Task.token_revoked_at.is_(None),
-            Task.token_released_at.is_(None),
-            Task.state.in_(TERMINAL_TASK_STATES),
-            ~Task.leases.any(Lease.state != "revoked"),
-        )
-        .order_by(Task.finished_at)
-        .limit(limit)
-    )
-
-
-_TASKS = cast(Table, Task.__table__)
-# The ids as one array parameter: the same cached SQL whatever the batch size.
-_MARK_RETIRED = (
-    _TASKS.update()
-    .where(_TASKS.c.id == any_(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))))
-    .values(token_revoked_at=bindparam("at"))
-)
-
-
-def stuck_start(grace: timedelta) -> Select[Task]:
-    """A start still `issuing` after the grace period: it crashed between Vault and its commit."""
-    return (
-        select(Task)
-        .where(Task.state == "issuing", func.coalesce(Task.claimed_at, Task.created_at) < func.now() - grace)
-        .limit(1)
-    )
 
 
 class Jobs:
@@ -162,12 +106,7 @@ class Jobs:
 
     def lapse_approvals(self) -> int:
         with unit_of_work(self._s.sessions) as session:
-            lapsed = session.scalars(
-                update(Task)
-                .where(Task.state == "pending_approval", Task.approval_expires_at <= func.now())
-                .values(state="approval_expired", finished_at=func.now(), end_reason="approval lapsed")
-                .returning(Task)
-            ).all()
+            lapsed = lapse_pending_approvals(session)
             for task in lapsed:
                 record(session, self._s.clock, "task.approval_expired", SYSTEM_ACTOR, task=task)
         self._heartbeat("approvals")
@@ -199,7 +138,7 @@ class Jobs:
                 continue
             retired.append(row.id)
         if retired:
-            connection.execute(_MARK_RETIRED, {"ids": retired, "at": self._s.clock.now()})
+            connection.execute(MARK_RETIRED, {"ids": retired, "at": self._s.clock.now()})
         # A refused token makes the count short, which ends this loop: it waits for the
         # next run rather than being retried by this loop's next batch straight away.
         return len(retired)

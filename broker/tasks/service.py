@@ -1,12 +1,8 @@
 """Start, claim, finish and read tasks.
 
-The order of a start is the broker's central promise (SPEC §6.1-6.2):
-  1. decide and record the task (`issuing`) in one transaction;
-  2. create the task's own Vault token and commit its accessor;
-  3. issue every credential with that token, all or nothing;
-  4. commit the leases, and only then hand the secrets out.
-A crash anywhere after 2 leaves an accessor the reconciler revokes, and with the token
-Vault revokes every lease it issued, recorded or not.
+A start decides and records the task, then hands it to `broker.tasks.issuing`, which
+issues all or nothing and commits the leases before any secret leaves (its docstring
+gives the order). A claim is the same issuing for a task an approver let through.
 """
 
 from __future__ import annotations
@@ -15,66 +11,32 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.orm.attributes import set_committed_value
 
 from broker import metrics
+from broker.approvals.notify import Notifier
 from broker.audit import record
 from broker.clock import Clock, rfc3339
 from broker.credentials import CredentialSpec
-from broker.db import DatabaseUnavailable, unit_of_work
-from broker.errors import (
-    Conflict,
-    DatabaseUnavailableError,
-    IssuanceFailed,
-    LimitExceeded,
-    NotFound,
-    PolicyDenied,
-    VaultUnavailableError,
-)
-from broker.errors import TtlExceedsMax as TtlExceedsMaxError
-from broker.errors import UnknownTask as UnknownTaskError
+from broker.db import unit_of_work
+from broker.errors import Conflict, LimitExceeded, NotFound, PolicyDenied, UnknownTask
 from broker.identity import Identity
-from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
-from broker.models import Lease, Task, load_task
-from broker.notify import Notifier
-from broker.policy import (
-    CompiledTask,
-    Decision,
-    PolicySnapshot,
-    PolicyStore,
-    TaskRequest,
-    TtlExceedsMax,
-    UnknownTask,
-    Usage,
-)
-from broker.tasks.ledger import activate_with_leases, insert_task, lock_and_count, read_task, write_back_end
-from broker.tasks.schemas import StartTask
-from broker.vault import (
-    IssuedSecret,
-    TaskToken,
-    VaultError,
-    VaultGateway,
-    VaultUnavailable,
-)
+from broker.leases.revoker import Revoker
+from broker.ledger import insert_task, load_task, lock_and_count, read_task, write_back_end
+from broker.models import TERMINAL_TASK_STATES, Task
+from broker.policy import CompiledTask, Decision, PolicySnapshot, PolicyStore, TaskRequest, Usage
+from broker.tasks.issuing import IssuedCredential, Issuer, deadline
+from broker.vault import TaskToken, VaultGateway
 from broker.vault.pool import TaskTokenPool
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class IssuedCredential:
-    name: str
-    kind: str
-    data: Mapping[str, Any]
-    expires_at: datetime
 
 
 @dataclass(frozen=True)
@@ -126,67 +88,54 @@ class TaskService:
         self._vault = vault
         self._clock = clock
         self._revoker = revoker
+        self._issuer = Issuer(sessions, vault, clock, self._tokens)
 
     # ---- start -------------------------------------------------------------------------
 
-    def start(self, identity: Identity, body: StartTask) -> StartResult:
+    def start(self, identity: Identity, request: TaskRequest) -> StartResult:
         # One snapshot for the whole start, so a reload can't change the task type midway.
         snapshot = self._policies.snapshot()
-        try:
-            compiled = snapshot.policy.task(body.task)
-        except UnknownTask:
-            raise UnknownTaskError(f"no task type named '{body.task}' in the policy") from None
-        task, decision, token = self._decide_and_record(identity, body, snapshot, compiled)
+        compiled = snapshot.policy.task(request.task)
+        task, decision, token = self._decide_and_record(identity, request, snapshot, compiled)
         if not decision.allowed:
-            metrics.TASKS_STARTED.labels(body.task, "limited" if decision.limit_exceeded else "denied").inc()
+            metrics.TASKS_STARTED.labels(
+                request.task, "limited" if decision.limit_exceeded else "denied"
+            ).inc()
             raise _denial(decision)
         if task.state == "pending_approval":
-            metrics.TASKS_STARTED.labels(body.task, "pending_approval").inc()
+            metrics.TASKS_STARTED.labels(request.task, "pending_approval").inc()
             self._notifier.send("approval.requested", _approval_summary(task))
             return StartResult(task=task, credentials=None)
         assert token is not None
-        active, credentials = self._issue(task, token, identity.id, compiled, actor=identity.id)
-        metrics.TASKS_STARTED.labels(body.task, "active").inc()
+        active, credentials = self._issuer.issue(task, token, identity.id, compiled, actor=identity.id)
+        metrics.TASKS_STARTED.labels(request.task, "active").inc()
         return StartResult(task=active, credentials=credentials)
 
     def _decide_and_record(
-        self, identity: Identity, body: StartTask, snapshot: PolicySnapshot, compiled: CompiledTask
+        self, identity: Identity, request: TaskRequest, snapshot: PolicySnapshot, compiled: CompiledTask
     ) -> tuple[Task, Decision, TaskToken | None]:
         policy = snapshot.policy
-        request = TaskRequest(
-            task=body.task,
-            owner=body.owner,
-            purpose=body.purpose,
-            ttl_seconds=body.ttl_seconds,
-            context=body.context,
-        )
         # A first look without usage (limits are decided under the lock below). When the
         # request will likely be issued, its token is taken now, before the workload's
         # lock: a slow Vault must not hold the lock the workload's other starts wait on.
         # Denied and approval-bound requests never touch Vault.
-        try:
-            first_look = policy.evaluate(identity, request, Usage(0, 0), self._clock.now())
-        except TtlExceedsMax as error:
-            raise TtlExceedsMaxError(str(error)) from None
+        first_look = policy.evaluate(identity, request, Usage(0, 0), self._clock.now())
         tokens: list[TaskToken] = []
         if first_look.allowed and not first_look.approval_required:
-            tokens.append(self._take_token(identity, body, compiled))
-        with self._compensating(tokens), self._uow() as session:
+            tokens.append(self._issuer.take_token(identity, request, compiled, first_look.ttl_seconds))
+        with self._issuer.compensating(tokens), self._uow() as session:
             # Serialise starts of one workload for one task type so limits can't be raced.
-            lock_key = _workload_lock_key(identity.id, body.task)
-            now, usage = lock_and_count(session, lock_key=lock_key, workload=identity.id, task=body.task)
-            try:
-                decision = policy.evaluate(identity, request, usage, now)
-            except TtlExceedsMax as error:
-                raise TtlExceedsMaxError(str(error)) from None
+            lock_key = _workload_lock_key(identity.id, request.task)
+            now, usage = lock_and_count(session, lock_key=lock_key, workload=identity.id, task=request.task)
+            decision = policy.evaluate(identity, request, usage, now)
             task = Task(
                 id=uuid.uuid4(),
-                task=body.task,
+                task=request.task,
                 workload=identity.id,
                 workload_issuer=identity.issuer_name,
-                owner=body.owner,
-                purpose=body.purpose,
-                context=body.context,
+                owner=request.owner,
+                purpose=request.purpose,
+                context=request.context,
                 ttl_seconds=decision.ttl_seconds,
                 request_hash="",
                 created_at=now,
@@ -199,13 +148,13 @@ class TaskService:
                     self._clock,
                     "task.denied",
                     identity.id,
-                    owner=body.owner,
-                    purpose=body.purpose,
+                    owner=request.owner,
+                    purpose=request.purpose,
                     detail={
-                        "task": body.task,
+                        "task": request.task,
                         "rule": decision.failed_rule,
                         "why": decision.detail,
-                        "context": body.context,
+                        "context": request.context,
                     },
                 )
             elif decision.approval_required:
@@ -217,11 +166,11 @@ class TaskService:
                 record(session, self._clock, "task.approval_requested", identity.id, task=task)
             else:
                 task.state = "issuing"
-                task.expires_at = now + timedelta(seconds=decision.ttl_seconds)
+                task.expires_at = deadline(now, decision.ttl_seconds)
                 # The token's accessor is committed with the task, before anything is issued
                 # with it: a crash from here on leaves something the reconciler revokes.
                 if not tokens:  # the first look disagreed; rare (a policy reload in between)
-                    tokens.append(self._take_token(identity, body, compiled))
+                    tokens.append(self._issuer.take_token(identity, request, compiled, decision.ttl_seconds))
                 task.token_accessor = tokens[0].accessor
                 record(
                     session,
@@ -235,202 +184,17 @@ class TaskService:
         if task.token_accessor is None:
             for unused in tokens:  # a limit said no under the lock
                 self._tokens.give_back(
-                    unused, task=body.task, specs=compiled.credentials, ttl_max=compiled.ttl_max
+                    unused, task=request.task, specs=compiled.credentials, ttl_max=compiled.ttl_max
                 )
             return task, decision, None
         return task, decision, tokens[0]
-
-    # ---- issuing -----------------------------------------------------------------------
-
-    def _issue(
-        self, task: Task, token: TaskToken, workload: str, compiled: CompiledTask, *, actor: str
-    ) -> tuple[Task, dict[str, IssuedCredential]]:
-        specs = compiled.credentials
-        issued: dict[str, IssuedSecret] = {}
-        try:
-            for name, spec in specs.items():
-                issued[name] = self._vault.issue(
-                    token, spec, ttl_seconds=task.ttl_seconds, task_id=str(task.id), workload=workload
-                )
-        except VaultError as error:
-            self._abandon(task, token.accessor, issued, error, actor)
-            if isinstance(error, VaultUnavailable):
-                raise VaultUnavailableError("Vault could not be reached; nothing was issued") from None
-            raise IssuanceFailed("Vault refused one of the task's credentials; nothing was issued") from None
-        active = self._commit_leases(task, specs, issued, token, actor)
-        assert active.expires_at is not None
-        self._tokens.lend(
-            active.id,
-            token,
-            task=compiled.name,
-            specs=specs,
-            ttl_max=compiled.ttl_max,
-            until=active.expires_at,
-        )
-        return active, {
-            name: IssuedCredential(
-                name=name,
-                kind=specs[name].kind,
-                data=secret.data,
-                expires_at=min(secret.expires_at, task.expires_at or secret.expires_at),
-            )
-            for name, secret in issued.items()
-        }
-
-    def _take_token(self, identity: Identity, body: StartTask, compiled: CompiledTask) -> TaskToken:
-        ttl = min(body.ttl_seconds or compiled.ttl_default, compiled.ttl_max)
-        ready = self._tokens.take_ready(
-            task=compiled.name, specs=compiled.credentials, ttl_max=compiled.ttl_max, ttl_needed=ttl
-        )
-        if ready is not None:
-            return ready
-        # Nothing ready: Vault will be asked. Make sure the ledger answers first, so that a
-        # start without its database never reaches Vault at all (catalogue F02).
-        self._ping_database()
-        try:
-            return self._token_for(compiled, ttl)
-        except (VaultUnavailableError, IssuanceFailed) as error:
-            self._record_start_failure(identity, body, f"task token: {error.detail}")
-            raise
-
-    def _ping_database(self) -> None:
-        try:
-            with self._uow() as session:
-                session.execute(text("SELECT 1"))
-        except DatabaseUnavailable:
-            raise DatabaseUnavailableError("the database is unavailable; nothing was issued") from None
-
-    def _token_for(self, compiled: CompiledTask, ttl: int) -> TaskToken:
-        try:
-            return self._tokens.take(
-                task=compiled.name, specs=compiled.credentials, ttl_max=compiled.ttl_max, ttl_needed=ttl
-            )
-        except VaultError as error:
-            # Refused to create a task token means our own token is gone or misconfigured:
-            # to the caller that is the same as Vault being unavailable.
-            if isinstance(error, VaultUnavailable) or error.status == 403:
-                raise VaultUnavailableError("Vault could not be reached; nothing was issued") from None
-            raise IssuanceFailed("Vault refused to create the task's token") from None
-
-    def _record_start_failure(self, identity: Identity, body: StartTask, reason: str) -> None:
-        try:
-            with self._uow() as session:
-                record(
-                    session, self._clock, "task.start_failed", identity.id, owner=body.owner,
-                    purpose=body.purpose, detail={"task": body.task, "reason": reason[:500]},
-                )  # fmt: skip
-        except DatabaseUnavailable:
-            log.warning("could not record a failed start of %s", body.task)
-
-    @contextmanager
-    def _compensating(self, tokens: list[TaskToken]) -> Iterator[None]:
-        """If the transaction that records a token's accessor fails, revoke the token."""
-        try:
-            yield
-        except BaseException:
-            for token in tokens:
-                self._revoke_quietly(token.accessor, {})
-            raise
-
-    def _commit_leases(
-        self,
-        task: Task,
-        specs: Mapping[str, CredentialSpec],
-        issued: Mapping[str, IssuedSecret],
-        token: TaskToken,
-        actor: str,
-    ) -> Task:
-        try:
-            with self._uow() as session:
-                now = self._clock.now()
-                leases = [
-                    _lease_row(task, name, specs[name].kind, secret, now) for name, secret in issued.items()
-                ]
-                for lease, secret in zip(leases, issued.values(), strict=True):
-                    record(
-                        session,
-                        self._clock,
-                        "lease.issued",
-                        actor,
-                        lease=lease,
-                        detail={
-                            "name": lease.name,
-                            "kind": lease.kind,
-                            "vault_lease_id": secret.vault_lease_id,
-                        },
-                    )
-                    metrics.LEASES_ISSUED.labels(lease.kind).inc()
-                record(
-                    session,
-                    self._clock,
-                    "task.started",
-                    actor,
-                    task=task,
-                    detail={"credentials": sorted(issued), "expires_at": rfc3339(task.expires_at)},
-                )
-                # No load and lock of the task: the move to active is guarded by its state,
-                # so if a finish or the kill switch ended it meanwhile, nothing is written.
-                if not activate_with_leases(session, task.id, leases):
-                    raise Conflict("the task ended while its credentials were being issued")
-                task.state = "active"
-            # The task object is detached now; give it its leases without a load.
-            set_committed_value(task, "leases", sorted(leases, key=lambda lease: lease.name))
-            return task
-        except (DatabaseUnavailable, Conflict) as error:
-            # Record before release: without committed leases, nothing leaves the broker.
-            self._revoke_quietly(token.accessor, issued)
-            if isinstance(error, Conflict):
-                raise
-            raise DatabaseUnavailableError("the database is unavailable; nothing was issued") from None
-        except Exception:
-            self._revoke_quietly(token.accessor, issued)
-            raise
-
-    def _abandon(
-        self, task: Task, accessor: str, issued: Mapping[str, IssuedSecret], error: VaultError, actor: str
-    ) -> None:
-        """All or nothing (SPEC §6.1): revoke what was issued before the error is returned."""
-        leftovers = self._revoke_quietly(accessor, issued)
-        self._mark_failed(task, f"issuing failed: {error}", actor, token_revoked=not leftovers)
-
-    def _revoke_quietly(self, accessor: str, issued: Mapping[str, IssuedSecret]) -> list[str]:
-        """Best effort; what stays alive is left to the reconciler (the accessor is on record)."""
-        failed = []
-        for name, secret in issued.items():
-            try:
-                self._vault.revoke(secret.handle)
-            except VaultError:
-                failed.append(name)
-        try:
-            self._vault.revoke_task_token(accessor)
-        except VaultError:
-            failed.append("(task token)")
-        if failed:
-            log.warning("compensating revoke incomplete: %s", ", ".join(failed))
-        return failed
-
-    def _mark_failed(self, task: Task, reason: str, actor: str, *, token_revoked: bool = False) -> None:
-        try:
-            with self._uow() as session:
-                row = load_task(session, task.id, lock=True)
-                if row is None or row.state in TERMINAL_TASK_STATES:
-                    return
-                now = self._clock.now()
-                row.state, row.finished_at, row.end_reason = "failed", now, reason[:500]
-                if token_revoked and row.token_accessor:
-                    row.token_revoked_at = now
-                record(session, self._clock, "task.failed", actor, task=row, detail={"reason": reason[:500]})
-            task.state = "failed"
-        except DatabaseUnavailable:
-            log.warning("could not record failure of task %s; the reconciler will", task.id)
-        metrics.TASKS_FINISHED.labels("failed").inc()
 
     # ---- claim (approved tasks) --------------------------------------------------------
 
     def claim(self, identity: Identity, task_id: uuid.UUID) -> StartResult:
         policy = self._policies.current()
         tokens: list[TaskToken] = []
-        with self._compensating(tokens), self._uow() as session:
+        with self._issuer.compensating(tokens), self._uow() as session:
             task = self._owned(session, identity, task_id, lock=True)
             if task.claimed_at is not None or task.state != "pending_approval":
                 raise Conflict(f"the task is {task.state}; an approval can be claimed once")
@@ -448,12 +212,12 @@ class TaskService:
                 raise Conflict("the policy changed what this task would get; start a new task")
             task.claimed_at = now
             task.state = "issuing"
-            task.expires_at = now + timedelta(seconds=task.ttl_seconds)
-            token = self._token_for(compiled, task.ttl_seconds)
+            task.expires_at = deadline(now, task.ttl_seconds)
+            token = self._issuer.token_for(compiled, task.ttl_seconds)
             tokens.append(token)
             task.token_accessor = token.accessor
             record(session, self._clock, "task.claimed", identity.id, task=task)
-        active, credentials = self._issue(task, token, identity.id, compiled, actor=identity.id)
+        active, credentials = self._issuer.issue(task, token, identity.id, compiled, actor=identity.id)
         return StartResult(task=active, credentials=credentials)
 
     # ---- finish and read ---------------------------------------------------------------
@@ -513,7 +277,7 @@ class TaskService:
 
 
 def _mine(task: Task | None, identity: Identity) -> Task:
-    # Another workload's task is indistinguishable from a missing one (SPEC §6.6).
+    # Another workload's task is indistinguishable from a missing one (docs/contract.md §6.6).
     if task is None or task.workload != identity.id:
         raise NotFound("no such task")
     return task
@@ -530,27 +294,6 @@ def _approval_summary(task: Task) -> dict[str, Any]:
         "ttl_seconds": task.ttl_seconds,
         "approval_expires_at": rfc3339(task.approval_expires_at),
     }
-
-
-def _lease_row(task: Task, name: str, kind: str, secret: IssuedSecret, now: datetime) -> Lease:
-    expires = min(secret.expires_at, task.expires_at) if task.expires_at else secret.expires_at
-    return Lease(
-        id=uuid.uuid4(),
-        task_id=task.id,
-        task=task.task,
-        name=name,
-        kind=kind,
-        workload=task.workload,
-        owner=task.owner,
-        purpose=task.purpose,
-        state="active",
-        issued_at=now,
-        expires_at=expires,
-        revoke_attempts=0,
-        revoke_kind=secret.handle.kind,
-        revoke_ref=secret.handle.ref,
-        vault_lease_id=secret.vault_lease_id,
-    )
 
 
 _DENIAL_TEXT = {

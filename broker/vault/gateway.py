@@ -318,7 +318,7 @@ class VaultGateway:
     def _fit_to_task(
         self, reply: Reply, issued: IssuedSecret, ttl_seconds: int, token: TaskToken
     ) -> IssuedSecret:
-        """Give a lease the task's TTL instead of its role's default (SPEC §6.4).
+        """Give a lease the task's TTL instead of its role's default (docs/contract.md §6.4).
 
         A role's default is blind to the task: longer than a short task's maximum (the
         backstop would be the task token's expiry alone), shorter than a long task (the

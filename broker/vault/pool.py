@@ -1,7 +1,7 @@
 """A small per-process pool of ready task tokens, so a start doesn't wait for Vault to mint one.
 
 A task token is created through the task token role with the task type's policies and a
-TTL of the type's *maximum* TTL (SPEC §6.4: Vault's TTLs never exceed the task's maximum).
+TTL of the type's *maximum* TTL (docs/contract.md §6.4: Vault's TTLs never exceed the task's maximum).
 A start takes one whose remaining life covers its own TTL, records its accessor with the
 task in the same transaction as the decision, and the pool refills in the background.
 A token still in the pool has nothing alive under it: it was never used, or (with `reuse`)
@@ -96,7 +96,7 @@ class TaskTokenPool:
 
         With none ready nothing is asked of Vault here: the caller checks the database
         first and then mints through `take`, which starts the refill. A start refused
-        for a down database must leave Vault untouched (catalogue F02).
+        for a down database must leave Vault untouched (docs/security.md, "Fail closed").
         """
         key = _key(task, specs, ttl_max)
         token = self._pop_fresh(key, ttl_needed)

@@ -8,8 +8,8 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from broker.config import settings_from_mapping
+from broker.dev.stack.postgres import free_port, start_postgres
 from broker.migrate import upgrade_to_head
-from broker.stack.postgres import free_port, start_postgres
 from tests.conftest import broker_config
 from tests.factories import AGENT, start_body
 from tests.support.broker_procs import BrokerProcess

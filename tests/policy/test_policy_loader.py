@@ -12,7 +12,7 @@ import pytest
 
 from broker.policy import PolicyError, PolicyStore, PolicyUnreadable, load_policy, parse_policy
 
-DEVDATA = Path(__file__).resolve().parents[2] / "broker" / "devdata" / "policy.yaml"
+DEVDATA = Path(__file__).resolve().parents[2] / "broker" / "dev" / "data" / "policy.yaml"
 
 GOOD = textwrap.dedent(
     """\

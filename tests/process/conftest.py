@@ -14,7 +14,7 @@ def served(config_file):
 
     import requests
 
-    from broker.stack.postgres import free_port
+    from broker.dev.stack.postgres import free_port
 
     port = free_port()
     process = subprocess.Popen(

@@ -31,7 +31,7 @@ def test_the_printed_example_runs_as_pasted(tmp_path):
     import signal
     import time
 
-    from broker.stack.postgres import free_port
+    from broker.dev.stack.postgres import free_port
 
     if shutil.which("curl") is None:
         pytest.skip("the example uses curl")

@@ -116,7 +116,7 @@ def test_sighup_reloads_the_policy_in_every_worker_and_keeps_it_on_a_bad_file(se
 def test_the_operator_cli_lists_and_revokes_over_rest(served, issuers):
     from click.testing import CliRunner
 
-    from broker.cli import main
+    from broker.cli.main import main
 
     started = requests.post(
         f"{served.url}/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT), timeout=30

@@ -109,8 +109,8 @@ CRASH_SCRIPT = """
 import os, signal, sys
 from broker.config import load_settings
 from broker.services import build_services
-from broker.tasks.service import TaskService
-from broker.tasks.schemas import StartTask
+from broker.tasks.issuing import Issuer
+from broker.policy import TaskRequest
 from broker.identity import Identity
 from datetime import datetime, UTC
 
@@ -118,14 +118,14 @@ def crash(*args, **kwargs):
     # Vault has issued; the leases were never committed.
     os.kill(os.getpid(), signal.SIGKILL)
 
-TaskService._commit_leases = crash
+Issuer._commit_leases = crash
 services = build_services(load_settings(sys.argv[1]))
 identity = Identity(
     id=sys.argv[2], issuer_name="spire", issuer="https://spire.test", subject=sys.argv[2],
     kind="spiffe", uses=frozenset({"workload"}), groups=frozenset(), claims={}, expires_at=datetime.now(UTC),
 )
-body = StartTask(task="analytics-read", owner="alice@example.com", purpose="crash between vault and commit",
-                 context={"environment": "staging"})
+body = TaskRequest(task="analytics-read", owner="alice@example.com", purpose="crash between vault and commit",
+                   ttl_seconds=None, context={"environment": "staging"})
 services.tasks.start(identity, body)
 print("not reached")
 """

@@ -20,9 +20,9 @@ import psycopg
 import pytest
 
 from broker.credentials import CredentialSpec
-from broker.stack.openbao import OpenBaoHandle, start_openbao
-from broker.stack.postgres import PostgresHandle, start_postgres
-from broker.stack.vault_setup import PostgresTarget, VaultSetup, configure_vault
+from broker.dev.stack.openbao import OpenBaoHandle, start_openbao
+from broker.dev.stack.postgres import PostgresHandle, start_postgres
+from broker.dev.stack.vault_setup import PostgresTarget, VaultSetup, configure_vault
 from broker.vault import TaskToken, VaultGateway, task_token_policies
 from broker.vault.http import VaultHTTP
 

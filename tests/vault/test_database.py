@@ -137,7 +137,7 @@ def test_read_only_user_reads_through_its_group_and_cannot_write(gateway, start_
 def test_a_user_with_grants_of_its_own_is_revoked_and_dropped(gateway, start_task, pg, pg_target, root):
     # Users made by the creation statements of earlier releases hold direct grants, which
     # DROP ROLE refuses to drop over; the shipped revocation statement revokes them first.
-    from broker.stack.vault_setup import database_connection_config, database_roles
+    from broker.dev.stack.vault_setup import database_connection_config, database_roles
 
     legacy_create = [
         """CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';""",
@@ -203,8 +203,8 @@ def test_revoke_while_the_target_database_is_down_fails_then_succeeds(
 ):
     # V03: a sync revoke that can't reach the database fails (the lease stays, the broker
     # keeps it revoke_pending and retries); once the database is back, it succeeds.
-    from broker.stack.postgres import start_postgres
-    from broker.stack.vault_setup import (
+    from broker.dev.stack.postgres import start_postgres
+    from broker.dev.stack.vault_setup import (
         PostgresTarget,
         database_connection_config,
         database_roles,
@@ -241,7 +241,7 @@ def test_a_broker_policy_without_lease_renew_still_issues_with_the_roles_ttl(vau
     role's TTL (bounded by the task token), and the refusal is logged once, not per lease."""
     import logging
 
-    from broker.stack.vault_setup import render_broker_policy
+    from broker.dev.stack.vault_setup import render_broker_policy
 
     old_policy = render_broker_policy().replace('path "sys/leases/renew"', 'path "sys/leases/renew-not-granted"')
     root.call("PUT", "sys/policies/acl/broker-without-renew", {"policy": old_policy})

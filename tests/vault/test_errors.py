@@ -10,7 +10,7 @@ import pytest
 
 from broker.config import VaultAuth, VaultSettings
 from broker.credentials import DatabaseCredential
-from broker.stack.openbao import free_port, start_openbao
+from broker.dev.stack.openbao import free_port, start_openbao
 from broker.vault import RevokeHandle, TaskToken, VaultGateway, VaultRejected, VaultUnavailable
 from broker.vault.http import VaultHTTP, safe_reason
 

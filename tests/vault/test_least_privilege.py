@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.stack.vault_setup import render_broker_policy
+from broker.dev.stack.vault_setup import render_broker_policy
 from broker.vault import VaultRejected
 
 ROOT = Path(__file__).resolve().parents[2]

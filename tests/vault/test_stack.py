@@ -13,8 +13,8 @@ import pytest
 
 from broker.config import VaultAuth
 from broker.credentials import DatabaseCredential
-from broker.stack.openbao import OpenBaoError, find_bao_binary, start_openbao
-from broker.stack.vault_setup import (
+from broker.dev.stack.openbao import OpenBaoError, find_bao_binary, start_openbao
+from broker.dev.stack.vault_setup import (
     PostgresTarget,
     configure_vault,
     database_connection_config,

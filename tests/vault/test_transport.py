@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from broker.stack.openbao import OpenBaoHandle, find_bao_binary, free_port
+from broker.dev.stack.openbao import OpenBaoHandle, find_bao_binary, free_port
 from broker.vault import VaultUnavailable
 from broker.vault.http import VaultHTTP
 

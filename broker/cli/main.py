@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
+from broker.cli.ops import leases, tasks
+from broker.cli.policy import policy
 from broker.config import ConfigError, Settings, load_settings
-from broker.devcli import dev
-from broker.opscli import leases, tasks
-from broker.policy.cli import policy
+from broker.dev.cli import dev
 
 CONFIG_HELP = "YAML config file (default: $BROKER_CONFIG)."
 

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from broker.cli import main
+from broker.cli.main import main
 from tests.factories import AGENT, can_log_in, start_body
 
 OTHER = "spiffe://example.org/agents/builder"
@@ -170,7 +170,7 @@ def test_audit_verify_detects_changed_inserted_and_deleted_rows(client, issuers,
 
 def test_audit_verify_without_the_database_says_so_in_one_line_and_exits_3(config_file):
     # Exit 1 means tampered: an alert on it must not fire, or be silenced, for an outage.
-    from broker.stack.postgres import free_port
+    from broker.dev.stack.postgres import free_port
 
     closed = f"postgresql+psycopg://broker@127.0.0.1:{free_port()}/broker"
     result = CliRunner().invoke(

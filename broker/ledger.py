@@ -9,29 +9,35 @@ trips and a finish three where they cost eighteen between them. The SQL is spell
 objects: what the renderers and the `Revoker` work with anyway, without the ORM's unit of
 work, which was the largest single item of the worker's CPU on this path.
 
-Objects from `read_task` belong to no session: changing one persists nothing by itself.
-The finish writes back what ending a task changes with `write_back_end`; anything else
-that edits a task uses `broker.models.load_task` and the ORM.
+This module is the only reader and writer of tasks and leases: every service and the
+scheduler come here. Two kinds of object come out of it:
+- from `read_task(s)`: session-less; changing one persists nothing by itself. What ending
+  a task may change (`Revoker.TASK_FIELDS`, `Revoker.LEASE_FIELDS`) is written back with
+  `write_back_end(ed)`, so a field the revoker sets is saved on every path.
+- from `load_task`: attached to the caller's session, for the rarer edits (approval,
+  claim, operator revocation); the session's flush at the unit of work's commit writes
+  every changed field.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from psycopg import Connection, Cursor
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from sqlalchemy import Select, Table, any_, bindparam, select
+from sqlalchemy import Select, Table, any_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
-from sqlalchemy.orm import Session, configure_mappers
+from sqlalchemy.orm import Session, configure_mappers, joinedload, lazyload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from broker.audit.chain import pending_rows
 from broker.db import pipelined
-from broker.models import TASK_OPEN_STATES, Approval, AuditEvent, Lease, Task
+from broker.leases.revoker import Revoker
+from broker.models import TASK_OPEN_STATES, TERMINAL_TASK_STATES, Approval, AuditEvent, Lease, Task
 from broker.policy import Usage
 
 _TASKS = cast(Table, Task.__table__)
@@ -82,15 +88,19 @@ _LEASES_OF_MANY = (
     .order_by(_LEASES.c.task_id, _LEASES.c.name)
 )
 _APPROVALS_OF = _select(_APPROVALS, "task_id = %(task_id)s", "ORDER BY created_at")
-# What `Revoker.end_task` (and a finish that releases the task token) changes.
-_TASK_ENDED = (
-    "UPDATE tasks SET state = %(state)s, finished_at = %(finished_at)s, end_reason = %(end_reason)s,"
-    " outcome = %(outcome)s, token_released_at = %(token_released_at)s WHERE id = %(id)s"
-)
-_TASK_ENDED_FIELDS = ("id", "state", "finished_at", "end_reason", "outcome", "token_released_at")
-_LEASE_FIELDS = ("state", "revoked_at", "revoke_reason", "revoke_attempts", "last_error", "next_attempt_at")
-_LEASE_SET = ", ".join(f"{name} = %({name})s" for name in _LEASE_FIELDS)
-_LEASE_ENDED = f"UPDATE leases SET {_LEASE_SET} WHERE id = %(id)s"  # noqa: S608 (fixed names)
+# What `Revoker.end_task` may change, and so what ending a task writes back: one list,
+# declared by the revoker, so a field it starts to set is saved on every path.
+_TASK_ENDED_FIELDS = ("id", *Revoker.TASK_FIELDS)
+_LEASE_ENDED_FIELDS = ("id", *Revoker.LEASE_FIELDS)
+
+
+def _update(table: Table, fields: Sequence[str]) -> str:
+    assignments = ", ".join(f"{name} = %({name})s" for name in fields if name != "id")
+    return f"UPDATE {table.name} SET {assignments} WHERE id = %(id)s"  # noqa: S608 (names from the models)
+
+
+_TASK_ENDED = _update(_TASKS, _TASK_ENDED_FIELDS)
+_LEASE_ENDED = _update(_LEASES, _LEASE_ENDED_FIELDS)
 
 
 def lock_and_count(session: Session, *, lock_key: int, workload: str, task: str) -> tuple[datetime, Usage]:
@@ -179,10 +189,111 @@ def write_back_ended(session: Session, tasks: Sequence[Task]) -> None:
     """`write_back_end` for many tasks, in one round trip."""
     with pipelined(session) as connection:
         connection.cursor().executemany(_TASK_ENDED, [_values(task, _TASK_ENDED_FIELDS) for task in tasks])
-        ended_leases = [_values(lease, ("id", *_LEASE_FIELDS)) for task in tasks for lease in task.leases]
+        ended_leases = [_values(lease, _LEASE_ENDED_FIELDS) for task in tasks for lease in task.leases]
         if ended_leases:
             connection.cursor().executemany(_LEASE_ENDED, ended_leases)
         _insert_audit(session, connection)
+
+
+# Spent task tokens one sweeper thread retires per transaction: claim, UPDATE and commit
+# are paid per batch, not per token (scheduler CPU per token, Vault call aside, ~3 ms ->
+# ~0.1 ms); small, so a slow Vault keeps few rows locked.
+RETIRE_BATCH = 20
+
+
+# -- the scheduler's claims, also planned by bench/run (EXPLAIN at 100,000 rows) -------
+
+
+def due_tasks(limit: int) -> Select[Task]:
+    """Active tasks past their deadline, oldest deadline first (ix_tasks_due)."""
+    return (
+        select(Task)
+        .where(Task.state == "active", Task.expires_at <= func.now())
+        .order_by(Task.expires_at)
+        .limit(limit)
+    )
+
+
+def due_retry() -> Select[Lease, Task]:
+    """The `revoke_pending` lease whose backoff ran out first, with its task (ix_leases_retry_due)."""
+    return (
+        select(Lease, Task)
+        .join(Task, Task.id == Lease.task_id)
+        .where(Lease.state == "revoke_pending", Lease.next_attempt_at <= func.now())
+        .order_by(Lease.next_attempt_at)
+        .limit(1)
+    )
+
+
+def spent_token(limit: int = RETIRE_BATCH) -> Select[uuid.UUID, str | None]:
+    """Ended tasks whose leases are all revoked but whose Vault token is not, oldest end
+    first (ix_tasks_token_unrevoked): just the id and accessor a retirement needs."""
+    return (
+        select(Task.id, Task.token_accessor)
+        .where(
+            Task.token_accessor.is_not(None),
+            Task.token_revoked_at.is_(None),
+            Task.token_released_at.is_(None),
+            Task.state.in_(TERMINAL_TASK_STATES),
+            ~Task.leases.any(Lease.state != "revoked"),
+        )
+        .order_by(Task.finished_at)
+        .limit(limit)
+    )
+
+
+# The ids as one array parameter: the same cached SQL whatever the batch size.
+MARK_RETIRED = (
+    _TASKS.update()
+    .where(_TASKS.c.id == any_(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))))
+    .values(token_revoked_at=bindparam("at"))
+)
+
+
+def stuck_start(grace: timedelta) -> Select[Task]:
+    """A start still `issuing` after the grace period: it crashed between Vault and its commit."""
+    return (
+        select(Task)
+        .where(Task.state == "issuing", func.coalesce(Task.claimed_at, Task.created_at) < func.now() - grace)
+        .limit(1)
+    )
+
+
+def lapse_pending_approvals(session: Session) -> Sequence[Task]:
+    """End every task whose approval window closed, in one statement."""
+    return session.scalars(
+        update(Task)
+        .where(Task.state == "pending_approval", Task.approval_expires_at <= func.now())
+        .values(state="approval_expired", finished_at=func.now(), end_reason="approval lapsed")
+        .returning(Task)
+    ).all()
+
+
+# -- attached objects, for the edits the ORM writes ----------------------------------
+
+
+def load_task(session: Session, task_id: uuid.UUID, *, lock: bool = False) -> Task | None:
+    """A task with its leases in one round trip (and its approvals only if it has any).
+
+    The hot paths (start, finish, expiry) read tasks that never needed approval; loading
+    their (empty) approvals would be a wasted query each time.
+    """
+    # Locked: the leases are read by a second statement once the lock is held. Joined into
+    # the locking statement they would be the rows as they were *before* waiting for the
+    # lock, and a finish would revoke again what an operator had just revoked.
+    leases = selectinload(Task.leases) if lock else joinedload(Task.leases)
+    query = (
+        select(Task)
+        .where(Task.id == task_id)
+        .options(leases, lazyload(Task.approvals))
+        .execution_options(populate_existing=True)
+    )
+    if lock:
+        query = query.with_for_update(of=Task)
+    task = session.scalars(query).unique().first()
+    if task is not None and task.approval_expires_at is not None:
+        task.approvals  # noqa: B018 (load while attached: rendered after the session closes)
+    return task
 
 
 # -- plumbing ----------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.stack.openbao import OpenBaoHandle, start_openbao
-from broker.stack.postgres import PostgresHandle, start_postgres
-from broker.stack.vault_setup import PostgresTarget, VaultSetup, configure_vault
+from broker.dev.stack.openbao import OpenBaoHandle, start_openbao
+from broker.dev.stack.postgres import PostgresHandle, start_postgres
+from broker.dev.stack.vault_setup import PostgresTarget, VaultSetup, configure_vault
 
 BROKER_DB = "broker"
 TARGET_DB = "analytics"

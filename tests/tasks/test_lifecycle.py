@@ -170,7 +170,7 @@ def test_a_token_from_an_approver_issuer_cannot_start_tasks(client, issuers):
 def test_vault_down_is_503_and_nothing_is_issued(stack, issuers, policy_file, clean_db):
     from broker.app import create_app
     from broker.config import settings_from_mapping
-    from broker.stack.postgres import free_port
+    from broker.dev.stack.postgres import free_port
     from tests.conftest import broker_config
 
     config = broker_config(stack, issuers, policy_file)
@@ -185,8 +185,8 @@ def test_vault_down_is_503_and_nothing_is_issued(stack, issuers, policy_file, cl
 def test_database_down_is_503_and_nothing_is_issued(stack, issuers, policy_file, workdir):
     from broker.app import create_app
     from broker.config import settings_from_mapping
+    from broker.dev.stack.postgres import start_postgres
     from broker.migrate import upgrade_to_head
-    from broker.stack.postgres import start_postgres
     from tests.conftest import broker_config
 
     own = start_postgres(workdir / "db-down-pg")

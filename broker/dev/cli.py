@@ -18,12 +18,12 @@ import click
 import requests
 import yaml
 
-DEMO_POLICY = Path(__file__).parent / "devdata" / "policy.yaml"
+DEMO_POLICY = Path(__file__).parent / "data" / "policy.yaml"
 AGENT = "spiffe://example.org/agents/reporter"
 
 
 def _issuers(directory: Path) -> tuple[Any, Any]:
-    from broker.devkeys import DemoIssuer
+    from broker.dev.keys import DemoIssuer
 
     return DemoIssuer.create(directory, "demo-spire"), DemoIssuer.create(directory, "demo-sso")
 
@@ -67,7 +67,7 @@ def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 60) 
 
 
 def _example(url: str, env_file: Path, port: int, keep: bool) -> str:
-    template = (Path(__file__).parent / "devdata" / "example.txt").read_text()
+    template = (Path(__file__).parent / "data" / "example.txt").read_text()
     cleanup = "" if keep else f" and deletes {env_file.parent}"
     broker = Path(sys.executable).parent / "broker"
     return template.format(url=url, env_file=env_file, port=port, cleanup=cleanup, broker=broker)
@@ -125,8 +125,8 @@ def dev(port: int, directory: Path | None, smoke: bool) -> None:
       broker dev                 # leave it running, paste the printed commands elsewhere
       broker dev --smoke         # run the example once and exit (what CI checks)
     """
-    from broker.stack import start_stack
-    from broker.stack.postgres import free_port
+    from broker.dev.stack import start_stack
+    from broker.dev.stack.postgres import free_port
 
     workdir = directory or Path(tempfile.mkdtemp(prefix="broker-dev-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from broker.approvals.notify import sign
 from broker.config import settings_from_mapping
-from broker.notify import sign
 from tests.conftest import broker_config
 from tests.factories import AGENT, start_body
 

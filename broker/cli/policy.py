@@ -15,14 +15,13 @@ from typing import Any, NoReturn
 
 import click
 
+from broker.errors import TtlExceedsMax, UnknownTask
 from broker.identity.types import Identity
 from broker.policy.engine import (
     CompiledTask,
     Decision,
     Policy,
     TaskRequest,
-    TtlExceedsMax,
-    UnknownTask,
     Usage,
     when_rule_name,
 )
@@ -58,7 +57,7 @@ Exit codes:
 \b
 Examples:
   broker policy check /etc/broker/policy.yaml
-  broker policy check broker/devdata/policy.yaml && kill -HUP "$(pidof broker)"
+  broker policy check broker/dev/data/policy.yaml && kill -HUP "$(pidof broker)"
 """
 
 

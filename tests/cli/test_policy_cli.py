@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from broker.policy.cli import policy
+from broker.cli.policy import policy
 
-DEVDATA = Path(__file__).resolve().parents[2] / "broker" / "devdata" / "policy.yaml"
+DEVDATA = Path(__file__).resolve().parents[2] / "broker" / "dev" / "data" / "policy.yaml"
 AGENT_CLAIMS = {"sub": "spiffe://example.org/agents/reporter", "exp": 4102444800}
 CI_CLAIMS = {"sub": "repo:acme/app:ref:refs/heads/main", "ref": "refs/heads/main"}
 

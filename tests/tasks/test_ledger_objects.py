@@ -9,7 +9,7 @@ FIRST_USE = """
 import uuid
 from sqlalchemy.orm.attributes import set_committed_value
 from broker.models import Lease, Task
-from broker.tasks.ledger import _row_object
+from broker.ledger import _row_object
 
 task = _row_object(Task, {"id": uuid.uuid4(), "state": "active", "owner": "alice@example.com"})
 set_committed_value(task, "leases", [_row_object(Lease, {"id": uuid.uuid4(), "state": "active"})])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 from click.testing import CliRunner
 
-from broker.cli import main
+from broker.cli.main import main
 from tests.conftest import DEMO_POLICY
 
 

@@ -15,9 +15,10 @@ from broker.clock import Clock
 from broker.db import unit_of_work
 from broker.errors import NotFound
 from broker.identity import Identity
-from broker.leases.paging import Page, clamp_limit, encode_cursor, page
-from broker.leases.revoker import TERMINAL_TASK_STATES, Revoker
-from broker.models import TASK_OPEN_STATES, AuditEvent, Lease, Task, load_task
+from broker.leases.revoker import Revoker
+from broker.ledger import load_task
+from broker.models import TASK_OPEN_STATES, TERMINAL_TASK_STATES, AuditEvent, Lease, Task
+from broker.paging import Page, clamp_limit, encode_cursor, page
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ class OperatorService:
                 "operator.kill_switch",
                 operator.id,
                 # One event for many tasks: attributed to the owner it targets, if it names
-                # one, and to the operator's stated reason as its purpose (SPEC §6.8).
+                # one, and to the operator's stated reason as its purpose (docs/contract.md §6.8).
                 owner=owner,
                 purpose=reason,
                 detail={

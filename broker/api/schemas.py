@@ -1,0 +1,223 @@
+"""Request shapes of every endpoint: tasks, approvals, operators (pydantic v2, unknown fields refused)."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from broker.errors import ValidationFailed
+from broker.models import LEASE_STATES, TASK_STATES
+from broker.operator.service import Filters
+from broker.policy import TaskRequest
+
+# NUL can't be stored by Postgres and bidi/control characters hide what an approver reads.
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+MAX_CONTEXT_DEPTH = 8
+
+
+def printable(value: str) -> str:
+    if _UNPRINTABLE.search(value):
+        raise ValueError("must not contain control or bidirectional-override characters")
+    return value
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Purpose = Annotated[str, StringConstraints(min_length=8, max_length=500, strip_whitespace=False)]
+Owner = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class StartTask(_Body):
+    task: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    owner: Owner
+    purpose: Purpose
+    ttl_seconds: Annotated[int, Field(gt=0)] | None = None
+    context: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("task", "owner", "purpose")
+    @classmethod
+    def _no_control(cls, value: str) -> str:
+        return printable(value)
+
+    @field_validator("owner", "purpose")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("context")
+    @classmethod
+    def _shallow(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if _depth(value) > MAX_CONTEXT_DEPTH:
+            raise ValueError(f"must nest at most {MAX_CONTEXT_DEPTH} levels")
+        return value
+
+    def check_context_size(self, limit: int) -> None:
+        """`limits.max_context_bytes`: the context is stored and shown to approvers."""
+        if len(json.dumps(self.context, separators=(",", ":"))) > limit:
+            raise ValidationFailed(f"'context': must be at most {limit} bytes of JSON")
+
+    def request(self) -> TaskRequest:
+        return TaskRequest(
+            task=self.task,
+            owner=self.owner,
+            purpose=self.purpose,
+            ttl_seconds=self.ttl_seconds,
+            context=self.context,
+        )
+
+
+class TaskRef(_Body):
+    task_id: uuid.UUID
+
+    @field_validator("task_id", mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return uuid.UUID(value)
+        return value
+
+
+class FinishTask(TaskRef):
+    outcome: Literal["succeeded", "failed", "cancelled"] = "succeeded"
+
+
+class Decide(_Body):
+    decision: Literal["approve", "deny"]
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+    @field_validator("reason")
+    @classmethod
+    def _no_control(cls, value: str) -> str:
+        return printable(value)
+
+
+# Approvers
+
+
+class PendingQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state: Literal["pending"] = "pending"
+    limit: Annotated[int, Field(ge=1)] | None = None
+    cursor: str | None = None
+
+
+# Operators
+
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state: str | None = None
+    owner: str | None = None
+    workload: str | None = None
+    task: str | None = None
+    task_id: uuid.UUID | None = None
+    limit: Annotated[int, Field(ge=1)] | None = None
+    cursor: str | None = None
+
+    def filters(self) -> Filters:
+        return Filters(self.state, self.owner, self.workload, self.task, self.task_id)
+
+
+def _one_of(value: str | None, states: tuple[str, ...]) -> str | None:
+    if value is not None and value not in states:
+        raise ValueError(f"must be one of {', '.join(states)}")
+    return value
+
+
+class LeaseQuery(ListQuery):
+    @field_validator("state")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        return _one_of(value, LEASE_STATES)
+
+
+class TaskQuery(ListQuery):
+    @field_validator("state")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        return _one_of(value, TASK_STATES)
+
+
+class AuditQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task_id: uuid.UUID | None = None
+    task: str | None = None
+    state: str | None = None
+    owner: str | None = None
+    workload: str | None = None
+    since: datetime | None = None
+    event: str | None = None
+    limit: Annotated[int, Field(ge=1)] | None = None
+    cursor: str | None = None
+
+    @field_validator("state")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        return _one_of(value, TASK_STATES)
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        # Not pydantic's lax parsing, which takes a bare number as a Unix time and a time
+        # without an offset as naive: the API speaks RFC 3339, and a guess shifts the window.
+        if not isinstance(value, str):
+            return value
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                "must be an RFC 3339 time such as 2026-12-02T15:00:00Z (write + as %2B)"
+            ) from None
+        if parsed.tzinfo is None:
+            raise ValueError("must carry its offset, Z or +hh:mm (write + as %2B)")
+        return parsed
+
+    def filters(self) -> Filters:
+        """`task` and `state` select events of tasks of that type or in that state."""
+        return Filters(self.state, self.owner, self.workload, self.task, self.task_id)
+
+
+class RevokeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    reason: Reason
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        return printable(value)
+
+
+class KillSwitchBody(RevokeBody):
+    workload: Annotated[str, StringConstraints(min_length=1)] | None = None
+    owner: Annotated[str, StringConstraints(min_length=1)] | None = None
+    task: Annotated[str, StringConstraints(min_length=1)] | None = None
+
+    @field_validator("workload", "owner", "task")
+    @classmethod
+    def _printable_filter(cls, value: str | None) -> str | None:
+        return None if value is None else printable(value)
+
+    @model_validator(mode="after")
+    def _scoped(self) -> KillSwitchBody:
+        if self.workload is None and self.owner is None and self.task is None:
+            raise ValueError("name at least one of 'workload', 'owner' or 'task'")
+        return self

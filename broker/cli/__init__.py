@@ -1,0 +1,1 @@
+"""The `broker` command line: server, scheduler, migrations, operators, approvers, policy, dev."""

@@ -1,0 +1,1 @@
+"""Development only: `broker dev`, its demo keys and the throwaway stack tests use too."""

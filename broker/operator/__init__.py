@@ -1,0 +1,1 @@
+"""Operators: the lease and task inventory, one-lease revocation and the kill switch."""

@@ -1,0 +1,281 @@
+"""Issuing a task's credentials, all or nothing: shared by a start and by the claim of an
+approved task.
+
+The order is the broker's central promise (docs/security.md, "All or nothing" and
+"Record before release"):
+  1. the task is recorded (`issuing`) with its own Vault token's accessor, in the
+     caller's transaction, before anything is issued with that token;
+  2. every credential is issued with that token; if one fails, the ones issued are
+     revoked (and the token with them) before the error is returned;
+  3. the leases are committed, and only then are the secrets handed out.
+A crash anywhere after 1 leaves an accessor the reconciler revokes, and with the token
+Vault revokes every lease it issued, recorded or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
+
+from broker import metrics
+from broker.audit import record
+from broker.clock import Clock, rfc3339
+from broker.credentials import CredentialSpec
+from broker.db import DatabaseUnavailable, unit_of_work
+from broker.errors import Conflict, IssuanceFailed
+from broker.identity import Identity
+from broker.ledger import activate_with_leases, load_task
+from broker.models import TERMINAL_TASK_STATES, Lease, Task
+from broker.policy import CompiledTask, TaskRequest
+from broker.vault import IssuedSecret, TaskToken, VaultError, VaultGateway, VaultUnavailable
+from broker.vault.pool import TaskTokenPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IssuedCredential:
+    name: str
+    kind: str
+    data: Mapping[str, Any]
+    expires_at: datetime
+
+
+def deadline(now: datetime, ttl_seconds: int) -> datetime:
+    """When a task that becomes active at `now` expires."""
+    return now + timedelta(seconds=ttl_seconds)
+
+
+def earliest(secret_expires_at: datetime, task_expires_at: datetime | None) -> datetime:
+    """A credential is good until the earlier of its secret's and its task's expiry."""
+    return min(secret_expires_at, task_expires_at) if task_expires_at else secret_expires_at
+
+
+class Issuer:
+    """Creates task tokens and issues credentials with them; see the module docstring."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        vault: VaultGateway,
+        clock: Clock,
+        tokens: TaskTokenPool,
+    ) -> None:
+        self._sessions = sessions
+        self._vault = vault
+        self._clock = clock
+        self._tokens = tokens
+
+    def issue(
+        self, task: Task, token: TaskToken, workload: str, compiled: CompiledTask, *, actor: str
+    ) -> tuple[Task, dict[str, IssuedCredential]]:
+        specs = compiled.credentials
+        issued: dict[str, IssuedSecret] = {}
+        try:
+            for name, spec in specs.items():
+                issued[name] = self._vault.issue(
+                    token, spec, ttl_seconds=task.ttl_seconds, task_id=str(task.id), workload=workload
+                )
+        except VaultError as error:
+            self._abandon(task, token.accessor, issued, error, actor)
+            if isinstance(error, VaultUnavailable):
+                raise
+            raise IssuanceFailed("Vault refused one of the task's credentials; nothing was issued") from None
+        active = self._commit_leases(task, specs, issued, token, actor)
+        assert active.expires_at is not None
+        self._tokens.lend(
+            active.id,
+            token,
+            task=compiled.name,
+            specs=specs,
+            ttl_max=compiled.ttl_max,
+            until=active.expires_at,
+        )
+        return active, {
+            name: IssuedCredential(
+                name=name,
+                kind=specs[name].kind,
+                data=secret.data,
+                expires_at=earliest(secret.expires_at, task.expires_at),
+            )
+            for name, secret in issued.items()
+        }
+
+    def take_token(
+        self, identity: Identity, request: TaskRequest, compiled: CompiledTask, ttl: int
+    ) -> TaskToken:
+        ready = self._tokens.take_ready(
+            task=compiled.name, specs=compiled.credentials, ttl_max=compiled.ttl_max, ttl_needed=ttl
+        )
+        if ready is not None:
+            return ready
+        # Nothing ready: Vault will be asked. Make sure the ledger answers first, so that a
+        # start without its database never reaches Vault at all (docs/security.md, "Fail closed").
+        self._ping_database()
+        try:
+            return self.token_for(compiled, ttl)
+        except (VaultUnavailable, IssuanceFailed) as error:
+            reason = error.detail if isinstance(error, IssuanceFailed) else str(error)
+            self._record_start_failure(identity, request, f"task token: {reason}")
+            raise
+
+    def _ping_database(self) -> None:
+        with self._uow() as session:
+            session.execute(text("SELECT 1"))
+
+    def token_for(self, compiled: CompiledTask, ttl: int) -> TaskToken:
+        try:
+            return self._tokens.take(
+                task=compiled.name, specs=compiled.credentials, ttl_max=compiled.ttl_max, ttl_needed=ttl
+            )
+        except VaultError as error:
+            # Refused to create a task token means our own token is gone or misconfigured:
+            # to the caller that is the same as Vault being unavailable.
+            if isinstance(error, VaultUnavailable):
+                raise
+            if error.status == 403:
+                raise VaultUnavailable("create task token", "the broker's own token was refused") from None
+            raise IssuanceFailed("Vault refused to create the task's token") from None
+
+    def _record_start_failure(self, identity: Identity, request: TaskRequest, reason: str) -> None:
+        try:
+            with self._uow() as session:
+                record(
+                    session, self._clock, "task.start_failed", identity.id, owner=request.owner,
+                    purpose=request.purpose, detail={"task": request.task, "reason": reason[:500]},
+                )  # fmt: skip
+        except DatabaseUnavailable:
+            log.warning("could not record a failed start of %s", request.task)
+
+    @contextmanager
+    def compensating(self, tokens: list[TaskToken]) -> Iterator[None]:
+        """If the transaction that records a token's accessor fails, revoke the token."""
+        try:
+            yield
+        except BaseException:
+            for token in tokens:
+                self._revoke_quietly(token.accessor, {})
+            raise
+
+    def _commit_leases(
+        self,
+        task: Task,
+        specs: Mapping[str, CredentialSpec],
+        issued: Mapping[str, IssuedSecret],
+        token: TaskToken,
+        actor: str,
+    ) -> Task:
+        try:
+            with self._uow() as session:
+                now = self._clock.now()
+                leases = [
+                    _lease_row(task, name, specs[name].kind, secret, now) for name, secret in issued.items()
+                ]
+                for lease, secret in zip(leases, issued.values(), strict=True):
+                    record(
+                        session,
+                        self._clock,
+                        "lease.issued",
+                        actor,
+                        lease=lease,
+                        detail={
+                            "name": lease.name,
+                            "kind": lease.kind,
+                            "vault_lease_id": secret.vault_lease_id,
+                        },
+                    )
+                    metrics.LEASES_ISSUED.labels(lease.kind).inc()
+                record(
+                    session,
+                    self._clock,
+                    "task.started",
+                    actor,
+                    task=task,
+                    detail={"credentials": sorted(issued), "expires_at": rfc3339(task.expires_at)},
+                )
+                # No load and lock of the task: the move to active is guarded by its state,
+                # so if a finish or the kill switch ended it meanwhile, nothing is written.
+                if not activate_with_leases(session, task.id, leases):
+                    raise Conflict("the task ended while its credentials were being issued")
+                task.state = "active"
+            # The task object is detached now; give it its leases without a load.
+            set_committed_value(task, "leases", sorted(leases, key=lambda lease: lease.name))
+            return task
+        except (DatabaseUnavailable, Conflict):
+            # Record before release: without committed leases, nothing leaves the broker.
+            self._revoke_quietly(token.accessor, issued)
+            raise
+        except Exception:
+            self._revoke_quietly(token.accessor, issued)
+            raise
+
+    def _abandon(
+        self, task: Task, accessor: str, issued: Mapping[str, IssuedSecret], error: VaultError, actor: str
+    ) -> None:
+        """All or nothing (docs/contract.md §6.1): revoke what was issued before the error is returned."""
+        leftovers = self._revoke_quietly(accessor, issued)
+        self._mark_failed(task, f"issuing failed: {error}", actor, token_revoked=not leftovers)
+
+    def _revoke_quietly(self, accessor: str, issued: Mapping[str, IssuedSecret]) -> list[str]:
+        """Best effort; what stays alive is left to the reconciler (the accessor is on record)."""
+        failed = []
+        for name, secret in issued.items():
+            try:
+                self._vault.revoke(secret.handle)
+            except VaultError:
+                failed.append(name)
+        try:
+            self._vault.revoke_task_token(accessor)
+        except VaultError:
+            failed.append("(task token)")
+        if failed:
+            log.warning("compensating revoke incomplete: %s", ", ".join(failed))
+        return failed
+
+    def _mark_failed(self, task: Task, reason: str, actor: str, *, token_revoked: bool = False) -> None:
+        try:
+            with self._uow() as session:
+                row = load_task(session, task.id, lock=True)
+                if row is None or row.state in TERMINAL_TASK_STATES:
+                    return
+                now = self._clock.now()
+                row.state, row.finished_at, row.end_reason = "failed", now, reason[:500]
+                if token_revoked and row.token_accessor:
+                    row.token_revoked_at = now
+                record(session, self._clock, "task.failed", actor, task=row, detail={"reason": reason[:500]})
+            task.state = "failed"
+        except DatabaseUnavailable:
+            log.warning("could not record failure of task %s; the reconciler will", task.id)
+        metrics.TASKS_FINISHED.labels("failed").inc()
+
+    def _uow(self) -> AbstractContextManager[Session]:
+        return unit_of_work(self._sessions)
+
+
+def _lease_row(task: Task, name: str, kind: str, secret: IssuedSecret, now: datetime) -> Lease:
+    return Lease(
+        id=uuid.uuid4(),
+        task_id=task.id,
+        task=task.task,
+        name=name,
+        kind=kind,
+        workload=task.workload,
+        owner=task.owner,
+        purpose=task.purpose,
+        state="active",
+        issued_at=now,
+        expires_at=earliest(secret.expires_at, task.expires_at),
+        revoke_attempts=0,
+        revoke_kind=secret.handle.kind,
+        revoke_ref=secret.handle.ref,
+        vault_lease_id=secret.vault_lease_id,
+    )
