@@ -183,8 +183,25 @@ class NotifySettings(_Strict):
             raise ValueError("must be https:// (plain http only on a loopback address)")
         return value
 
+    # Name of the environment variable holding the HMAC key that signs `webhook` bodies.
     secret_env: str | None = None
     timeout_seconds: float = Field(default=3.0, gt=0, le=30)
+    # The receiver's message shape: the broker's own signed JSON event, a Slack incoming
+    # webhook, or a Microsoft Teams (Workflows) webhook taking an Adaptive Card.
+    format: Literal["webhook", "slack", "teams"] = "webhook"
+    # Where people reach the broker (its console): messages link to the approval page.
+    console_url: str | None = None
+    # Deliveries that got no answer, 429 or 5xx are retried this often, backing off from
+    # `retry_base_seconds` (doubling, at most 30 s); a start never waits for any of it.
+    retries: int = Field(default=3, ge=0, le=10)
+    retry_base_seconds: float = Field(default=1.0, gt=0, le=30)
+
+    @field_validator("console_url")
+    @classmethod
+    def _console_https(cls, value: str | None) -> str | None:
+        if value is not None and not _trusted_url(value):
+            raise ValueError("must be https:// (plain http only on a loopback address)")
+        return value
 
 
 class AuditSettings(_Strict):

@@ -1,9 +1,14 @@
-"""Webhook notifications (config `notify`): approvers learn that a task waits for them.
+"""Approval notifications (config `notify`): approvers learn that a task waits for them.
 
-Sent from a background thread with a bounded queue, so a slow or dead webhook never
-slows a request; a full queue drops (and logs) rather than blocking. Each body is signed
-with HMAC-SHA256 over the raw bytes when a secret is configured, so the receiver can
-check that the broker sent it. Bodies carry who/what/why, never a secret value.
+Three shapes, the ones people wire up: the broker's own JSON event signed with
+HMAC-SHA256 (`format: webhook`), a Slack incoming webhook message (`slack`) and a
+Microsoft Teams Adaptive Card message (`teams`). Each carries the full request (task,
+workload, owner, purpose, context, what would be issued) and a link to the console's
+approval page; never a secret value, which the broker does not have before approval.
+
+Sent from a background thread with a bounded queue, so a slow or dead receiver never
+slows a request; a full queue drops (and logs) rather than blocking. A failed delivery
+(no answer, 429 or 5xx) is retried with exponential backoff; a start never waits for it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import requests
@@ -24,14 +30,133 @@ from broker.config import NotifySettings
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Broker-Signature"
+_RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def sign(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
+def approval_url(settings: NotifySettings, task_id: str) -> str | None:
+    if settings.console_url is None:
+        return None
+    return f"{settings.console_url.rstrip('/')}/console/approvals/{task_id}"
+
+
+def webhook_body(event: str, payload: Mapping[str, Any], link: str | None) -> dict[str, Any]:
+    body = {"event": event, **payload}
+    if link is not None:
+        body["approval_url"] = link
+    return body
+
+
+_HEADLINES = {
+    "approval.requested": "Approval needed",
+    "approval.granted": "Approved",
+    "approval.denied": "Denied",
+}
+
+
+def _facts(payload: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The request as label/value pairs, in the order an approver reads them."""
+    facts = [
+        ("Task", payload.get("task")),
+        ("Owner", payload.get("owner")),
+        ("Purpose", payload.get("purpose")),
+        ("Workload", payload.get("workload")),
+        ("TTL", f"{payload['ttl_seconds']} s" if payload.get("ttl_seconds") else None),
+        ("Context", json.dumps(payload["context"], sort_keys=True) if payload.get("context") else None),
+        ("Would issue", _issued(payload.get("credentials"))),
+        ("Approvers", ", ".join(payload.get("approver_groups") or []) or None),
+        ("Decided by", payload.get("approver")),
+        ("Reason", payload.get("reason")),
+        ("Approval lapses", payload.get("approval_expires_at")),
+        ("Task id", payload.get("task_id")),
+    ]
+    return [(label, str(value)) for label, value in facts if value]
+
+
+def _issued(credentials: Any) -> str | None:
+    if not credentials:
+        return None
+    return ", ".join(f"{item['name']} ({item['kind']})" for item in credentials)
+
+
+def _slack_escape(text: str) -> str:
+    # Slack's own rule for message text: without it a purpose of `<!channel>` pings a whole
+    # channel, and `<https://evil|approve>` renders as a disguised link.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_body(event: str, payload: Mapping[str, Any], link: str | None) -> dict[str, Any]:
+    headline = f"{_HEADLINES.get(event, event)}: {payload.get('task', '')}"
+    lines = "\n".join(f"*{label}:* {_slack_escape(value)}" for label, value in _facts(payload))
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": headline[:150]}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": lines[:3000]}},
+    ]
+    if link is not None and event == "approval.requested":
+        blocks.append(
+            {
+                "type": "actions",
+                "elements": [
+                    {"type": "button", "text": {"type": "plain_text", "text": "Review"}, "url": link}
+                ],
+            }
+        )
+    return {"text": _slack_escape(headline), "blocks": blocks}
+
+
+def _teams_escape(text: str) -> str:
+    # Adaptive Card text is a Markdown subset: keep workload text from becoming a link or
+    # formatting that changes what an approver reads.
+    return "".join("\\" + char if char in "\\[]()*_`#>~" else char for char in text)
+
+
+def teams_body(event: str, payload: Mapping[str, Any], link: str | None) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+        "type": "AdaptiveCard",
+        "version": "1.4",
+        "body": [
+            {
+                "type": "TextBlock",
+                "size": "Medium",
+                "weight": "Bolder",
+                "wrap": True,
+                "text": _teams_escape(f"{_HEADLINES.get(event, event)}: {payload.get('task', '')}"),
+            },
+            {
+                "type": "FactSet",
+                "facts": [
+                    {"title": label, "value": _teams_escape(value)} for label, value in _facts(payload)
+                ],
+            },
+        ],
+    }
+    if link is not None and event == "approval.requested":
+        card["actions"] = [{"type": "Action.OpenUrl", "title": "Review", "url": link}]
+    return {
+        "type": "message",
+        "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "content": card}],
+    }
+
+
+_SHAPES: dict[str, Callable[[str, Mapping[str, Any], str | None], dict[str, Any]]] = {
+    "webhook": webhook_body,
+    "slack": slack_body,
+    "teams": teams_body,
+}
+
+
 class Notifier:
-    def __init__(self, settings: NotifySettings | None, *, capacity: int = 1000) -> None:
+    def __init__(
+        self,
+        settings: NotifySettings | None,
+        *,
+        capacity: int = 1000,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._settings = settings
         self._secret = (
             os.environ.get(settings.secret_env, "").encode() if settings and settings.secret_env else b""
@@ -39,11 +164,14 @@ class Notifier:
         self._queue: queue.Queue[bytes] = queue.Queue(maxsize=capacity)
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._sleep = sleep
 
     def send(self, event: str, payload: Mapping[str, Any]) -> None:
         if self._settings is None:
             return
-        body = json.dumps({"event": event, **payload}, default=str, sort_keys=True).encode()
+        link = approval_url(self._settings, str(payload.get("task_id", "")))
+        shape = _SHAPES[self._settings.format]
+        body = json.dumps(shape(event, payload, link), default=str, sort_keys=True).encode()
         try:
             self._queue.put_nowait(body)
         except queue.Full:
@@ -58,27 +186,40 @@ class Notifier:
                 self._worker.start()
 
     def _run(self) -> None:
-        assert self._settings is not None
         session = requests.Session()
         while True:
             body = self._queue.get()
-            headers = {"Content-Type": "application/json"}
-            if self._secret:
-                headers[SIGNATURE_HEADER] = sign(self._secret, body)
             try:
-                response = session.post(
-                    self._settings.webhook_url,
-                    data=body,
-                    headers=headers,
-                    timeout=self._settings.timeout_seconds,
-                    allow_redirects=False,
-                )
-                if response.status_code >= 300:
-                    log.warning("webhook answered HTTP %s", response.status_code)
-            except requests.RequestException as error:
-                log.warning("webhook failed: %s", type(error).__name__)
+                self._deliver(session, body)
             finally:
                 self._queue.task_done()
+
+    def _deliver(self, session: requests.Session, body: bytes) -> None:
+        settings = self._settings
+        assert settings is not None
+        headers = {"Content-Type": "application/json"}
+        if self._secret:
+            headers[SIGNATURE_HEADER] = sign(self._secret, body)
+        for attempt in range(settings.retries + 1):
+            if attempt:
+                self._sleep(min(30.0, settings.retry_base_seconds * 2 ** (attempt - 1)))
+            try:
+                response = session.post(
+                    settings.webhook_url,
+                    data=body,
+                    headers=headers,
+                    timeout=settings.timeout_seconds,
+                    allow_redirects=False,
+                )
+            except requests.RequestException as error:
+                log.warning("notification failed (attempt %d): %s", attempt + 1, type(error).__name__)
+                continue
+            if response.status_code < 300:
+                return
+            log.warning("notification answered HTTP %s (attempt %d)", response.status_code, attempt + 1)
+            if response.status_code not in _RETRYABLE:
+                return
+        log.error("notification given up after %d attempts", settings.retries + 1)
 
     def drain(self, timeout: float = 5.0) -> None:
         """Wait until queued notifications were sent (tests, shutdown)."""

@@ -104,7 +104,7 @@ class TaskService:
             raise _denial(decision)
         if task.state == "pending_approval":
             metrics.TASKS_STARTED.labels(request.task, "pending_approval").inc()
-            self._notifier.send("approval.requested", _approval_summary(task))
+            self._notifier.send("approval.requested", _approval_summary(task, compiled))
             return StartResult(task=task, credentials=None)
         assert token is not None
         active, credentials = self._issuer.issue(task, token, identity.id, compiled, actor=identity.id)
@@ -283,7 +283,9 @@ def _mine(task: Task | None, identity: Identity) -> Task:
     return task
 
 
-def _approval_summary(task: Task) -> dict[str, Any]:
+def _approval_summary(task: Task, compiled: CompiledTask) -> dict[str, Any]:
+    """The whole request an approver decides on, and what it would issue (names and kinds)."""
+    approval = compiled.approval
     return {
         "task_id": str(task.id),
         "task": task.task,
@@ -293,6 +295,9 @@ def _approval_summary(task: Task) -> dict[str, Any]:
         "context": task.context,
         "ttl_seconds": task.ttl_seconds,
         "approval_expires_at": rfc3339(task.approval_expires_at),
+        "credentials": [{"name": name, "kind": spec.kind} for name, spec in compiled.credentials.items()],
+        "approver_groups": sorted(approval.groups) if approval else [],
+        "min_approvals": approval.min_approvals if approval else 1,
     }
 
 
