@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from broker.cli.approvals import approvals
 from broker.cli.ops import leases, tasks
 from broker.cli.policy import policy
 from broker.config import ConfigError, Settings, load_settings
@@ -231,5 +232,5 @@ def _connection_failure(error: Exception) -> str:
     return lines[0] if lines else type(driver_error).__name__
 
 
-for command in (policy, dev, leases, tasks):
+for command in (policy, dev, leases, tasks, approvals):
     main.add_command(command)

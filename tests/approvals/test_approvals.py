@@ -1,4 +1,4 @@
-"""High-risk tasks: a different identity approves, narrowly and once (SPEC §6.5)."""
+"""High-risk tasks: a different identity approves, narrowly and once (docs/contract.md §6.5)."""
 
 from __future__ import annotations
 

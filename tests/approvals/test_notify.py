@@ -75,7 +75,7 @@ def _start_with_notify(stack, issuers, policy_file, url, **notify):
 
 def test_slack_gets_the_full_request_a_review_link_and_escaped_text(stack, issuers, policy_file, clean_db, webhook):
     url, received = webhook
-    answer, task_id, hostile = _start_with_notify(
+    answer, task_id, _ = _start_with_notify(
         stack, issuers, policy_file, url, format="slack", console_url="https://broker.example.com"
     )
     assert answer.status_code == 202
@@ -94,7 +94,7 @@ def test_slack_gets_the_full_request_a_review_link_and_escaped_text(stack, issue
 
 def test_teams_gets_an_adaptive_card_with_the_request_and_a_review_action(stack, issuers, policy_file, clean_db, webhook):
     url, received = webhook
-    _, task_id, hostile = _start_with_notify(
+    _, task_id, _ = _start_with_notify(
         stack, issuers, policy_file, url, format="teams", console_url="https://broker.example.com/"
     )
     [(_, raw)] = received
@@ -148,8 +148,8 @@ def test_a_failing_receiver_is_retried_with_backoff_and_never_blocks_a_start(sta
 
 def test_a_dead_receiver_does_not_fail_the_start(stack, issuers, policy_file, clean_db):
     from broker.app import create_app
-    from broker.services import build_services
     from broker.dev.stack.postgres import free_port
+    from broker.services import build_services
 
     config = broker_config(
         stack, issuers, policy_file,

@@ -42,7 +42,7 @@ def test_scheduler_refuses_a_bad_policy_file(tmp_path):
 def test_help_teaches_with_examples():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("serve", "scheduler", "migrate", "dev", "policy", "audit", "leases", "tasks"):
+    for command in ("serve", "scheduler", "migrate", "dev", "policy", "audit", "leases", "tasks", "approvals"):
         assert command in result.output
     assert "broker policy check" in result.output
 

@@ -1,4 +1,4 @@
-"""The kill switch pulled while a start is committing its leases (SPEC §5 kill switch, §6.2-6.3).
+"""The kill switch pulled while a start is committing its leases (docs/contract.md §5 kill switch, §6.2-6.3).
 
 Whatever the interleaving, a task the kill switch ends must not keep a live credential:
 either the start loses (409, everything it issued is revoked) or it wins and the kill

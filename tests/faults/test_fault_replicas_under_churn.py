@@ -1,4 +1,4 @@
-"""Two replicas and two schedulers against one database, under churn (SPEC §2, §6.3-6.4).
+"""Two replicas and two schedulers against one database, under churn (docs/contract.md §2, §6.3-6.4).
 
 Replica A runs `broker serve` with its own scheduler, replica B `broker serve
 --no-scheduler`, and a standalone `broker scheduler` runs beside them: two sweepers

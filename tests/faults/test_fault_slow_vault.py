@@ -165,7 +165,7 @@ def test_slow_vault_does_not_starve_reads_across_workers(
 def test_concurrent_starts_of_one_workload_against_a_slow_vault_say_vault_unavailable(
     issuers, vault_proxy, fault_config, in_process, ledger
 ):
-    """SPEC §6.9: without Vault nothing is issued, and the answer says why. Three starts of
+    """docs/contract.md §6.9: without Vault nothing is issued, and the answer says why. Three starts of
     one workload at once while Vault hangs: each must say `vault_unavailable`."""
     timeout = 8.0  # longer than the database's lock_timeout (5 s)
     _, client = in_process(fault_config(vault_addr=vault_proxy.addr, timeout=timeout))

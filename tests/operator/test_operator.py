@@ -1,4 +1,4 @@
-"""The operator API: inventory, revocation, kill switch, audit (SPEC §5, §6.8)."""
+"""The operator API: inventory, revocation, kill switch, audit (docs/contract.md §5, §6.8)."""
 
 from __future__ import annotations
 

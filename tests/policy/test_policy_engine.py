@@ -550,7 +550,7 @@ def test_same_inputs_same_decision() -> None:
     assert decide(policy) == decide(policy)
 
 
-# The policy example of the product contract (SPEC §4), verbatim.
+# The policy example of the product contract (docs/contract.md §4), verbatim.
 SPEC_EXAMPLE = """
 tasks:
   analytics-read:

@@ -1,4 +1,4 @@
-"""The task lifecycle against the real OpenBao and Postgres (SPEC §5, §6.1-6.3, §6.6-6.7)."""
+"""The task lifecycle against the real OpenBao and Postgres (docs/contract.md §5, §6.1-6.3, §6.6-6.7)."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def test_credentials_log_in_until_revoked_and_fail_right_after(gateway, start_ta
 def test_a_database_lease_gets_the_tasks_ttl_not_the_roles_default(
     gateway, start_task, pg, root, task_ttl, token_ttl
 ):
-    """The role's default is 300 s; Vault's own TTL must follow the task (SPEC §6.4)."""
+    """The role's default is 300 s; Vault's own TTL must follow the task (docs/contract.md §6.4)."""
     from datetime import UTC, datetime, timedelta
 
     task = start_task({"db": RO}, ttl=token_ttl)
