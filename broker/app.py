@@ -40,11 +40,15 @@ def _time_requests(app: Flask) -> None:
 
     from flask import Response, g, request
 
-    from broker import metrics
+    from broker import logs, metrics
+
+    access = logging.getLogger("broker.access")
 
     @app.before_request
     def _started() -> None:
         g.started = perf_counter()
+        g.request_id = logs.request_id_from(request.headers.get(logs.REQUEST_ID_HEADER))
+        logs.begin_request(request_id=g.request_id, method=request.method)
 
     @app.after_request
     def _observed(response: Response) -> Response:
@@ -52,7 +56,16 @@ def _time_requests(app: Flask) -> None:
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
         elapsed = perf_counter() - g.get("started", perf_counter())
         metrics.REQUEST_LATENCY.labels(endpoint, str(response.status_code)).observe(elapsed)
+        request_id = g.get("request_id") or logs.request_id_from(None)
+        response.headers[logs.REQUEST_ID_HEADER] = request_id
+        task_id = (request.view_args or {}).get("task_id")
+        logs.annotate(route=endpoint, status=response.status_code, task_id=str(task_id) if task_id else None)
+        access.info("%s %s %s %.1f ms", request.method, endpoint, response.status_code, elapsed * 1000)
         return response
+
+    @app.teardown_request
+    def _ended(_error: BaseException | None) -> None:
+        logs.end_request()
 
 
 def _register_blueprints(app: Flask) -> None:

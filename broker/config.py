@@ -222,6 +222,9 @@ class Settings(_Strict):
     notify: NotifySettings | None = None
     audit: AuditSettings = Field(default_factory=AuditSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # `text` for a terminal; `json` for a collector: one object a line with the request id,
+    # route, status, task and workload of the request it belongs to.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("database_url")
     @classmethod

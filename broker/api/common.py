@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from flask import current_app, request
 from pydantic import BaseModel, ValidationError
 
+from broker import logs
 from broker.errors import BodyTooLarge, Forbidden, UnsupportedMediaType, ValidationFailed
 from broker.identity import Identity, InvalidToken
 from broker.identity.types import IdentityUse
@@ -28,6 +29,7 @@ def caller(*uses: IdentityUse) -> Identity:
     if scheme.lower() != "bearer" or not token.strip():
         raise InvalidToken("missing bearer token")
     identity = services().verifier.verify(token.strip())
+    logs.annotate(workload=identity.id)
     if not any(identity.may(use) for use in uses):
         raise Forbidden(f"this token may not act as {' or '.join(uses)}")
     return identity
@@ -105,9 +107,12 @@ def json_body(model: type[Model]) -> Model:
     if not isinstance(data, dict):
         raise ValidationFailed("the body must be a JSON object")
     try:
-        return model.model_validate(data)
+        parsed = model.model_validate(data)
     except ValidationError as error:
         raise ValidationFailed(describe_validation(error), errors=_safe_errors(error)) from None
+    task_id = getattr(parsed, "task_id", None)
+    logs.annotate(task_id=str(task_id) if task_id else None)
+    return parsed
 
 
 def query_args(model: type[Model]) -> Model:

@@ -7,10 +7,10 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
+from broker import logs
 from broker.api.common import caller, json_body, services
-from broker.api.render import credentials_json, task_json
+from broker.api.render import credentials_json, pending_json, task_json
 from broker.api.schemas import FinishTask, StartTask, TaskRef
-from broker.clock import rfc3339
 from broker.tasks.service import TaskService
 
 bp = Blueprint("tasks", __name__)
@@ -27,16 +27,9 @@ def start() -> Any:
     body.check_context_size(services().settings.limits.max_context_bytes)
     result = task_service().start(identity, body.request())
     task = result.task
+    logs.annotate(task_id=str(task.id))
     if result.credentials is None:
-        return jsonify(
-            task_id=str(task.id),
-            state=task.state,
-            task=task.task,
-            owner=task.owner,
-            purpose=task.purpose,
-            workload=task.workload,
-            approval_expires_at=rfc3339(task.approval_expires_at),
-        ), 202
+        return jsonify(pending_json(task)), 202
     response = task_json(task)
     response["credentials"] = credentials_json(result.credentials)
     return jsonify(response), 201

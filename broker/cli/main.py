@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import threading
@@ -35,17 +34,10 @@ def _host_port(value: str | None) -> str | None:
     return value
 
 
-# Libraries that speak at INFO about routine work: APScheduler two lines per job run (about
-# ten a second at the default sweep), Alembic one per plugin whenever its scripts are read.
-# Their warnings and errors still show; `log_level: DEBUG` shows everything.
-_CHATTY = ("apscheduler", "alembic.runtime.plugins")
-
-
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.log_level != "DEBUG":
-        for name in _CHATTY:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    from broker import logs
+
+    logs.configure(settings.log_level, settings.log_format)
 
 
 @click.group(
