@@ -106,6 +106,9 @@ def _serve_stdio(server: MCPServer[Any], keeper: TaskKeeper) -> None:
             group.start_soon(_stop_on_signal, keeper)
             await server.run_stdio_async()
             log.info("the client closed the connection")
+            # Still inside the signal receiver: a SIGTERM now (clients send one after a
+            # short grace) waits for this shutdown instead of killing it halfway.
+            await anyio.to_thread.run_sync(keeper.shutdown)
             group.cancel_scope.cancel()
 
     try:

@@ -64,6 +64,9 @@ class TaskKeeper:
         self._held: dict[str, HeldTask] = {}
         self._lock = threading.Lock()
         self.stopping = threading.Event()
+        # Held for the whole shutdown, so a second caller (a signal during the shutdown that
+        # end of input began) returns only once every task is finished.
+        self._shutdown_lock = threading.Lock()
         self._shut_down = False
 
     # -- tools ----------------------------------------------------------------------------------
@@ -138,14 +141,15 @@ class TaskKeeper:
 
     def shutdown(self) -> None:
         """Kill running commands, then finish every task this server still holds. Runs once."""
-        with self._lock:
+        with self._shutdown_lock:
             if self._shut_down:
                 return
+            self.stopping.set()
+            with self._lock:
+                held = [task for task in self._held.values() if task.state not in _ENDED]
+            for task in held:
+                self._finish_quietly(task)
             self._shut_down = True
-            held = [task for task in self._held.values() if task.state not in _ENDED]
-        self.stopping.set()
-        for task in held:
-            self._finish_quietly(task)
 
     def _finish_quietly(self, held: HeldTask) -> None:
         try:
