@@ -69,7 +69,7 @@ def _time_requests(app: Flask) -> None:
 
 
 def _register_blueprints(app: Flask) -> None:
-    from broker.api import approvals, health, operator, tasks
+    from broker.api import approvals, catalogue, health, operator, tasks
 
-    for blueprint in (health.bp, tasks.bp, approvals.bp, operator.bp):
+    for blueprint in (health.bp, tasks.bp, catalogue.bp, approvals.bp, operator.bp):
         app.register_blueprint(blueprint)

@@ -65,8 +65,19 @@ class _RequestFields(logging.Filter):
         return True
 
 
-def configure(level: str, fmt: str) -> None:
-    """Route every logger to stderr in `fmt` ("text" or "json") at `level`."""
+def configure(level: str, fmt: str, *, force: bool = False) -> None:
+    """Route every logger to stderr in `fmt` ("text" or "json") at `level`.
+
+    Like `logging.basicConfig`, a root logger that already has handlers (an embedding
+    program's, a test runner's) is left as it is unless `force`.
+    """
+    root = logging.getLogger()
+    root.setLevel(level)
+    if level != "DEBUG":
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if root.handlers and not force:
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestFields())
     if fmt == "json":
@@ -81,11 +92,6 @@ def configure(level: str, fmt: str) -> None:
         )
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
-    root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)
     root.addHandler(handler)
-    root.setLevel(level)
-    if level != "DEBUG":
-        for name in _CHATTY:
-            logging.getLogger(name).setLevel(logging.WARNING)

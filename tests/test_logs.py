@@ -17,7 +17,7 @@ def json_lines():
     stream = io.StringIO()
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
-    logs.configure("INFO", "json")
+    logs.configure("INFO", "json", force=True)
     root.handlers[0].stream = stream  # type: ignore[attr-defined]
     yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
     root.handlers[:] = saved[0]

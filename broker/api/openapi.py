@@ -6,6 +6,7 @@ from functools import cache
 from typing import Any
 
 from broker import __version__
+from broker.api.catalogue import CATALOGUE_SCHEMA
 from broker.api.schemas import Decide, FinishTask, KillSwitchBody, RevokeBody, StartTask, TaskRef
 from broker.models import LEASE_STATES, TASK_STATES
 
@@ -123,6 +124,8 @@ def document() -> dict[str, Any]:
             "200": _answer("The ended task", task_ref)}, "FinishTask", security=bearer)},
         "/task/{id}": {"get": _op("Read a task (its workload, or an operator)", {
             "200": _answer("The task", task_ref)}, parameters=id_param, security=bearer)},
+        "/task-types": {"get": _op("Task types this workload may start (no Vault details)", {
+            "200": _answer("The catalogue", "#/components/schemas/TaskTypeList")}, security=bearer)},
         "/approvals/{id}": {"post": _op("Approve or deny a pending task", {
             "200": _answer("The task", task_ref)}, "Decide", parameters=id_param, security=bearer)},
         "/approvals": {"get": _op("Tasks waiting for this approver", {
@@ -145,6 +148,7 @@ def document() -> dict[str, Any]:
         "/readyz": {"get": _op("Database and Vault reachable, schema migrated", {"200": _answer("Ready")})},
         "/metrics": {"get": _op("Prometheus metrics", {"200": _answer("Text exposition")})},
     }  # fmt: skip
+    schemas["TaskTypeList"] = CATALOGUE_SCHEMA
     schemas["TaskList"] = _list_of(task_ref)
     schemas["LeaseList"] = _list_of(lease_ref)
     schemas["AuditList"] = _list_of("#/components/schemas/AuditEvent")

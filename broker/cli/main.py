@@ -14,6 +14,7 @@ from broker.cli.ops import leases, tasks
 from broker.cli.policy import policy
 from broker.config import ConfigError, Settings, load_settings
 from broker.dev.cli import dev
+from broker.mcp.cli import mcp_command
 
 CONFIG_HELP = "YAML config file (default: $BROKER_CONFIG)."
 
@@ -224,5 +225,5 @@ def _connection_failure(error: Exception) -> str:
     return lines[0] if lines else type(driver_error).__name__
 
 
-for command in (policy, dev, leases, tasks, approvals):
+for command in (policy, dev, leases, tasks, approvals, mcp_command):
     main.add_command(command)

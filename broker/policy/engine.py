@@ -251,6 +251,11 @@ def _check_workloads(task: CompiledTask, identity: Identity) -> RuleResult:
     return RuleResult(RULE_WORKLOADS, False, detail)
 
 
+def workload_allowed(task: CompiledTask, identity: Identity) -> bool:
+    """May `identity` start tasks of this type at all (the `workloads` rule alone)?"""
+    return _check_workloads(task, identity).passed
+
+
 def _workload_miss(workload: CompiledWorkload, identity: Identity) -> str | None:
     """Why `identity` is not this workload entry, or None if it is."""
     if workload.issuer != identity.issuer_name:
