@@ -56,6 +56,7 @@ export function confirmAction({ title, summary, details = [], okLabel, okClass =
       },
       { signal: listening.signal },
     );
+    reason.addEventListener("input", () => show(error, false), { signal: listening.signal });
     byId("confirm-cancel").addEventListener("click", () => finish(null), { signal: listening.signal });
     // Escape closes a modal dialog; treat it as Cancel.
     dialog.addEventListener("cancel", () => finish(null), { signal: listening.signal });
