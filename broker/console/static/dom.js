@@ -149,7 +149,7 @@ export function contextTable(caption, context) {
   return table(
     caption,
     [
-      { label: "Key", cell: ([key]) => el("span", { class: "mono" }, key) },
+      { label: "Key", cell: ([key]) => el("span", { class: "mono" }, key), class: "key" },
       { label: "Value", cell: ([, value]) => jsonValue(value) },
     ],
     entries,

@@ -371,8 +371,8 @@ function auditTable(events) {
   return table(
     "Audit events, newest first",
     [
-      { label: "At", cell: (e) => time(e.at) },
-      { label: "Event", cell: (e) => mono(e.event) },
+      { label: "At", cell: (e) => time(e.at), class: "nowrap" },
+      { label: "Event", cell: (e) => mono(e.event), class: "nowrap" },
       { label: "Actor", cell: (e) => mono(e.actor) },
       { label: "Task", cell: (e) => (e.task_id ? link(consoleHref("tasks", e.task_id), mono(shortId(e.task_id))) : "—") },
       { label: "Owner", cell: (e) => orDash(e.owner) },
