@@ -67,7 +67,7 @@ def test_pages_hold_no_data_and_name_only_same_origin_files(client):
     page = client.get(f"/console/tasks/{SOME_ID}").get_data(as_text=True)
     assert f'data-subject="{SOME_ID}"' in page
     assert re.findall(r'<script[^>]*src="([^"]+)"', page) == ["/console/static/console.js"]
-    assert re.findall(r'<link[^>]*href="([^"]+)"', page) == ["/console/static/console.css"]
+    assert re.findall(r'<link[^>]*href="([^"]+)"', page) == ["/console/static/favicon.svg", "/console/static/console.css"]
     assert "Bearer ey" not in page
 
 

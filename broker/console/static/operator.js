@@ -415,8 +415,11 @@ export async function auditView() {
     return wanted;
   };
 
+  let latest = 0;
   const load = async (append) => {
+    const asked = ++latest;
     const page = await api("GET", "/audit", { query: { ...query, limit: 100, cursor: append ? cursor : null } });
+    if (asked !== latest) return; // a newer filter was applied meanwhile; its answer wins
     events = append ? events.concat(page.items) : page.items;
     cursor = page.next_cursor;
     byId("audit-table").replaceChildren(events.length ? auditTable(events) : "");
