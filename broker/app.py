@@ -73,3 +73,4 @@ def _register_blueprints(app: Flask) -> None:
 
     for blueprint in (health.bp, tasks.bp, catalogue.bp, approvals.bp, operator.bp):
         app.register_blueprint(blueprint)
+    app.register_blueprint(__import__("broker.console", fromlist=["bp"]).bp)
