@@ -69,8 +69,8 @@ def _time_requests(app: Flask) -> None:
 
 
 def _register_blueprints(app: Flask) -> None:
+    from broker import console
     from broker.api import approvals, catalogue, health, operator, tasks
 
-    for blueprint in (health.bp, tasks.bp, catalogue.bp, approvals.bp, operator.bp):
+    for blueprint in (health.bp, tasks.bp, catalogue.bp, approvals.bp, operator.bp, console.bp):
         app.register_blueprint(blueprint)
-    app.register_blueprint(__import__("broker.console", fromlist=["bp"]).bp)
