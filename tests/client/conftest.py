@@ -7,7 +7,6 @@ policy's per-workload limits never carry over from one test to the next.
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +20,26 @@ from tests.conftest import TEST_POLICY, broker_config
 from tests.support.broker_procs import BrokerProcess
 
 APPROVER = "dba-dana@example.com"
+# Added to the shared test policy: the CI issuer's counterpart of deploy-prod.
+CI_TASKS = {
+    "ci-deploy": {
+        "description": "A CI job's deploy, approved by a DBA",
+        "ttl": {"default": 120, "max": 600},
+        "workloads": [{"issuer": "ci", "subject": "repo:acme/app:**", "claims": {"ref": "refs/heads/main"}}],
+        "owners": ["*@example.com"],
+        "approval": {"approvers": {"groups": ["dba"]}, "min_approvals": 1, "expires_in": 600},
+        "credentials": {"db": {"kind": "database", "mount": "database", "role": "analytics-ro"}},
+    }
+}
 
 
 @pytest.fixture(scope="module")
 def broker(stack: Any, issuers: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     directory = tmp_path_factory.mktemp("client-broker")
     policy = directory / "policy.yaml"
-    shutil.copy(TEST_POLICY, policy)
+    document = yaml.safe_load(TEST_POLICY.read_text())
+    document["tasks"].update(CI_TASKS)
+    policy.write_text(yaml.safe_dump(document))
     config = directory / "broker.yaml"
     config.write_text(yaml.safe_dump(broker_config(stack, issuers, policy)))
     process = BrokerProcess.serve(config, directory / "broker.log", workers=1, threads=4)

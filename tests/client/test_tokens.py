@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import uuid
 
 import pytest
 
@@ -98,13 +99,15 @@ def test_github_source_without_id_token_permission():
 @pytest.mark.slow
 def test_a_github_job_starts_and_finishes_a_task_on_the_real_broker(broker, issuers, stack):
     ci = issuers["ci"]
+    # The environment part keeps this test a workload of its own (per-workload limits).
+    subject = f"repo:acme/app:environment:test-{uuid.uuid4().hex[:8]}"
 
     def github_token(audience: str) -> str:
         # What GitHub puts in a main-branch job's token; the test policy binds analytics-read
         # to repo:acme/app on refs/heads/main through `sub` and the `ref` claim.
         return str(
             ci.mint(
-                "repo:acme/app:ref:refs/heads/main",
+                subject,
                 aud=audience,
                 extra_claims={"ref": "refs/heads/main", "repository": "acme/app", "actor": "alice"},
             )
@@ -116,7 +119,7 @@ def test_a_github_job_starts_and_finishes_a_task_on_the_real_broker(broker, issu
         answer = client.start(
             "analytics-read", owner="alice@example.com", purpose="github job", context={"environment": "dev"}
         )
-        assert answer["workload"] == "ci:repo:acme/app:ref:refs/heads/main"
+        assert answer["workload"] == f"ci:{subject}"
         creds = answer["credentials"]["db"]["data"]
         assert can_log_in(stack, creds)
         client.finish(answer["task_id"])
