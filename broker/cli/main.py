@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from broker.cli.approvals import approvals
+from broker.client.cli import exec_command
 from broker.cli.ops import leases, tasks
 from broker.cli.policy import policy
 from broker.config import ConfigError, Settings, load_settings
@@ -225,5 +226,5 @@ def _connection_failure(error: Exception) -> str:
     return lines[0] if lines else type(driver_error).__name__
 
 
-for command in (policy, dev, leases, tasks, approvals, mcp_command):
+for command in (policy, dev, leases, tasks, approvals, exec_command, mcp_command):
     main.add_command(command)
