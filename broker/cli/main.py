@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 
 from broker.cli.approvals import approvals
-from broker.client.cli import exec_command
 from broker.cli.ops import leases, tasks
 from broker.cli.policy import policy
+from broker.client.cli import exec_command
 from broker.config import ConfigError, Settings, load_settings
 from broker.dev.cli import dev
 from broker.mcp.cli import mcp_command
