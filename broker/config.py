@@ -43,7 +43,13 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML has real numbers and booleans, so a quoted `"5"` or `"yes"` is a typo
+    # or a template gone wrong, and coercing it would hide which (docs/configuration.md).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# YAML has no path type: a path is written as a string, so these fields take one.
+FilePath = Annotated[Path, Field(strict=False)]
 
 
 class VaultAuth(_Strict):
@@ -97,7 +103,7 @@ class VaultSettings(_Strict):
 class IssuerSettings(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
     issuer: Annotated[str, Field(min_length=1)]
-    jwks_file: Path | None = None
+    jwks_file: FilePath | None = None
     jwks_uri: str | None = None
     audiences: Annotated[list[str], Field(min_length=1)]
     kind: Literal["spiffe", "oidc"] = "oidc"
@@ -214,7 +220,7 @@ class AuditSettings(_Strict):
 class Settings(_Strict):
     database_url: str
     vault: VaultSettings
-    policy_file: Path
+    policy_file: FilePath
     issuers: list[IssuerSettings] = Field(default_factory=list)
     operators: OperatorSettings = Field(default_factory=OperatorSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)

@@ -118,3 +118,72 @@ def test_broker_migrate_with_a_typo_exits_nonzero_with_one_line(tmp_path):
     result = CliRunner().invoke(main, ["migrate", "--config", str(path)])
     assert result.exit_code == 2
     assert result.output.strip() == "config: unknown key 'databse_url' (check its spelling)"
+
+
+# ---- strict types: a quoted value is a typo, not a number (docs/configuration.md) ----------
+
+# Every optional section present, so the walk below reaches each of their keys.
+FULL = {
+    **BASE,
+    "notify": {"webhook_url": "https://hooks.example.org/x", "secret_env": "HOOK_KEY"},
+    "issuers": [{**BASE["issuers"][0], "max_token_lifetime_seconds": 3600}],
+}
+
+
+def _scalar_fields(model, prefix=()):
+    """(dotted path, the field's type) for every int, float, bool or str key, recursively."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        options = [option for option in options if option is not type(None)]
+        inner = typing.get_args(options[0]) if typing.get_origin(options[0]) is list else ()
+        if inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
+            yield from _scalar_fields(inner[0], (*prefix, name, 0))
+        elif isinstance(options[0], type) and issubclass(options[0], BaseModel):
+            yield from _scalar_fields(options[0], (*prefix, name))
+        elif options[0] in (int, float, bool, str):
+            yield (*prefix, name), options[0]
+
+
+def _set(config, path, value):
+    node = config
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+    node[path[-1]] = value
+
+
+def test_the_full_config_used_below_is_valid():
+    settings = settings_from_mapping(FULL, env={})
+    assert settings.notify is not None and settings.issuers[0].max_token_lifetime_seconds == 3600
+
+
+def _wrong_types():
+    from broker.config import Settings
+
+    found = list(_scalar_fields(Settings))
+    assert len(found) > 30  # the walk reached the nested sections
+    for path, kind in found:
+        wrong = {int: ["5"], float: ["5", "5.0"], bool: ["yes", "true"], str: [5, True]}[kind]
+        for value in wrong:
+            yield pytest.param(path, value, id=f"{'.'.join(map(str, path))}={value!r}")
+
+
+@pytest.mark.parametrize(("path", "value"), list(_wrong_types()))
+def test_every_scalar_key_refuses_a_value_of_the_wrong_type(path, value):
+    config = yaml.safe_load(yaml.safe_dump(FULL))
+    _set(config, path, value)
+    with pytest.raises(ConfigError) as raised:
+        settings_from_mapping(config, env={})
+    assert f"config: bad value for '{'.'.join(map(str, path))}'" in str(raised.value)
+
+
+def test_environment_overrides_are_strings_and_still_apply():
+    # The overrides are strings by nature, and every one of them sets a string key (or a
+    # path), so strict types take them as they are.
+    settings = settings_from_mapping(BASE, env={"BROKER_POLICY_FILE": "/p.yaml", "BROKER_VAULT_TOKEN": "t2"})
+    assert settings.policy_file == Path("/p.yaml") and settings.vault.auth.token == "t2"
