@@ -59,6 +59,12 @@ class Conflict(BrokerError):
     title = "The request conflicts with the current state"
 
 
+class MalformedBody(BrokerError):
+    """The body's HTTP framing is broken (a bad chunk size, a missing CRLF, a cut-off chunk)."""
+
+    title = "Bad request"
+
+
 class BodyTooLarge(BrokerError):
     title = "The request body is too large"
 

@@ -63,6 +63,51 @@ def _mark_dead_for_metrics(_server: Any, worker: Any) -> None:
 KEEPALIVE_CONNECTIONS = 64
 
 
+class _FramingGuard:
+    """A request body that marks its connection for closing if reading it raises.
+
+    A chunked body whose framing is broken (answered 400 by `broker.api.common`) leaves
+    the connection at an unknown position: reading on for a next request would parse the
+    rest of the garbage as one, and answer it too. gunicorn drops a `Connection` header the
+    app sets, so the request itself is marked, which also makes the answer say `close`.
+    """
+
+    def __init__(self, req: Any) -> None:
+        self._req = req
+        self._body = req.body
+
+    def _guarded(self, call: Any, size: int | None) -> Any:
+        try:
+            return call(size)
+        except Exception:
+            self._req.must_close = True
+            raise
+
+    def read(self, size: int | None = None) -> bytes:
+        data: bytes = self._guarded(self._body.read, size)
+        return data
+
+    def readline(self, size: int | None = None) -> bytes:
+        data: bytes = self._guarded(self._body.readline, size)
+        return data
+
+    def readlines(self, size: int | None = None) -> list[bytes]:
+        lines: list[bytes] = self._guarded(self._body.readlines, size)
+        return lines
+
+    def __iter__(self) -> _FramingGuard:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._body, name)
+
+
 class BrokerThreadWorker(ThreadWorker):  # type: ignore[misc]
     """gunicorn's gthread worker that stops accepting exactly when its threads are busy.
 
@@ -80,6 +125,11 @@ class BrokerThreadWorker(ThreadWorker):  # type: ignore[misc]
     @worker_connections.setter
     def worker_connections(self, _configured: int) -> None:
         """gunicorn assigns the configured number; the property above replaces it."""
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        req.body = _FramingGuard(req)
+        keep_alive: bool = super().handle_request(req, conn)
+        return keep_alive
 
 
 # A scheduler that dies is started again; one that dies soon after each start (its database

@@ -6,15 +6,22 @@ import json
 from typing import Any, TypeVar
 
 from flask import current_app, request
+from gunicorn.http.errors import ParseException
 from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import ClientDisconnected
 
 from broker import logs
-from broker.errors import BodyTooLarge, Forbidden, UnsupportedMediaType, ValidationFailed
+from broker.errors import BodyTooLarge, Forbidden, MalformedBody, UnsupportedMediaType, ValidationFailed
 from broker.identity import Identity, InvalidToken
 from broker.identity.types import IdentityUse
 from broker.services import Services
 
 Model = TypeVar("Model", bound=BaseModel)
+
+# What reading a body raises when its framing is broken: gunicorn's parser errors (a bad
+# chunk size, a missing CRLF, a bad extension); a body cut short, which werkzeug's stream
+# turns into ClientDisconnected; OSError from werkzeug's own decoder (its dev server).
+UNREADABLE_BODY = (ParseException, ClientDisconnected, OSError)
 
 
 def services() -> Services:
@@ -89,7 +96,12 @@ def json_body(model: type[Model]) -> Model:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"the body may be at most {limit} bytes")
     # Read one byte past the limit: a chunked body has no Content-Length to check first.
-    raw = request.stream.read(limit + 1)
+    try:
+        raw = request.stream.read(limit + 1)
+    except UNREADABLE_BODY:
+        # The framing is the client's fault, not ours: a 400, and no parser text (it quotes
+        # the client's bytes). gunicorn closes the connection (broker.server).
+        raise MalformedBody("the body can't be read: its chunked encoding is malformed or cut short") from None
     if len(raw) > limit:
         raise BodyTooLarge(f"the body may be at most {limit} bytes")
     try:

@@ -24,6 +24,7 @@ from broker.errors import (
     Forbidden,
     IssuanceFailed,
     LimitExceeded,
+    MalformedBody,
     NotFound,
     PolicyDenied,
     TtlExceedsMax,
@@ -53,6 +54,7 @@ class Problem:
 
 PROBLEMS: dict[type[Exception], Problem] = {
     ValidationFailed: Problem(400, "validation_error", "The request is not valid"),
+    MalformedBody: Problem(400, "bad_request", "Bad request"),
     TtlExceedsMax: Problem(400, "ttl_exceeds_max", "The requested TTL exceeds the task's maximum"),
     InvalidToken: Problem(401, "invalid_token", "The bearer token was not accepted"),
     Forbidden: Problem(403, "forbidden", "This identity may not do that"),

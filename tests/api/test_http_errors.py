@@ -153,3 +153,53 @@ def test_fixed_paths_are_not_mistaken_for_ids(client, method, path):
     response = getattr(client, method)(path)
     assert_problem(response, 405, "method_not_allowed")
     assert "GET" not in response.headers["Allow"]
+
+
+class _FailingStream:
+    """A wsgi.input whose decoder gives up, as gunicorn's does on a broken chunked body."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def read(self, *_args):
+        raise self.error
+
+
+def _chunked_post(client, issuers, stream):
+    return client.post(
+        "/task/start",
+        headers={**issuers["spire"].bearer(AGENT), "Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input": stream, "wsgi.input_terminated": True},
+    )
+
+
+def _gunicorn_errors():
+    from gunicorn.http.errors import ChunkMissingTerminator, InvalidChunkExtension, InvalidChunkSize, NoMoreData
+
+    return [
+        pytest.param(InvalidChunkSize(b"zz"), id="bad-size"),
+        pytest.param(ChunkMissingTerminator(b"XX"), id="missing-crlf"),
+        pytest.param(NoMoreData(b""), id="truncated"),
+        pytest.param(InvalidChunkExtension("invalid chunk extension"), id="extension-junk"),
+    ]
+
+
+@pytest.mark.parametrize("error", _gunicorn_errors())
+def test_a_chunked_body_gunicorn_cannot_decode_is_400_bad_request(client, issuers, error):
+    problem = assert_problem(_chunked_post(client, issuers, _FailingStream(error)), 400, "bad_request")
+    assert "chunked" in problem["detail"]
+    assert "zz" not in problem["detail"] and "XX" not in problem["detail"]  # no parser text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"zz\r\n{}\r\n0\r\n\r\n", b"-2\r\n{}\r\n0\r\n\r\n", b"2;\x01junk-that-is-not-hex\r\n{}\r\n0\r\n\r\n"],
+    ids=["bad-size", "negative-size", "extension-junk"],
+)
+def test_a_chunked_body_werkzeugs_decoder_refuses_is_400_bad_request(client, issuers, raw):
+    import io
+
+    from werkzeug.serving import DechunkedInput
+
+    stream = io.BufferedReader(DechunkedInput(io.BytesIO(raw)))
+    assert_problem(_chunked_post(client, issuers, stream), 400, "bad_request")

@@ -98,6 +98,42 @@ def test_what_the_http_server_refuses_is_problem_json_too(served, raw, status, c
     assert b"aaaa" not in body and b"bbbb" not in body  # the client's bytes are not echoed
 
 
+CHUNKED_START = (
+    b"POST /task/start HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\nAuthorization: Bearer %s\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"zz\r\n{}\r\n0\r\n\r\n",  # a chunk size that is not hex
+        b"2\r\n{}XX0\r\n\r\n",  # no CRLF after the chunk's data
+        b"40\r\n{\"task\": ",  # the chunk ends before its size, then the client stops sending
+        b"2;\x01junk\r\n{}\r\n0\r\n\r\n",  # a chunk extension with a control byte
+        b"2;a=\"open\r\n{}\r\n0\r\n\r\n",  # an unterminated quoted chunk extension
+    ],
+    ids=["bad-size", "missing-crlf", "truncated", "extension-junk", "extension-open-quote"],
+)
+def test_a_malformed_chunked_body_is_a_400_problem(served, issuers, body):
+    token = issuers["spire"].bearer(AGENT)["Authorization"].split()[1].encode()
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(CHUNKED_START % token + body)
+        conn.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 400 BAD REQUEST", answer[:300]
+    assert b"content-type: application/problem+json" in head.lower()
+    problem = json.loads(rest)
+    assert (problem["status"], problem["code"]) == (400, "bad_request")
+    assert b"Traceback" not in rest and b"junk" not in rest and b"open" not in rest
+    # Where the next request would start is unknown: the connection is not reused.
+    assert b"connection: close" in head.lower()
+
+
 def test_sighup_reloads_the_policy_in_every_worker_and_keeps_it_on_a_bad_file(served, issuers, policy_file):
     assert start_status(served, issuers, owner="bob@partner.example") == 403
     text = policy_file.read_text()
