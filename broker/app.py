@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask
+from flask import Flask, Response
 
 from broker.api.problems import register_error_handlers
 from broker.config import Settings
 from broker.services import Services, build_services
 
 SERVICES_KEY = "broker.services"
+
+
+class BrokerFlask(Flask):
+    def make_default_options_response(self) -> Response:
+        """`OPTIONS`: 204 with `Allow` and no body (docs/api.md).
+
+        Flask's own answer is an empty `text/html` page; nothing the API answers is HTML.
+        """
+        allow = super().make_default_options_response().headers["Allow"]
+        response = Response(status=204, headers={"Allow": allow})
+        del response.headers["Content-Type"]
+        return response
 
 
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Flask:
@@ -20,7 +32,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
             settings = load_settings()
         services = build_services(settings)
-    app = Flask("broker")
+    app = BrokerFlask("broker")
     app.config.update(
         # One byte over the limit may be read, so a chunked body (no Content-Length) that
         # is too large is seen as such and answered 413, not cut short into bad JSON.
@@ -38,7 +50,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 def _time_requests(app: Flask) -> None:
     from time import perf_counter
 
-    from flask import Response, g, request
+    from flask import g, request
 
     from broker import logs, metrics
 

@@ -101,7 +101,9 @@ def json_body(model: type[Model]) -> Model:
     except UNREADABLE_BODY:
         # The framing is the client's fault, not ours: a 400, and no parser text (it quotes
         # the client's bytes). gunicorn closes the connection (broker.server).
-        raise MalformedBody("the body can't be read: its chunked encoding is malformed or cut short") from None
+        raise MalformedBody(
+            "the body can't be read: its chunked encoding is malformed or cut short"
+        ) from None
     if len(raw) > limit:
         raise BodyTooLarge(f"the body may be at most {limit} bytes")
     try:

@@ -9,6 +9,7 @@ from broker import __version__
 from broker.api.catalogue import CATALOGUE_SCHEMA
 from broker.api.schemas import Decide, FinishTask, KillSwitchBody, RevokeBody, StartTask, TaskRef
 from broker.models import LEASE_STATES, TASK_STATES
+from broker.paging import DEFAULT_LIMIT, MAX_LIMIT
 
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 _STR = {"type": "string"}
@@ -55,12 +56,20 @@ PROBLEM = {
 }
 
 
+# Clamped, not refused (docs/api.md#paging): so no `maximum`, which a client generator would
+# turn into a refusal of its own.
+LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "description": f"Page size, default {DEFAULT_LIMIT}; values above {MAX_LIMIT} are read as {MAX_LIMIT}.",
+    "schema": {"type": "integer", "minimum": 1, "default": DEFAULT_LIMIT},
+}
 AUDIT_FILTERS = [
     {"name": name, "in": "query", "schema": {"type": "string"}}
     for name in ("task_id", "owner", "workload", "event", "cursor")
 ] + [
     {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
-    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+    LIMIT,
 ]
 
 
@@ -94,7 +103,12 @@ ERRORS = {
 FILTERS = [
     {"name": name, "in": "query", "schema": {"type": "string"}}
     for name in ("state", "owner", "workload", "task", "task_id", "cursor")
-] + [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
+] + [LIMIT]
+PENDING = [
+    {"name": "state", "in": "query", "schema": {"enum": ["pending"]}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+    LIMIT,
+]
 
 
 def _op(summary: str, responses: dict[str, Any], body: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -129,7 +143,7 @@ def document() -> dict[str, Any]:
         "/approvals/{id}": {"post": _op("Approve or deny a pending task", {
             "200": _answer("The task", task_ref)}, "Decide", parameters=id_param, security=bearer)},
         "/approvals": {"get": _op("Tasks waiting for this approver", {
-            "200": _answer("A list", "#/components/schemas/TaskList")}, security=bearer)},
+            "200": _answer("A list", "#/components/schemas/TaskList")}, parameters=PENDING, security=bearer)},
         "/leases": {"get": _op("The lease inventory (operator)", {
             "200": _answer("A page", "#/components/schemas/LeaseList")}, parameters=FILTERS, security=bearer)},
         "/leases/{id}": {"get": _op("One lease (operator)", {

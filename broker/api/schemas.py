@@ -8,11 +8,20 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from broker.errors import ValidationFailed
 from broker.models import LEASE_STATES, TASK_STATES
 from broker.operator.service import Filters
+from broker.paging import MAX_LIMIT
 from broker.policy import TaskRequest
 
 # NUL can't be stored by Postgres and bidi/control characters hide what an approver reads.
@@ -108,13 +117,37 @@ class Decide(_Body):
         return printable(value)
 
 
+_PAGE_SIZE = f"must be a whole number of 1 or more (more than {MAX_LIMIT} is read as {MAX_LIMIT})"
+
+
+def _page_size(value: Any) -> Any:
+    """`limit`: plain decimal digits, at least 1; above MAX_LIMIT is clamped (docs/api.md#paging).
+
+    Clamped here, at parsing, so every list gets the same page size from one place.
+    pydantic's lax int would also take "+5", " 5", "1_000" and "5.0".
+    """
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit()):
+            raise ValueError(_PAGE_SIZE)
+        # Long enough to be over the cap whatever it says; no need to parse it all.
+        value = int(value) if len(value) <= 9 else MAX_LIMIT + 1
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(_PAGE_SIZE)
+        return min(value, MAX_LIMIT)
+    return value
+
+
+PageLimit = Annotated[int, BeforeValidator(_page_size)]
+
+
 # Approvers
 
 
 class PendingQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     state: Literal["pending"] = "pending"
-    limit: Annotated[int, Field(ge=1)] | None = None
+    limit: PageLimit | None = None
     cursor: str | None = None
 
 
@@ -130,7 +163,7 @@ class ListQuery(BaseModel):
     workload: str | None = None
     task: str | None = None
     task_id: uuid.UUID | None = None
-    limit: Annotated[int, Field(ge=1)] | None = None
+    limit: PageLimit | None = None
     cursor: str | None = None
 
     def filters(self) -> Filters:
@@ -166,7 +199,7 @@ class AuditQuery(BaseModel):
     workload: str | None = None
     since: datetime | None = None
     event: str | None = None
-    limit: Annotated[int, Field(ge=1)] | None = None
+    limit: PageLimit | None = None
     cursor: str | None = None
 
     @field_validator("state")

@@ -174,7 +174,12 @@ def _chunked_post(client, issuers, stream):
 
 
 def _gunicorn_errors():
-    from gunicorn.http.errors import ChunkMissingTerminator, InvalidChunkExtension, InvalidChunkSize, NoMoreData
+    from gunicorn.http.errors import (
+        ChunkMissingTerminator,
+        InvalidChunkExtension,
+        InvalidChunkSize,
+        NoMoreData,
+    )
 
     return [
         pytest.param(InvalidChunkSize(b"zz"), id="bad-size"),
