@@ -9,9 +9,11 @@ logged and the old policy stays.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -188,10 +190,91 @@ class BrokerArbiter(Arbiter):  # type: ignore[misc]
             log.warning("started a new scheduler (pid %d)", self.scheduler.pid)
 
 
+def default_pid_file(bind: str) -> Path:
+    """Where `broker serve --bind ...:PORT` writes its master's pid unless told otherwise.
+
+    One file per port, so replicas on one host don't share one; in the user's runtime
+    directory, else a private directory under the temp dir.
+    """
+    port = bind.rpartition(":")[2] or "default"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = (
+        Path(runtime) / "credential-broker"
+        if runtime
+        else Path(tempfile.gettempdir()) / f"credential-broker-{os.getuid()}"
+    )
+    return base / f"serve-{port}.pid"
+
+
+def master_pid(pid_file: Path) -> int | None:
+    """The pid in `pid_file` if that process is alive and is a `broker serve` master.
+
+    A stale file (the master was killed) may name a pid the system has since given to
+    another process; that one must not get our SIGHUP.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    names = [Path(arg.decode(errors="replace")).name for arg in argv]
+    # `python -m broker serve ...` or `broker serve ...`; or gunicorn's process title.
+    serving = any(names[i : i + 2] == ["broker", "serve"] for i in range(len(names)))
+    return pid if serving or any(b"credential-broker" in arg for arg in argv) else None
+
+
+def port_in_use(bind: str) -> bool:
+    """Whether another process listens on `bind` (HOST:PORT) already.
+
+    Checked before gunicorn starts: it would retry for seconds, log "Connection in use"
+    and exit, while whatever holds the port goes on answering in our place.
+    """
+    host, _, port = bind.rpartition(":")
+    if not port.isdigit() or host.startswith("unix"):
+        return False
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 (only probed, as gunicorn would bind it)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gunicorn binds: SO_REUSEADDR lets a port in TIME_WAIT go, never a listening one.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
+def _write_pid_file(path: Path) -> Any:
+    def when_ready(arbiter: Any) -> None:
+        # Written once the port is bound: a serve that fails to bind leaves no file behind.
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        staged = path.with_name(f".{path.name}.{arbiter.pid}")
+        staged.write_text(f"{arbiter.pid}\n")
+        staged.replace(path)
+        log.info("master pid %d written to %s (broker reload sends it SIGHUP)", arbiter.pid, path)
+
+    return when_ready
+
+
+def _remove_pid_file(path: Path) -> Any:
+    def on_exit(arbiter: Any) -> None:
+        try:
+            if path.read_text().strip() == str(arbiter.pid):
+                path.unlink()
+        except OSError:
+            pass
+
+    return on_exit
+
+
 class BrokerApplication(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: Settings, options: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, options: dict[str, Any], pid_file: Path | None = None) -> None:
         self._settings = settings
         self._options = options
+        self._pid_file = pid_file
         super().__init__()
 
     def load_config(self) -> None:
@@ -204,6 +287,9 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
             self.cfg.set("control_socket_disable", True)
         self.cfg.set("post_worker_init", _prepare_worker)
         self.cfg.set("child_exit", _mark_dead_for_metrics)
+        if self._pid_file is not None:
+            self.cfg.set("when_ready", _write_pid_file(self._pid_file))
+            self.cfg.set("on_exit", _remove_pid_file(self._pid_file))
 
     def load(self) -> Any:
         # Runs in each worker after the fork: pools and sessions are per process.
@@ -230,6 +316,7 @@ def serve(
     workers: int,
     threads: int,
     with_scheduler: bool,
+    pid_file: Path | None = None,
 ) -> None:
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="broker-metrics-")
@@ -258,7 +345,7 @@ def serve(
         "proc_name": "credential-broker",
     }
     try:
-        BrokerApplication(settings, options).run_with(scheduler, config_path)
+        BrokerApplication(settings, options, pid_file).run_with(scheduler, config_path)
     finally:
         _stop_scheduler(scheduler)
 

@@ -45,12 +45,13 @@ def _logging(settings: Settings) -> None:
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="""\b
-Quick start:
+Examples:
   broker dev                         # a whole local stack, with a worked example
   broker migrate --config broker.yaml
   broker serve --config broker.yaml --bind 0.0.0.0:8080 --workers 4
   broker policy check policy.yaml
   broker audit verify --config broker.yaml
+  broker reload --config broker.yaml --port 8080
 """,
 )
 @click.version_option(package_name="credential-broker")
@@ -61,6 +62,12 @@ def main() -> None:
     variables BROKER_DATABASE_URL, BROKER_VAULT_ADDR, BROKER_VAULT_TOKEN and
     BROKER_POLICY_FILE override single keys.
     """
+
+
+PID_FILE_HELP = (
+    "File for the master's pid, read by `broker reload` "
+    "[default: $XDG_RUNTIME_DIR/credential-broker/serve-PORT.pid, else under the temp dir]."
+)
 
 
 @main.command()
@@ -75,18 +82,92 @@ def main() -> None:
     is_flag=True,
     help="Don't run the revocation scheduler here (run `broker scheduler` elsewhere).",
 )
-def serve(config: str | None, bind: str, workers: int, threads: int, no_scheduler: bool) -> None:
+@click.option(
+    "--pid-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="BROKER_PID_FILE",
+    help=PID_FILE_HELP,
+)
+def serve(
+    config: str | None, bind: str, workers: int, threads: int, no_scheduler: bool, pid_file: Path | None
+) -> None:
     """Run the API under gunicorn, with the revocation scheduler beside it.
 
     Run any number of replicas against one database: the scheduler claims work with
-    row locks, so no lease is revoked twice or missed. SIGHUP reloads the policy.
+    row locks, so no lease is revoked twice or missed. SIGHUP reloads the policy
+    (`broker reload` sends it). Exits 2 if the config or policy is bad or the port is taken.
+
+    \b
+    Example:
+      broker migrate --config /etc/broker/broker.yaml
+      broker serve --config /etc/broker/broker.yaml --bind 0.0.0.0:8080 --workers 4
     """
     settings = _settings(config)
     _logging(settings)
     _check_policy(settings)
+    from broker.server import default_pid_file, port_in_use
     from broker.server import serve as run
 
-    run(settings, config, bind=bind, workers=workers, threads=threads, with_scheduler=not no_scheduler)
+    if port_in_use(bind):
+        click.echo(f"serve: {bind} is already in use by another process; choose another --bind", err=True)
+        sys.exit(2)
+    run(
+        settings,
+        config,
+        bind=bind,
+        workers=workers,
+        threads=threads,
+        with_scheduler=not no_scheduler,
+        pid_file=pid_file or default_pid_file(bind),
+    )
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config",
+    envvar="BROKER_CONFIG",
+    help=CONFIG_HELP + " Its policy file is checked first; a bad one is not sent.",
+)
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="The port `broker serve` listens on.",
+)
+@click.option(
+    "--pid-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="BROKER_PID_FILE",
+    help="The pid file `broker serve` wrote [default: the one for --port].",
+)
+def reload(config: str | None, port: int, pid_file: Path | None) -> None:
+    """Reload the policy of a running `broker serve`: check it, then SIGHUP its master.
+
+    The master forwards the signal to its workers and its scheduler; each keeps the old
+    policy if the new one fails to load. Exits 2 if the policy is bad (nothing is sent),
+    1 if no running `broker serve` is found.
+
+    \b
+    Example:
+      broker reload --config /etc/broker/broker.yaml --port 8080
+      broker reload --pid-file /run/broker/serve.pid
+    """
+    import os
+    import signal as signals
+
+    from broker.server import default_pid_file, master_pid
+
+    if config is not None:
+        _check_policy(_settings(config))
+    path = pid_file or default_pid_file(f":{port}")
+    pid = master_pid(path)
+    if pid is None:
+        click.echo(f"reload: no running broker serve found through {path}", err=True)
+        sys.exit(1)
+    os.kill(pid, signals.SIGHUP)
+    click.echo(f"sent SIGHUP to broker serve (pid {pid}); its log says 'policy reloaded' or why not")
 
 
 @main.command()
@@ -102,6 +183,11 @@ def scheduler(config: str | None, metrics_bind: str | None) -> None:
     Run as many as you like against one database: each claims rows with
     FOR UPDATE SKIP LOCKED, so no lease is revoked twice. `broker serve` runs one itself
     unless --no-scheduler.
+
+    \b
+    Example:
+      broker serve --config broker.yaml --no-scheduler    # on each API replica
+      broker scheduler --config broker.yaml --metrics-bind 0.0.0.0:9102
     """
     # First of all: a SIGHUP's default action ends the process, and `broker serve` forwards
     # one on every policy reload, also while this process is still loading. Remembered, it
@@ -126,7 +212,14 @@ def scheduler(config: str | None, metrics_bind: str | None) -> None:
 @main.command()
 @click.option("--config", "config", envvar="BROKER_CONFIG", help=CONFIG_HELP)
 def migrate(config: str | None) -> None:
-    """Bring the database schema to head (safe to run from several replicas at once)."""
+    """Bring the database schema to head (safe to run from several replicas at once).
+
+    Exits 1 if the migration fails, 2 on a config error.
+
+    \b
+    Example:
+      broker migrate --config /etc/broker/broker.yaml
+    """
     settings = _settings(config)
     from broker.migrate import current_revision, upgrade_to_head
 
@@ -162,7 +255,12 @@ def _check_policy(settings: Settings) -> None:
 
 @main.group()
 def audit() -> None:
-    """The tamper-evident audit log."""
+    """The tamper-evident audit log.
+
+    \b
+    Example:
+      broker audit verify --config broker.yaml
+    """
 
 
 @audit.command("verify")

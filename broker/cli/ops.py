@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 import requests
+
+from broker.models import LEASE_STATES, TASK_STATES
 
 URL_HELP = "Broker base URL (default: $BROKER_URL)."
 TOKEN_HELP = "Operator bearer token (default: $BROKER_TOKEN)."  # noqa: S105
@@ -46,12 +49,16 @@ def _connection(func: Any) -> Any:
     return click.option("--url", envvar="BROKER_URL", required=True, help=URL_HELP)(func)
 
 
-def _filters(func: Any) -> Any:
-    for name in ("task-id", "task", "workload", "owner", "state"):
-        func = click.option(f"--{name}", help=f"Only rows with this {name.replace('-', '_')}.")(func)
-    func = click.option("--cursor", help="Continue from the page that printed this cursor.")(func)
-    func = click.option("--limit", type=click.IntRange(1, 500), default=100, show_default=True)(func)
-    return click.option("--json", "as_json", is_flag=True, help="Print the raw JSON page.")(func)
+def _filters(states: tuple[str, ...]) -> Callable[[Any], Any]:
+    def decorate(func: Any) -> Any:
+        for name in ("task-id", "task", "workload", "owner"):
+            func = click.option(f"--{name}", help=f"Only rows with this {name.replace('-', '_')}.")(func)
+        func = click.option("--state", type=click.Choice(states), help="Only rows in this state.")(func)
+        func = click.option("--cursor", help="Continue from the page that printed this cursor.")(func)
+        func = click.option("--limit", type=click.IntRange(1, 500), default=100, show_default=True)(func)
+        return click.option("--json", "as_json", is_flag=True, help="Print the raw JSON page.")(func)
+
+    return decorate
 
 
 def _query(**options: Any) -> dict[str, Any]:
@@ -91,9 +98,15 @@ def leases() -> None:
 
 @leases.command("list")
 @_connection
-@_filters
+@_filters(LEASE_STATES)
 def list_leases(url: str, token: str, as_json: bool, limit: int, **filters: Any) -> None:
-    """List leases, newest first."""
+    """List leases, newest first.
+
+    \b
+    Example:
+      broker leases list --state active --owner alice@example.com
+      broker leases list --workload spiffe://example.org/agents/reporter --json
+    """
     page = Api(url, token).call("GET", "/leases", params=_query(limit=limit, **filters))
     _page(page, as_json, COLUMNS)
 
@@ -102,7 +115,12 @@ def list_leases(url: str, token: str, as_json: bool, limit: int, **filters: Any)
 @_connection
 @click.argument("lease_id")
 def show_lease(url: str, token: str, lease_id: str) -> None:
-    """Show one lease."""
+    """Show one lease.
+
+    \b
+    Example:
+      broker leases show 3f0c2a4e-...
+    """
     click.echo(json.dumps(Api(url, token).call("GET", f"/leases/{lease_id}"), indent=2))
 
 
@@ -111,7 +129,12 @@ def show_lease(url: str, token: str, lease_id: str) -> None:
 @click.argument("lease_id")
 @click.option("--reason", required=True, help="Why; recorded in the audit log.")
 def revoke_lease(url: str, token: str, lease_id: str, reason: str) -> None:
-    """Revoke one lease now."""
+    """Revoke one lease now; exit 1 if Vault did not confirm yet (it is retried).
+
+    \b
+    Example:
+      broker leases revoke 3f0c2a4e-... --reason "INC-1234 suspicious queries"
+    """
     lease = Api(url, token).call("POST", f"/leases/{lease_id}/revoke", json={"reason": reason})
     click.echo(f"{lease['id']}: {lease['state']}")
     if lease["state"] != "revoked":
@@ -128,7 +151,13 @@ def revoke_lease(url: str, token: str, lease_id: str, reason: str) -> None:
 def kill(
     url: str, token: str, reason: str, workload: str | None, owner: str | None, task: str | None
 ) -> None:
-    """Kill switch: revoke every open task matching all the given filters."""
+    """Kill switch: revoke every open task matching all the given filters.
+
+    \b
+    Example:
+      broker leases kill --workload spiffe://example.org/agents/x --reason "agent compromised"
+      broker leases kill --owner alice@example.com --task deploy-prod --reason "offboarding"
+    """
     if not (workload or owner or task):
         raise click.UsageError("name at least one of --workload, --owner or --task")
     body = _query(reason=reason, workload=workload, owner=owner, task=task)
@@ -152,9 +181,15 @@ def tasks() -> None:
 
 @tasks.command("list")
 @_connection
-@_filters
+@_filters(TASK_STATES)
 def list_tasks(url: str, token: str, as_json: bool, limit: int, **filters: Any) -> None:
-    """List tasks, newest first."""
+    """List tasks, newest first.
+
+    \b
+    Example:
+      broker tasks list --state pending_approval
+      broker tasks list --owner alice@example.com --limit 20 --json
+    """
     page = Api(url, token).call("GET", "/tasks", params=_query(limit=limit, **filters))
     _page(page, as_json, ("task_id", "state", "task", "workload", "owner", "expires_at"))
 
@@ -163,5 +198,10 @@ def list_tasks(url: str, token: str, as_json: bool, limit: int, **filters: Any) 
 @_connection
 @click.argument("task_id")
 def show_task(url: str, token: str, task_id: str) -> None:
-    """Show one task with its leases (never secret values)."""
+    """Show one task with its leases (never secret values).
+
+    \b
+    Example:
+      broker tasks show 9b1e7c20-...
+    """
     click.echo(json.dumps(Api(url, token).call("GET", f"/task/{task_id}"), indent=2))

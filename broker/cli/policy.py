@@ -43,7 +43,12 @@ def _fail(message: str, code: int = EXIT_CANNOT_EVALUATE) -> NoReturn:
 
 @click.group(name="policy")
 def policy() -> None:
-    """Check policy files and explain decisions without issuing anything."""
+    """Check policy files and explain decisions without issuing anything.
+
+    \b
+    Example:
+      broker policy check /etc/broker/policy.yaml
+    """
 
 
 # --- check ---------------------------------------------------------------------------------

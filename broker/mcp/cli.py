@@ -81,7 +81,13 @@ def mcp_command(
     http: tuple[str, int] | None,
     log_level: str,
 ) -> None:
-    """Serve the broker's task tools to an MCP client, acting as one workload."""
+    """Serve the broker's task tools to an MCP client, acting as one workload.
+
+    \b
+    Example:
+      broker mcp --url https://broker.example.org --token-file /var/run/secrets/broker/token
+      broker mcp --url http://127.0.0.1:8080 --http 127.0.0.1:8765
+    """
     # stderr only: over stdio, stdout is the protocol.
     logging.basicConfig(
         stream=sys.stderr, level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

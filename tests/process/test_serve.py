@@ -149,6 +149,26 @@ def test_sighup_reloads_the_policy_in_every_worker_and_keeps_it_on_a_bad_file(se
     assert requests.get(f"{served.url}/readyz", timeout=5).status_code == 200
 
 
+def test_broker_reload_signals_this_master_through_its_pid_file(served, issuers, policy_file):
+    import subprocess
+    import sys
+
+    from broker.server import default_pid_file
+
+    port = served.url.rsplit(":", 1)[1]
+    pid_file = default_pid_file(f"127.0.0.1:{port}")
+    assert eventually(pid_file.exists) and pid_file.read_text().strip() == str(served.pid)
+    assert start_status(served, issuers, owner="bob@partner.example") == 403
+    text = policy_file.read_text()
+    policy_file.write_text(text.replace('owners: ["*@example.com"]', 'owners: ["*@example.com", "*@partner.example"]', 1))
+    reload = subprocess.run(
+        [sys.executable, "-m", "broker", "reload", "--port", port], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert reload.returncode == 0, reload.stderr
+    assert f"pid {served.pid}" in reload.stdout
+    assert eventually(lambda: all(start_status(served, issuers, "bob@partner.example") in (201, 429) for _ in range(4)))
+
+
 def test_the_operator_cli_lists_and_revokes_over_rest(served, issuers):
     from click.testing import CliRunner
 
