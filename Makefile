@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# `make dev PORT=8081` when 8080 is taken (without PORT, a free port is used then).
 dev: $(STAMP)
-	$(BIN)/broker dev
+	$(BIN)/broker dev $(if $(PORT),--port $(PORT))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -52,18 +53,73 @@ def _config(stack: Any, directory: Path, spire: Any, sso: Any) -> dict[str, Any]
     }  # fmt: skip
 
 
-def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _wait_ready(url: str, server: subprocess.Popen[bytes], pid_file: Path, timeout: float = 60) -> None:
+    """Until *our* child answers /readyz. Another process on the port may answer it too,
+    so the answer counts only once the child wrote its pid file, which `broker serve`
+    does after it has bound the port."""
+    port = url.rsplit(":", 1)[1]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise click.ClickException("the broker exited during start-up; see the log above")
-        try:
-            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
+            raise click.ClickException(
+                f"the broker exited during start-up (status {server.returncode}); see its log above"
+                f" (if port {port} was taken meanwhile, pick another with --port)"
+            )
+        if _pid_in(pid_file) == server.pid:
+            try:
+                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
         time.sleep(0.2)
     raise click.ClickException(f"the broker did not become ready at {url}")
+
+
+def _pid_in(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _choose_port(asked: int | None, smoke: bool) -> int:
+    from broker.dev.stack.postgres import free_port
+    from broker.server import port_in_use
+
+    if asked is not None:
+        if port_in_use(f"127.0.0.1:{asked}"):
+            raise click.BadParameter(
+                f"port {asked} is in use by another process; pick another (make dev PORT=...)",
+                param_hint="'--port'",
+            )
+        return asked
+    if smoke or port_in_use(f"127.0.0.1:{DEFAULT_PORT}"):
+        port = free_port()
+        if not smoke:
+            click.echo(f"port {DEFAULT_PORT} is in use by another process; using port {port}")
+        return port
+    return DEFAULT_PORT
+
+
+def _lock(workdir: Path) -> Any:
+    """Hold `workdir` for this process, or stop: two stacks must not share one env.sh."""
+    import fcntl
+
+    handle = (workdir / ".lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise click.ClickException(
+            f"another broker dev (pid {holder}) is using {workdir}; stop it, or pass --dir for a second stack"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _example(url: str, env_file: Path, port: int, keep: bool) -> str:
@@ -107,50 +163,96 @@ def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+# Relative to where `broker dev` runs: `make dev` runs it in the checkout.
+DEFAULT_DIR = Path(".broker-dev")
+DEFAULT_PORT = 8080
+
+
 @click.command()
-@click.option("--port", default=8080, show_default=True, help="Port for the broker API.")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help=f"Port for the broker API [default: {DEFAULT_PORT}, or a free one if {DEFAULT_PORT} is taken].",
+)
 @click.option(
     "--dir",
     "directory",
-    type=click.Path(path_type=Path),
-    help="Keep the stack here (default: a temp dir, deleted at exit).",
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Keep env.sh, the config, keys and the stack here, after exit too "
+    f"[default: ./{DEFAULT_DIR}, emptied at exit].",
 )
 @click.option("--smoke", is_flag=True, help="Run the example end to end, print the result and exit.")
-def dev(port: int, directory: Path | None, smoke: bool) -> None:
+def dev(port: int | None, directory: Path | None, smoke: bool) -> None:
     """Start a complete local stack: OpenBao dev server, embedded Postgres, demo policy and
     keys, and the broker itself; then print commands that run one task end to end.
 
+    The commands read ./.broker-dev/env.sh (or DIR/env.sh). Exits 2 if --port is taken,
+    1 if the stack can't start or another `broker dev` uses the same directory; Ctrl-C
+    or SIGTERM stops everything and exits 0.
+
     \b
     Example:
-      broker dev                 # leave it running, paste the printed commands elsewhere
+      broker dev                 # leave it running; in another shell: source .broker-dev/env.sh
+      broker dev --port 8081 --dir /tmp/second-stack   # a second stack beside the first
       broker dev --smoke         # run the example once and exit (what CI checks)
     """
-    from broker.dev.stack import start_stack
-    from broker.dev.stack.postgres import free_port
-
-    workdir = directory or Path(tempfile.mkdtemp(prefix="broker-dev-"))
+    workdir = (directory or DEFAULT_DIR).resolve()
+    port = _choose_port(port, smoke)
     workdir.mkdir(parents=True, exist_ok=True)
-    click.echo(f"starting Postgres and OpenBao under {workdir} ...")
-    stack = start_stack(workdir / "stack")
+    lock = _lock(workdir)
+    # The stack lives in a short temporary path unless kept: Postgres's socket path must
+    # stay under about 100 bytes, and a checkout can be deep.
+    stack_dir = workdir / "stack" if directory else Path(tempfile.mkdtemp(prefix="broker-dev-"))
+    env_file = workdir / "env.sh"
+    env_file.unlink(missing_ok=True)  # a stale one from a killed run must not be sourced
+    try:
+        _run(workdir, stack_dir, env_file, port, smoke, keep=directory is not None)
+    finally:
+        if directory is None:
+            shutil.rmtree(stack_dir, ignore_errors=True)
+            # Only what this run wrote: the directory itself may be the user's.
+            for name in ("env.sh", "broker.yaml", "policy.yaml", "serve.pid"):
+                (workdir / name).unlink(missing_ok=True)
+            for key in workdir.glob("demo-*"):
+                key.unlink(missing_ok=True)
+            (workdir / ".lock").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                workdir.rmdir()  # if nothing else is in it
+        lock.close()
+
+
+def _run(workdir: Path, stack_dir: Path, env_file: Path, port: int, smoke: bool, keep: bool) -> None:
+    from broker.dev.stack import start_stack
+
+    click.echo(f"starting Postgres and OpenBao under {stack_dir} ...")
+    stack = start_stack(stack_dir)
+    try:
+        _serve(workdir, stack, env_file, port, smoke, keep)
+    finally:
+        stack.stop()
+
+
+def _serve(workdir: Path, stack: Any, env_file: Path, port: int, smoke: bool, keep: bool) -> None:
     spire, sso = _issuers(workdir)
     config_path = workdir / "broker.yaml"
     config_path.write_text(yaml.safe_dump(_config(stack, workdir, spire, sso), sort_keys=False))
-    if smoke:
-        port = free_port()
     url = f"http://127.0.0.1:{port}"
     tokens = {
         "AGENT_TOKEN": spire.mint(AGENT),
         "OPERATOR_TOKEN": sso.mint("sre-sam@example.com", groups=["sre"], email="sre-sam@example.com"),
         "APPROVER_TOKEN": sso.mint("dba-dana@example.com", groups=["dba"], email="dba-dana@example.com"),
     }
-    env_file = workdir / "env.sh"
     psql = Path(stack.postgres.bin_dir) / "psql"
     exports = {"BROKER_URL": url, "BROKER_CONFIG": str(config_path), "PSQL": str(psql), **tokens}
     exports["BROKER_TOKEN"] = tokens["OPERATOR_TOKEN"]  # what `broker leases|tasks` send
+    # Where the demo credentials log in; psql reads these (and PGUSER/PGPASSWORD) itself.
+    exports["PGHOST"] = "127.0.0.1"
+    exports["PGPORT"] = str(stack.postgres.port)
     # A keyed audit chain, as production should run: `audit verify` then also catches a row
     # inserted with a recomputed plain hash. In env.sh too, for verify from the user's shell.
     exports["BROKER_AUDIT_KEY"] = secrets.token_hex(32)
-    env_file.write_text("".join(f"export {key}='{value}'\n" for key, value in exports.items()))
+    pid_file = workdir / "serve.pid"
+    pid_file.unlink(missing_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` tears the stack down like Ctrl-C
     server = subprocess.Popen(
         [
@@ -162,6 +264,8 @@ def dev(port: int, directory: Path | None, smoke: bool) -> None:
             str(config_path),
             "--bind",
             f"127.0.0.1:{port}",
+            "--pid-file",
+            str(pid_file),
         ],
         env={
             **os.environ,
@@ -170,13 +274,16 @@ def dev(port: int, directory: Path | None, smoke: bool) -> None:
         },
     )
     try:
-        _wait_ready(url, server)
+        _wait_ready(url, server, pid_file)
+        # Written only now: a stack that never became ready leaves nothing to source.
+        env_file.write_text("".join(f"export {key}='{value}'\n" for key, value in exports.items()))
         if smoke:
             _smoke(url, tokens, stack.postgres.port)
             return
-        click.echo(_example(url, env_file, stack.postgres.port, keep=directory is not None))
+        click.echo(_example(url, env_file, stack.postgres.port, keep=keep))
         click.echo(json.dumps({"config": str(config_path), "env": str(env_file)}))
-        server.wait()
+        status = server.wait()
+        raise click.ClickException(f"the broker exited on its own (status {status}); see its log above")
     except KeyboardInterrupt:
         pass
     finally:
@@ -185,6 +292,3 @@ def dev(port: int, directory: Path | None, smoke: bool) -> None:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
-        stack.stop()
-        if directory is None:
-            shutil.rmtree(workdir, ignore_errors=True)

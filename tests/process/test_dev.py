@@ -1,20 +1,34 @@
-"""`make dev` stays honest: the printed example runs end to end on a fresh local stack."""
+"""`make dev` stays honest: the printed example and the README tour run end to end on a fresh
+local stack, a second `broker dev` either runs beside it or stops with a clear error, and
+`broker dev` never takes another process's answers for its own broker's."""
 
 from __future__ import annotations
 
+import http.server
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
+import click
 import pytest
 
-pytestmark = pytest.mark.slow
+from broker.dev.stack.postgres import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_broker_dev_smoke_runs_the_example_and_tears_down(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "broker", "dev", "--smoke", "--dir", str(tmp_path / "dev")],
         capture_output=True, text=True, timeout=180, check=False,
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "its database user read 3 rows" in result.stdout
     assert "the credentials are refused, as promised" in result.stdout
@@ -23,42 +37,124 @@ def test_broker_dev_smoke_runs_the_example_and_tears_down(tmp_path):
         assert f"export {name}=" in env
 
 
-def test_the_printed_example_runs_as_pasted(tmp_path):
-    """The README's first command prints shell commands; paste them into bash and they work."""
-    import os
-    import re
-    import shutil
-    import signal
-    import time
+def readme_tour() -> str:
+    """The ```sh blocks of README.md's "A 60-second tour" section, in order."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## A 60-second tour", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```sh\n(.*?)^```", section, re.DOTALL | re.MULTILINE)
+    assert blocks, "the tour has no sh block"
+    return "\n".join(blocks)
 
-    from broker.dev.stack.postgres import free_port
 
+def run_script(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    # As a fresh shell would: nothing of the test's own Postgres or broker settings.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "BROKER_"))}
+    return subprocess.run(
+        ["bash", "-c", "set -eu -o pipefail\n" + script],
+        capture_output=True, text=True, timeout=120, env=env, cwd=cwd, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_printed_example_and_the_readme_tour_run_as_pasted_and_a_second_dev_is_refused(tmp_path):
     if shutil.which("curl") is None:
         pytest.skip("the example uses curl")
+    checkout = tmp_path / "checkout"  # where `make dev` runs: env.sh lands in ./.broker-dev
+    checkout.mkdir()
+    port = free_port()
     log = tmp_path / "dev.out"
     with log.open("w") as out:
         dev = subprocess.Popen(
-            [sys.executable, "-m", "broker", "dev", "--dir", str(tmp_path / "dev"), "--port", str(free_port())],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "broker", "dev", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=checkout,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while "Ctrl-C stops" not in log.read_text():
             assert dev.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.5)
+        env_file = checkout / ".broker-dev" / "env.sh"
+        assert f"export BROKER_URL='http://127.0.0.1:{port}'" in env_file.read_text()
+
+        # 1. The printed example, pasted.
         printed = log.read_text().split("In another shell:", 1)[1].split("Ctrl-C stops", 1)[0]
-        script = "set -eu -o pipefail\n" + "\n".join(line.removeprefix("  ") for line in printed.splitlines())
-        # Step 4 says "run step 2's psql again": do, and expect the login to be refused.
-        psql = next(line for line in script.splitlines() if line.startswith("$PSQL "))
-        script += f"\nif {psql}; then echo STILL-WORKS; else echo REFUSED-AFTER-FINISH; fi\n"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "BROKER_"))}
-        ran = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, env=env, check=False)
+        ran = run_script("\n".join(line.removeprefix("  ") for line in printed.splitlines()), checkout)
         output = ran.stdout + ran.stderr
         assert ran.returncode == 0, output[-3000:]
         assert re.search(r"^\s+3\s*$", ran.stdout, re.MULTILINE), output[-3000:]  # psql: count(*) = 3
-        assert '"state": "finished"' in ran.stdout and '"state": "active"' in ran.stdout
-        assert "REFUSED-AFTER-FINISH" in ran.stdout, output[-3000:]
+        assert '"state": "finished"' in ran.stdout and "refused after finish, as promised" in ran.stdout
+        assert "approval: approved" in ran.stdout and "claimed: active with db, token" in ran.stdout
+        assert "deploy task: finished" in ran.stdout, output[-3000:]  # nothing it started is left live
         assert "chain intact" in ran.stdout, output[-3000:]
+        assert "password" not in ran.stdout  # the credentials went to psql, not to the terminal
+
+        # 2. The README's tour, pasted in the checkout.
+        toured = run_script(readme_tour(), checkout)
+        output = toured.stdout + toured.stderr
+        assert toured.returncode == 0, output[-3000:]
+        assert re.search(r"^\s+3\s*$", toured.stdout, re.MULTILINE), output[-3000:]
+        assert '"state": "finished"' in toured.stdout and "refused after finish, as promised" in toured.stdout
+        assert "<task_id>" not in readme_tour() and "password" not in toured.stdout
+
+        # 3. A second `broker dev` on the same directory stops at once, and leaves the first alone.
+        second = subprocess.run(
+            [sys.executable, "-m", "broker", "dev", "--port", str(free_port())],
+            capture_output=True, text=True, timeout=60, cwd=checkout, check=False,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"another broker dev (pid {dev.pid}) is using {checkout / '.broker-dev'}" in second.stderr
+        assert "The broker is ready" not in second.stdout
+        # 4. One on the first's port stops before starting anything, naming the port.
+        third = subprocess.run(
+            [sys.executable, "-m", "broker", "dev", "--port", str(port), "--dir", str(tmp_path / "third")],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert third.returncode == 2, third.stdout + third.stderr
+        assert f"port {port} is in use by another process" in third.stderr
+        assert "starting Postgres" not in third.stdout
+        assert env_file.exists() and dev.poll() is None  # the first stack is untouched
+        assert run_script(f"source {env_file}\ncurl -sf \"$BROKER_URL/readyz\"", checkout).returncode == 0
     finally:
         os.killpg(dev.pid, signal.SIGTERM)
         dev.wait(timeout=60)
+    assert dev.returncode == 0, log.read_text()[-2000:]
+    assert not (checkout / ".broker-dev").exists()  # emptied at exit: nothing stale to source
+
+
+class _Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *_args):
+        pass
+
+
+def test_a_readyz_from_another_process_is_not_taken_for_our_broker(tmp_path):
+    from broker.dev.cli import _wait_ready
+
+    impostor = http.server.HTTPServer(("127.0.0.1", 0), _Ready)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{impostor.server_address[1]}"
+    # Our "broker" never binds the port (as when gunicorn finds it in use) and then exits.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    try:
+        with pytest.raises(click.ClickException, match="exited during start-up"):
+            _wait_ready(url, child, tmp_path / "serve.pid", timeout=20)
+    finally:
+        impostor.shutdown()
+        child.wait()
+
+
+def test_without_port_a_taken_default_port_gives_a_free_one(monkeypatch, capsys):
+    import socket
+
+    from broker.dev import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(cli, "DEFAULT_PORT", taken.getsockname()[1])
+        chosen = cli._choose_port(None, smoke=False)
+    assert chosen != cli.DEFAULT_PORT
+    assert f"port {cli.DEFAULT_PORT} is in use by another process; using port {chosen}" in capsys.readouterr().out
