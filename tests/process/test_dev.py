@@ -122,7 +122,7 @@ def test_the_printed_example_and_the_readme_tour_run_as_pasted_and_a_second_dev_
 
 
 class _Ready(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         self.send_response(200)
         self.end_headers()
 
