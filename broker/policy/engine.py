@@ -17,6 +17,7 @@ because the API answers it with `400 ttl_exceeds_max`, not with a policy denial.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -88,6 +89,10 @@ class RuleResult:
     rule: str
     passed: bool
     detail: str
+    # For a `when` rule: its expression, and the `request.context` keys it reads that the
+    # request did not send (the usual reason a condition fails), so a denial can say both.
+    expression: str | None = None
+    missing_context: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,7 @@ class Policy:
             workloads,
             ttl_rule,
             _check_owners(task, request.owner),
-            *_check_when(task, activation),
+            *_check_when(task, activation, request.context),
             *_check_limits(task, usage),
         )
         approval_required, approval_detail = _approval_requirement(task, activation)
@@ -289,12 +294,31 @@ def _check_owners(task: CompiledTask, owner: str) -> RuleResult:
     return RuleResult(RULE_OWNERS, False, f"{owner!r} matches none of {patterns}")
 
 
-def _check_when(task: CompiledTask, activation: CelActivation) -> list[RuleResult]:
+def _check_when(
+    task: CompiledTask, activation: CelActivation, context: Mapping[str, Any]
+) -> list[RuleResult]:
     results = []
     for index, rule in enumerate(task.when):
         outcome = activation.evaluate(rule)
-        results.append(RuleResult(when_rule_name(index), outcome.passed, outcome.detail))
+        missing = () if outcome.passed else context_keys_missing(rule.source, context)
+        results.append(
+            RuleResult(when_rule_name(index), outcome.passed, outcome.detail, rule.source, missing)
+        )
     return results
+
+
+# `request.context.key`, `request.context["key"]`, `"key" in request.context`, `has(request.context.key)`.
+_CONTEXT_KEY = re.compile(
+    r"""request\.context\.([A-Za-z_][A-Za-z0-9_]*)"""
+    r"""|request\.context\[\s*["']([^"']+)["']\s*\]"""
+    r"""|["']([^"']+)["']\s+in\s+request\.context\b"""
+)
+
+
+def context_keys_missing(source: str, context: Mapping[str, Any]) -> tuple[str, ...]:
+    """The top-level `request.context` keys `source` names that `context` lacks, in order."""
+    named = [next(group for group in match.groups() if group) for match in _CONTEXT_KEY.finditer(source)]
+    return tuple(dict.fromkeys(key for key in named if key not in context))
 
 
 def _check_limits(task: CompiledTask, usage: Usage) -> list[RuleResult]:

@@ -315,5 +315,13 @@ def _denial(decision: Decision) -> Exception:
         return LimitExceeded(
             f"{rule}: limit reached, retry later", retry_after=decision.retry_after_seconds or 1, rule=rule
         )
-    why = _DENIAL_TEXT.get(rule, "the condition is not met")
+    failed = next((result for result in decision.rules if result.rule == rule), None)
+    if failed is not None and failed.expression is not None:
+        # A `when` rule is a condition on the request: the caller can only meet it if told
+        # what it says and what the request lacked (docs/policy.md#rules-and-their-names).
+        why = f"the condition `{failed.expression}` is not met"
+        if failed.missing_context:
+            why += f"; the request's context has no {', '.join(map(repr, failed.missing_context))}"
+    else:
+        why = _DENIAL_TEXT.get(rule, "the condition is not met")
     return PolicyDenied(f"{rule}: {why}", rule=rule)

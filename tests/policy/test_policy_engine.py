@@ -606,3 +606,20 @@ def test_the_contracts_example_policy_admits_whom_it_says(identity: Identity, al
     assert decision.allowed is allowed, decision.detail
     if not allowed:
         assert decision.failed_rule == "workloads"
+
+
+@pytest.mark.parametrize(
+    ("source", "context", "missing"),
+    [
+        ('request.context.environment == "prod"', {}, ("environment",)),
+        ('request.context.environment == "prod"', {"environment": "dev"}, ()),
+        ('request.context["change-ticket"] != "" && request.context.env == "x"', {"env": "x"}, ("change-ticket",)),
+        ('"ticket" in request.context && has(request.context.team)', {}, ("ticket", "team")),
+        ("request.context.a == request.context.a", {}, ("a",)),
+        ('workload.claims.ref == "main"', {}, ()),
+    ],
+)
+def test_context_keys_missing_are_the_ones_the_expression_names(source, context, missing):
+    from broker.policy.engine import context_keys_missing
+
+    assert context_keys_missing(source, context) == missing

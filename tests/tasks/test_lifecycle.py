@@ -150,6 +150,18 @@ def test_a_denial_names_the_failed_rule(client, issuers):
     assert response.get_json()["detail"].startswith("workloads")
 
 
+def test_a_when_denial_quotes_the_condition_and_names_the_missing_context_keys(client, issuers):
+    condition = 'request.context.environment in ["dev", "staging", "prod"]'
+    unmet = start(client, issuers, context={"environment": "moon"}).get_json()
+    assert unmet["detail"] == f"when[0]: the condition `{condition}` is not met"
+    assert unmet["rule"] == "when[0]"
+    missing = start(client, issuers, context={"env": "prod"}).get_json()
+    assert missing["detail"] == f"when[0]: the condition `{condition}` is not met; the request's context has no 'environment'"
+    # The patterns of the other rules stay hidden.
+    other = start(client, issuers, sub="spiffe://example.org/robots/x").get_json()
+    assert "spiffe://example.org/agents" not in other["detail"]
+
+
 def test_limits_answer_429_with_retry_after(client, issuers):
     for _ in range(3):
         assert start(client, issuers).status_code == 201
