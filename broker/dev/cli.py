@@ -124,7 +124,7 @@ def _lock(workdir: Path) -> Any:
 
 def _example(url: str, env_file: Path, port: int, keep: bool) -> str:
     template = (Path(__file__).parent / "data" / "example.txt").read_text()
-    cleanup = "" if keep else f" and deletes {env_file.parent}"
+    cleanup = "" if keep else f", and removes what it wrote to {env_file.parent}"
     broker = Path(sys.executable).parent / "broker"
     return template.format(url=url, env_file=env_file, port=port, cleanup=cleanup, broker=broker)
 
@@ -196,6 +196,7 @@ def dev(port: int | None, directory: Path | None, smoke: bool) -> None:
       broker dev --port 8081 --dir /tmp/second-stack   # a second stack beside the first
       broker dev --smoke         # run the example once and exit (what CI checks)
     """
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` tears the stack down like Ctrl-C
     workdir = (directory or DEFAULT_DIR).resolve()
     port = _choose_port(port, smoke)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +254,6 @@ def _serve(workdir: Path, stack: Any, env_file: Path, port: int, smoke: bool, ke
     exports["BROKER_AUDIT_KEY"] = secrets.token_hex(32)
     pid_file = workdir / "serve.pid"
     pid_file.unlink(missing_ok=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` tears the stack down like Ctrl-C
     server = subprocess.Popen(
         [
             sys.executable,
