@@ -204,6 +204,13 @@ class NotifySettings(_Strict):
         return value
 
 
+class TracingSettings(_Strict):
+    # `otlp`: OTLP over HTTP to the endpoint the standard OTEL_EXPORTER_OTLP_* variables
+    # name (needs the `otel` extra); `console`: spans printed to stdout, for a first look.
+    exporter: Literal["otlp", "console"] = "otlp"
+    service_name: str = "credential-broker"
+
+
 class AuditSettings(_Strict):
     # Name of the environment variable holding the HMAC key for the audit chain. Without
     # the key the chain is plain SHA-256: it still detects edits by anyone who doesn't
@@ -225,6 +232,9 @@ class Settings(_Strict):
     # `text` for a terminal; `json` for a collector: one object a line with the request id,
     # route, status, task and workload of the request it belongs to.
     log_format: Literal["text", "json"] = "text"
+    # OpenTelemetry spans for requests and their policy, Vault and database steps; off
+    # (and free) unless set.
+    tracing: TracingSettings | None = None
 
     @field_validator("database_url")
     @classmethod

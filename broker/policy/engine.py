@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from broker import tracing
 from broker.credentials import CredentialSpec
 from broker.errors import TtlExceedsMax, UnknownTask
 from broker.identity.types import Identity
@@ -175,6 +176,10 @@ class Policy:
 
     def evaluate(self, identity: Identity, request: TaskRequest, usage: Usage, now: dt.datetime) -> Decision:
         """Decide on `request`; raises `UnknownTask` and `TtlExceedsMax`, nothing else."""
+        with tracing.span("policy.evaluate", **{"broker.task": request.task}):
+            return self._evaluate(identity, request, usage, now)
+
+    def _evaluate(self, identity: Identity, request: TaskRequest, usage: Usage, now: dt.datetime) -> Decision:
         task = self.task(request.task)
         workloads = _check_workloads(task, identity)
         try:

@@ -32,6 +32,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.response import BaseHTTPResponse
 
+from broker import tracing
 from broker.vault.errors import VaultRejected, VaultUnavailable
 from broker.vault.transport import ConnectFailed, DirectTransport, tls_context
 
@@ -148,7 +149,8 @@ class VaultHTTP:
             headers["Content-Type"] = "application/json"
         target = path + ("?" + urlencode(params, doseq=True) if params else "")
         try:
-            status, data = self._exchange(method, target, body, headers)
+            with tracing.span("vault", **{"vault.operation": operation}):
+                status, data = self._exchange(method, target, body, headers)
         except ConnectFailed as error:
             raise VaultUnavailable(operation, error.reason, sent=False) from None
         except TimeoutError:
