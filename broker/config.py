@@ -39,7 +39,9 @@ ISSUER_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 # Names that would make `<name>:<sub>` read as (or be) a URI: `spiffe` would give the very
 # ids a SPIFFE issuer gives; the others would look like URLs or URNs in audit rows, globs
 # and certificate names.
-RESERVED_ISSUER_NAMES = frozenset({"spiffe", "http", "https", "urn", "uri", "url", "did", "file", "mailto", "data"})
+RESERVED_ISSUER_NAMES = frozenset(
+    {"spiffe", "http", "https", "urn", "uri", "url", "did", "file", "mailto", "data"}
+)
 
 
 def _trusted_url(uri: str) -> bool:
