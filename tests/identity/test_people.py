@@ -1,7 +1,4 @@
-"""People's names: one normal form, and the spellings refused (broker/identity/people.py).
-
-Look-alike letters are written as escapes on purpose: the point is that they can't be seen.
-"""
+"""People's names: one normal form, and the spellings refused (broker/identity/people.py)."""
 
 from __future__ import annotations
 
@@ -18,62 +15,12 @@ from broker.identity.people import (
     normalise_person,
     same_person_key,
 )
+from tests.support.people import CONTROLS, INVISIBLES, respellings
+from tests.support.people import owners as owner_names
 
 CYRILLIC_A = "\u0430"
 GREEK_OMICRON = "\u03bf"
-# Characters that render as nothing (or as a space) and so hide a difference.
-INVISIBLES = [
-    "\u200b",  # zero-width space
-    "\u200c",  # zero-width non-joiner
-    "\u200d",  # zero-width joiner
-    "\u200e",  # left-to-right mark
-    "\u200f",  # right-to-left mark
-    "\u202e",  # right-to-left override
-    "\u2066",  # left-to-right isolate
-    "\u2060",  # word joiner
-    "\ufeff",  # byte order mark
-    "\u00ad",  # soft hyphen
-    "\u034f",  # combining grapheme joiner
-    "\u115f",  # Hangul choseong filler
-    "\u1160",  # Hangul jungseong filler
-    "\u3164",  # Hangul filler
-    "\uffa0",  # halfwidth Hangul filler
-    "\ufe0f",  # variation selector 16
-    "\U000e0100",  # variation selector 17
-    "\u180e",  # Mongolian vowel separator
-    "\u2800",  # braille pattern blank
-    "\U000e0041",  # tag latin capital a
-]
-CONTROLS = ["\t", "\n", "\r", "\x00", "\x0b", "\x1b", "\x7f", "\x85", "\u2028", "\u2029"]
-
-_local = st.from_regex(r"[a-z][a-z0-9._-]{0,12}", fullmatch=True)
-_domain = st.from_regex(r"[a-z][a-z0-9-]{0,8}\.(com|org|net)", fullmatch=True)
-owners = st.builds(lambda local, domain: f"{local}@{domain}", _local, _domain)
-
-
-def _fullwidth(char: str) -> str:
-    # FF01..FF5E are the fullwidth forms of ASCII 21..7E; NFKC maps them back.
-    return chr(ord(char) - 0x21 + 0xFF01) if "!" <= char <= "~" else char
-
-
-@st.composite
-def respellings(draw: st.DrawFn, name: str, *, invisible: bool = True) -> str:
-    """`name` as a person would read it: other case, fullwidth letters, invisible characters,
-    surrounding whitespace."""
-    forms = {
-        "same": lambda c: c,
-        "upper": str.upper,
-        "fullwidth": _fullwidth,
-        "fullwidth-upper": lambda c: _fullwidth(c.upper()),
-    }
-    chars = []
-    for char in name:
-        chars.append(forms[draw(st.sampled_from(sorted(forms)))](char))
-        if invisible and draw(st.integers(0, 5)) == 0:
-            chars.append(draw(st.sampled_from(INVISIBLES)))
-    lead = draw(st.sampled_from(["", " ", "\u3000", "\u00a0"]))
-    trail = draw(st.sampled_from(["", " ", "  ", "\u3000", "\u00a0"]))
-    return lead + "".join(chars) + trail
+owners = owner_names()
 
 
 @given(st.data(), owners)
