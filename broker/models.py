@@ -181,11 +181,15 @@ class Approval(Base):
         CheckConstraint(_in("decision", DECISIONS), name="decision"),
         # One vote per approver per task: a second vote by the same identity is refused.
         UniqueConstraint("task_id", "approver"),
+        # ...and by the same person through another issuer (broker/identity/people.py).
+        UniqueConstraint("task_id", "person"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="RESTRICT"))
     approver: Mapped[str] = mapped_column(Text)
+    # The normalised name the vote counts under: verified email, else subject.
+    person: Mapped[str] = mapped_column(Text)
     decision: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(500))
     request_hash: Mapped[str] = mapped_column(String(64))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -11,19 +10,33 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from broker.errors import ValidationFailed
+from broker.identity.people import check_person, check_text, normalise_person
 from broker.models import LEASE_STATES, TASK_STATES
 from broker.operator.service import Filters
 from broker.policy import TaskRequest
 
-# NUL can't be stored by Postgres and bidi/control characters hide what an approver reads.
-_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 MAX_CONTEXT_DEPTH = 8
 
 
 def printable(value: str) -> str:
-    if _UNPRINTABLE.search(value):
-        raise ValueError("must not contain control or bidirectional-override characters")
+    """Refuse control characters (tab and line breaks too), bidi and invisible ones.
+
+    NUL can't be stored by Postgres, and the rest hide or reorder what an approver reads:
+    a line break in a purpose can fake a second field, a bidi override reverses text.
+    """
+    check_text(value)
     return value
+
+
+def person(value: str) -> str:
+    """An owner: refused if it hides characters or mixes look-alike scripts, else normalised.
+
+    Stored, matched against `owners` globs and compared with approvers in this one form, so
+    `Alice@Example.com ` and `alice@example.com` are one owner everywhere (the kill
+    switch and the operator filters included).
+    """
+    check_person(value)
+    return normalise_person(value)
 
 
 def _depth(value: Any, level: int = 0) -> int:
@@ -49,12 +62,17 @@ class StartTask(_Body):
     ttl_seconds: Annotated[int, Field(gt=0)] | None = None
     context: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("task", "owner", "purpose")
+    @field_validator("task", "purpose")
     @classmethod
     def _no_control(cls, value: str) -> str:
         return printable(value)
 
-    @field_validator("owner", "purpose")
+    @field_validator("owner")
+    @classmethod
+    def _one_person(cls, value: str) -> str:
+        return person(value)
+
+    @field_validator("purpose")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
@@ -133,6 +151,12 @@ class ListQuery(BaseModel):
     limit: Annotated[int, Field(ge=1)] | None = None
     cursor: str | None = None
 
+    @field_validator("owner")
+    @classmethod
+    def _owner_form(cls, value: str | None) -> str | None:
+        # Owners are stored normalised (`person`); a filter is matched in the same form.
+        return None if value is None else person(value)
+
     def filters(self) -> Filters:
         return Filters(self.state, self.owner, self.workload, self.task, self.task_id)
 
@@ -174,6 +198,11 @@ class AuditQuery(BaseModel):
     def _known(cls, value: str | None) -> str | None:
         return _one_of(value, TASK_STATES)
 
+    @field_validator("owner")
+    @classmethod
+    def _owner_form(cls, value: str | None) -> str | None:
+        return None if value is None else person(value)
+
     @field_validator("since", mode="before")
     @classmethod
     def _rfc3339(cls, value: Any) -> Any:
@@ -211,10 +240,15 @@ class KillSwitchBody(RevokeBody):
     owner: Annotated[str, StringConstraints(min_length=1)] | None = None
     task: Annotated[str, StringConstraints(min_length=1)] | None = None
 
-    @field_validator("workload", "owner", "task")
+    @field_validator("workload", "task")
     @classmethod
     def _printable_filter(cls, value: str | None) -> str | None:
         return None if value is None else printable(value)
+
+    @field_validator("owner")
+    @classmethod
+    def _owner_form(cls, value: str | None) -> str | None:
+        return None if value is None else person(value)
 
     @model_validator(mode="after")
     def _scoped(self) -> KillSwitchBody:

@@ -410,7 +410,7 @@ def _compile_task(name: str, spec: TaskPolicy, issues: list[PolicyIssue]) -> Com
         name=name,
         spec=spec,
         workloads=tuple(CompiledWorkload.from_spec(workload) for workload in spec.workloads),
-        owners=tuple(Glob(owner) for owner in spec.owners),
+        owners=tuple(Glob(owner, person=True) for owner in spec.owners),
         when=when_rules,
         approval=approval,
         cel_variables=frozenset().union(*(rule.variables for rule in expressions)),
