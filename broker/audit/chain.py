@@ -30,6 +30,7 @@ from sqlalchemy import BigInteger, Connection, Table, Text, bindparam, event, fu
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.canonical import canonical_json
 from broker.clock import Clock, rfc3339
 from broker.models import AuditEvent, AuditHead, Lease, Task
 
@@ -89,10 +90,6 @@ def record(
     )
 
 
-def canonical(fields: Mapping[str, Any]) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
 def chained_fields(
     id: uuid.UUID,
     at: datetime,
@@ -118,9 +115,12 @@ def chained_fields(
 
 
 def row_mac(fields: Mapping[str, Any], key: bytes | None) -> str:
+    # Over the fields as Postgres gives them back, not as they were sent: the writer and
+    # every later reader must hash the same bytes (`broker.canonical`).
+    message = canonical_json(fields)
     if key:
-        return hmac.new(key, canonical(fields), hashlib.sha256).hexdigest()
-    return hashlib.sha256(canonical(fields)).hexdigest()
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return hashlib.sha256(message).hexdigest()
 
 
 def link_hash(prev_hash: str, mac: str, key: bytes | None) -> str:
