@@ -226,7 +226,8 @@ class AuditEvent(Base):
 
 
 class AuditHead(Base):
-    """The newest link (`seq` is its chain_seq), so a deleted chain end is detected too."""
+    """The newest link (`seq` is its chain_seq), so a deleted chain end is detected too,
+    and `key_check` (`broker.audit.chain.key_check`): which audit key the chain is under."""
 
     __tablename__ = "audit_head"
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
@@ -234,6 +235,7 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+    key_check: Mapped[str | None] = mapped_column(String(64))
 
 
 class UsedJti(Base):

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker import metrics
 from broker.approvals.notify import Notifier
 from broker.audit import record
+from broker.canonical import stored_form
 from broker.clock import Clock, rfc3339
 from broker.credentials import CredentialSpec
 from broker.db import unit_of_work
@@ -48,7 +49,10 @@ class StartResult:
 def request_hash(task: Task, credentials: Mapping[str, CredentialSpec]) -> str:
     """Binds an approval to this exact request: who, which task, for whom, why, how long,
     with what context, and which credentials the policy would issue for it. A policy
-    change to the task's credentials between approval and claim voids the approval."""
+    change to the task's credentials between approval and claim voids the approval.
+
+    The context as Postgres gives it back: the claim hashes the stored row, the start the
+    request, and both must agree (`broker.canonical`)."""
     canonical = json.dumps(
         {
             "workload": task.workload,
@@ -56,7 +60,7 @@ def request_hash(task: Task, credentials: Mapping[str, CredentialSpec]) -> str:
             "owner": task.owner,
             "purpose": task.purpose,
             "ttl_seconds": task.ttl_seconds,
-            "context": task.context,
+            "context": stored_form(task.context),
             "credentials": {name: spec.model_dump(mode="json") for name, spec in credentials.items()},
         },
         sort_keys=True,
