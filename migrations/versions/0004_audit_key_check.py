@@ -11,8 +11,8 @@ the key: every row's MAC is such an HMAC already.
 Left NULL here (a migration has no key); the first seal after the upgrade fills it in
 once the newest link verifies under the sealer's key.
 
-Revision ID: 0003_audit_key_check
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 
 from collections.abc import Sequence
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_audit_key_check"
-down_revision: str | None = "0002"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
