@@ -9,7 +9,7 @@ from flask import Blueprint, jsonify
 
 from broker import logs
 from broker.api.common import caller, json_body, services
-from broker.api.render import credentials_json, pending_json, task_json
+from broker.api.render import credentials_json, task_json, waiting_json
 from broker.api.schemas import FinishTask, StartTask, TaskRef
 from broker.tasks.service import TaskService
 
@@ -29,7 +29,7 @@ def start() -> Any:
     task = result.task
     logs.annotate(task_id=str(task.id))
     if result.credentials is None:
-        return jsonify(pending_json(task)), 202
+        return jsonify(waiting_json(task)), 202
     response = task_json(task)
     response["credentials"] = credentials_json(result.credentials)
     return jsonify(response), 201

@@ -13,6 +13,7 @@ vouch for them (docs/security.md, "Separation of duties").
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Select, and_, func, or_, select
@@ -55,6 +56,16 @@ def _workload_names(task: Task) -> set[str]:
     if task.workload.startswith(prefix):
         names.add(task.workload[len(prefix) :])
     return {same_person_key(name) for name in names}
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A task waiting for approval, as its approvers see it."""
+
+    task: Task
+    would_issue: tuple[tuple[str, str], ...]  # (credential name, kind)
+    approver_groups: tuple[str, ...]
+    min_approvals: int
 
 
 def person_of(identity: Identity) -> str:
@@ -188,7 +199,40 @@ class ApprovalService:
             return 1
         return approval.min_approvals if approval is not None else 1
 
-    def pending_for(self, approver: Identity, limit: int, cursor: str | None = None) -> Page[Task]:
+    def pending_one(self, approver: Identity, task_id: uuid.UUID) -> Pending:
+        """One task that waits for this approver's decision; anything else is 404, so an
+        approver learns nothing of tasks they may not decide."""
+        with unit_of_work(self._sessions) as session:
+            task = load_task(session, task_id)
+            if task is None or not self._waits_for(approver, task, session):
+                raise NotFound("no task waits for your decision under that id")
+        return self._pending(task)
+
+    def _waits_for(self, approver: Identity, task: Task, session: Session) -> bool:
+        if task.state != "pending_approval" or task.approved_at is not None:
+            return False
+        now = session.scalar(select(func.now()))
+        lapses = task.approval_expires_at
+        return (
+            lapses is not None and now is not None and lapses > now and self._may_decide_now(approver, task)
+        )
+
+    def _pending(self, task: Task) -> Pending:
+        """What the approver decides on: the request, and what the policy would issue for it
+        now (names and kinds: no role, mount or path, which only operators see)."""
+        try:
+            compiled = self._policies.current().task(task.task)
+        except UnknownTask:
+            return Pending(task, (), (), 1)
+        approval = compiled.approval
+        return Pending(
+            task=task,
+            would_issue=tuple((name, spec.kind) for name, spec in compiled.credentials.items()),
+            approver_groups=tuple(sorted(approval.groups)) if approval else (),
+            min_approvals=approval.min_approvals if approval else 1,
+        )
+
+    def pending_for(self, approver: Identity, limit: int, cursor: str | None = None) -> Page[Pending]:
         """Tasks waiting for a decision that this approver may make, oldest first.
 
         Which tasks an approver may decide depends on the policy and on who they are, so
@@ -206,7 +250,8 @@ class ApprovalService:
                 after = (rows[-1].created_at, rows[-1].id)
         more = len(visible) > limit
         items = visible[:limit]
-        return Page(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
+        cursor_out = encode_cursor(items[-1].created_at, items[-1].id) if more else None
+        return Page([self._pending(task) for task in items], cursor_out)
 
     def _may_decide_now(self, approver: Identity, task: Task) -> bool:
         try:
