@@ -151,7 +151,7 @@ def tls_approle(tls_bao) -> VaultAuth:
 
 
 def _tls_login(addr: str, auth: VaultAuth, **settings: Any) -> BrokerLogin:
-    """Built after the test set its CA variables: the CA is read then, as VaultHTTP reads it."""
+    """Called after the test set its CA variables: each login session reads them when opened."""
     return BrokerLogin(VaultSettings(addr=addr, auth=auth, timeout_seconds=5, **settings), SystemClock())
 
 
