@@ -99,7 +99,7 @@ class VaultGateway:
             namespace=settings.namespace,
             pool_size=2,
         )
-        self._login = BrokerLogin(settings.auth, self._http, self._clock)
+        self._login = BrokerLogin(settings, self._clock)
         # Until when no renew is tried, after Vault refused `sys/leases/renew` to the broker
         # (a policy that predates it; a while, not for good: a stale token gives 403 too).
         self._no_renew_until = 0.0
