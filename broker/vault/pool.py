@@ -28,7 +28,8 @@ from datetime import datetime, timedelta
 from broker.clock import Clock, SystemClock
 from broker.credentials import CredentialSpec
 from broker.vault.errors import VaultError
-from broker.vault.gateway import TaskToken, VaultGateway
+from broker.vault.gateway import VaultGateway
+from broker.vault.types import TaskToken
 from broker.vault.policies import task_token_policies
 
 log = logging.getLogger(__name__)
