@@ -29,8 +29,8 @@ from broker.clock import Clock, SystemClock
 from broker.credentials import CredentialSpec
 from broker.vault.errors import VaultError
 from broker.vault.gateway import VaultGateway
-from broker.vault.types import TaskToken
 from broker.vault.policies import task_token_policies
+from broker.vault.types import TaskToken
 
 log = logging.getLogger(__name__)
 
