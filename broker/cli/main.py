@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from broker.cli.approvals import approvals
+from broker.cli.audit import audit_export, audit_tail
 from broker.cli.ops import leases, tasks
 from broker.cli.policy import policy
 from broker.client.cli import exec_command
@@ -162,7 +163,18 @@ def _check_policy(settings: Settings) -> None:
 
 @main.group()
 def audit() -> None:
-    """The tamper-evident audit log."""
+    """The tamper-evident audit log: verify it, follow it, export it.
+
+    \b
+    Examples:
+      broker audit verify --config broker.yaml
+      broker audit tail --config broker.yaml --follow
+      broker audit export --config broker.yaml --since 2026-12-01T00:00:00Z > audit.jsonl
+    """
+
+
+audit.add_command(audit_tail)
+audit.add_command(audit_export)
 
 
 @audit.command("verify")
