@@ -1,4 +1,5 @@
-"""The tables: tasks, their leases, approvals, the audit chain and spent token ids, and their states.
+"""The tables: tasks, their leases, approvals, the audit chain, spent token ids and pooled task
+tokens, and their states.
 
 Rows are read and written through `broker.ledger`; this module only declares them.
 
@@ -251,3 +252,32 @@ class SchedulerHeartbeat(Base):
     job: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_success_at: Mapped[datetime] = mapped_column(_tz())
     runner: Mapped[str] = mapped_column(Text)
+
+
+class PooledToken(Base):
+    """A task token a process minted ahead of its task and holds in its pool, unused.
+
+    Every live task token is on record in exactly one place: here while pooled, on its
+    task (`tasks.token_accessor`) from the start that takes it. The start deletes this row
+    in the transaction that records the task, and a finish that hands a token back to its
+    pool writes it again in the transaction that releases it, so no handover leaves it
+    unrecorded. `lease_until` is the holder's promise that it is alive; the holder renews
+    it while it runs, and once it passes the scheduler revokes the token (docs/contract.md §6.2).
+    """
+
+    __tablename__ = "task_tokens"
+    __table_args__ = (
+        # The scheduler's claim: tokens whose holder stopped renewing.
+        Index("ix_task_tokens_lease_until", "lease_until"),
+        # A holder's renewal touches its own rows only.
+        Index("ix_task_tokens_holder", "holder"),
+    )
+
+    accessor: Mapped[str] = mapped_column(String(128), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64))
+    # hostname:pid:nonce of the process that holds it; the nonce tells a restarted pid apart.
+    holder: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+    # Vault's own end of the token: past it there is nothing left to revoke.
+    expires_at: Mapped[datetime] = mapped_column(_tz())
+    lease_until: Mapped[datetime] = mapped_column(_tz())

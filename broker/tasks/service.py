@@ -29,12 +29,12 @@ from broker.db import unit_of_work
 from broker.errors import Conflict, LimitExceeded, NotFound, PolicyDenied, UnknownTask
 from broker.identity import Identity
 from broker.leases.revoker import Revoker
-from broker.ledger import insert_task, load_task, lock_and_count, read_task, write_back_end
+from broker.ledger import insert_task, load_task, lock_and_count, read_task, take_pooled, write_back_end
 from broker.models import TERMINAL_TASK_STATES, Task
 from broker.policy import CompiledTask, Decision, PolicySnapshot, PolicyStore, TaskRequest, Usage
 from broker.tasks.issuing import IssuedCredential, Issuer, deadline
-from broker.vault import TaskToken, VaultGateway
-from broker.vault.pool import TaskTokenPool
+from broker.vault import TaskToken, VaultGateway, VaultUnavailable
+from broker.vault.pool import RecordedToken, TaskTokenPool
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class TaskService:
         tokens: TaskTokenPool | None = None,
     ) -> None:
         self._notifier = notifier or Notifier(None)
-        self._tokens = tokens or TaskTokenPool(vault, clock, depth=0)
+        self._tokens = tokens or TaskTokenPool(vault, clock, depth=0)  # records nothing: holds nothing
         self._sessions = sessions
         self._policies = policies
         self._vault = vault
@@ -180,7 +180,8 @@ class TaskService:
                     task=task,
                     detail={"ttl_seconds": task.ttl_seconds},
                 )
-                insert_task(session, task)
+                if not insert_task(session, task, pooled_token=isinstance(tokens[0], RecordedToken)):
+                    raise self._reclaimed()
         if task.token_accessor is None:
             for unused in tokens:  # a limit said no under the lock
                 self._tokens.give_back(
@@ -216,9 +217,19 @@ class TaskService:
             token = self._issuer.token_for(compiled, task.ttl_seconds)
             tokens.append(token)
             task.token_accessor = token.accessor
+            if isinstance(token, RecordedToken) and not take_pooled(session, token.accessor):
+                raise self._reclaimed()
             record(session, self._clock, "task.claimed", identity.id, task=task)
         active, credentials = self._issuer.issue(task, token, identity.id, compiled, actor=identity.id)
         return StartResult(task=active, credentials=credentials)
+
+    def _reclaimed(self) -> Exception:
+        """The pooled token a start took was revoked by the scheduler: this process's
+        lease on its pool had lapsed (the database was out of reach for longer than the
+        lease), so the rest of its pool goes too. Rare; the client retries (503)."""
+        log.warning("a pooled task token was reclaimed before its start recorded it; pool dropped")
+        self._tokens.forfeit_ready()
+        return VaultUnavailable("task token", "the pooled token was reclaimed; retry")
 
     # ---- finish and read ---------------------------------------------------------------
 
@@ -236,9 +247,11 @@ class TaskService:
                     trigger="finish",
                     outcome=final_outcome,
                 )
-                if self._token_reusable(task):
+                # The released token is recorded as pooled again in the same commit.
+                back = self._tokens.pool_record(task.id) if self._token_reusable(task) else None
+                if back is not None:
                     task.token_released_at = task.finished_at
-                write_back_end(session, task)
+                write_back_end(session, task, back_to_pool=back)
         if task.token_released_at is not None:
             self._tokens.give_back_used(task.id)  # only now: the release is committed
         return task
