@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar, cast
 
 from psycopg import Connection, Cursor
+from psycopg.errors import UniqueViolation
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import Select, String, Table, any_, bindparam, delete, func, select, update
@@ -90,6 +91,8 @@ _INSERT_AUDIT = _insert(_AUDIT, _AUDIT_COLUMNS)
 # Guarded: a finish or the kill switch that ended the task meanwhile leaves nothing to move.
 _ACTIVATE = "UPDATE tasks SET state = 'active' WHERE id = %(task_id)s AND state = 'issuing' RETURNING id"
 _TASK = _select(_TASKS, "id = %(task_id)s")
+_KEYED = _select(_TASKS, "workload = %(workload)s AND idempotency_key = %(key)s")  # its unique index
+_RELEASE_KEY = "UPDATE tasks SET idempotency_key = NULL WHERE id = %(task_id)s"
 _TASK_LOCKED = _select(_TASKS, "id = %(task_id)s", "FOR UPDATE")
 _LEASES_OF = _select(_LEASES, "task_id = %(task_id)s", "ORDER BY name")
 _LEASES_OF_MANY = (
@@ -135,19 +138,58 @@ _ABANDON_POOLED = (
 _TAKE_POOLED = "DELETE FROM task_tokens WHERE accessor = %(accessor)s RETURNING accessor"
 
 
-def lock_and_count(session: Session, *, lock_key: int, workload: str, task: str) -> tuple[datetime, Usage]:
-    """Take the workload's advisory lock, then count its open and recent tasks of `task`.
+class Admission(NamedTuple):
+    now: datetime
+    usage: Usage
+    # The task the start's Idempotency-Key already names, if any (with no leases loaded).
+    keyed: Task | None
+
+
+def lock_and_count(
+    session: Session, *, lock_key: int, workload: str, task: str, idempotency_key: str | None = None
+) -> Admission:
+    """Take the workload's advisory lock, then count its open and recent tasks of `task`,
+    and find the task `idempotency_key` names.
 
     One round trip, and still exact: Postgres runs the count after the lock is granted,
-    with a snapshot of its own, so a start that committed while we waited is counted.
+    with a snapshot of its own, so a start that committed while we waited is counted
+    (and a retry of a start that committed while we waited finds it).
     The database's clock, so every replica measures deadlines against one time.
     """
     with pipelined(session) as connection:
         clock = connection.execute(_LOCK_AND_NOW, {"key": lock_key})
         counts = connection.execute(USAGE_QUERY, {"workload": workload, "task": task})
+        keyed = (
+            connection.cursor(row_factory=dict_row).execute(
+                _KEYED, {"workload": workload, "key": idempotency_key}
+            )
+            if idempotency_key is not None
+            else None
+        )
     (now,) = _one(clock)
     active, started = _one(counts)
-    return now, Usage(active_for_workload=int(active), starts_last_minute=int(started))
+    row = keyed.fetchone() if keyed is not None else None
+    return Admission(
+        now,
+        Usage(active_for_workload=int(active), starts_last_minute=int(started)),
+        _row_object(Task, row) if row is not None else None,
+    )
+
+
+IDEMPOTENCY_INDEX = "uq_tasks_workload_idempotency_key"
+
+
+def idempotency_clash(error: BaseException) -> bool:
+    """Whether `error` is a task INSERT refused because its workload's key names another
+    task: two starts with one key under different locks (task types) at once."""
+    cause = getattr(error, "orig", None) or error
+    return isinstance(cause, UniqueViolation) and cause.diag.constraint_name == IDEMPOTENCY_INDEX
+
+
+def release_idempotency_key(session: Session, task_id: uuid.UUID) -> None:
+    """Take the key off a task that no longer holds it, so a new task can (one per key)."""
+    with pipelined(session) as connection:
+        connection.execute(_RELEASE_KEY, {"task_id": task_id})
 
 
 def insert_task(session: Session, task: Task, *, pooled_token: bool = False) -> bool:

@@ -93,6 +93,15 @@ class Task(Base):
                 "token_accessor IS NOT NULL AND token_revoked_at IS NULL AND token_released_at IS NULL"
             ),
         ),
+        # One task per workload and Idempotency-Key (docs/api.md#idempotent-starts): the
+        # backstop for two starts with one key racing under different workload locks.
+        Index(
+            "uq_tasks_workload_idempotency_key",
+            "workload",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
         Index("ix_tasks_owner_created", "owner", "created_at"),
         Index("ix_tasks_created", "created_at", "id"),
         Index("ix_tasks_task_created", "task", "created_at"),
@@ -124,6 +133,10 @@ class Task(Base):
     # task of the type; the scheduler does not retire a released token.
     token_released_at: Mapped[datetime | None] = mapped_column(_tz())
     policy_version: Mapped[str | None] = mapped_column(String(64))
+    # The start's Idempotency-Key, and the SHA-256 of the request it came with: a retry
+    # with the key is answered from this task, and one with another request is refused.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    idempotency_hash: Mapped[str | None] = mapped_column(String(64))
 
     leases: Mapped[list[Lease]] = relationship(
         back_populates="task_row", order_by="Lease.name", lazy="selectin"

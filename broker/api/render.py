@@ -31,6 +31,19 @@ def lease_json(lease: Lease) -> dict[str, Any]:
     }
 
 
+def pending_json(task: Task) -> dict[str, Any]:
+    """A start's answer when the task waits for approval (and a retry's, with its key)."""
+    return {
+        "task_id": str(task.id),
+        "state": task.state,
+        "task": task.task,
+        "owner": task.owner,
+        "purpose": task.purpose,
+        "workload": task.workload,
+        "approval_expires_at": rfc3339(task.approval_expires_at),
+    }
+
+
 def task_json(task: Task, *, with_leases: bool = True) -> dict[str, Any]:
     body: dict[str, Any] = {
         "task_id": str(task.id),

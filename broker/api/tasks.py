@@ -5,12 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 
 from broker.api.common import caller, json_body, services
-from broker.api.render import credentials_json, task_json
-from broker.api.schemas import FinishTask, StartTask, TaskRef
-from broker.clock import rfc3339
+from broker.api.render import credentials_json, pending_json, task_json
+from broker.api.schemas import FinishTask, StartTask, TaskRef, idempotency_key
 from broker.tasks.service import TaskService
 
 bp = Blueprint("tasks", __name__)
@@ -23,21 +22,13 @@ def task_service() -> TaskService:
 @bp.post("/task/start")
 def start() -> Any:
     identity = caller("workload")
+    key = idempotency_key(request.headers.getlist("Idempotency-Key"))
     body = json_body(StartTask)
     body.check_context_size(services().settings.limits.max_context_bytes)
-    result = task_service().start(identity, body.request())
-    task = result.task
+    result = task_service().start(identity, body.request(), idempotency_key=key)
     if result.credentials is None:
-        return jsonify(
-            task_id=str(task.id),
-            state=task.state,
-            task=task.task,
-            owner=task.owner,
-            purpose=task.purpose,
-            workload=task.workload,
-            approval_expires_at=rfc3339(task.approval_expires_at),
-        ), 202
-    response = task_json(task)
+        return jsonify(pending_json(result.task)), 202
+    response = task_json(result.task)
     response["credentials"] = credentials_json(result.credentials)
     return jsonify(response), 201
 
