@@ -335,7 +335,7 @@ class TaskTokenPool:
                 return
             try:
                 if work.adopt is not None:
-                    self._pool(work.key, self._record(work.key, [work.adopt]))
+                    self._adopt(work.key, work.adopt)
                 elif work.specs is not None:
                     self._refill(work.key, work.specs)
             except VaultError as error:
@@ -356,6 +356,14 @@ class TaskTokenPool:
                 pooled = self._pool(key, self._record(key, minted))
             if not pooled:
                 return
+
+    def _adopt(self, key: PoolKey, token: TaskToken) -> None:
+        with self._lock:
+            room = len(self._ready.get(key, ())) < max(self._depth, 1) * _MAX_READY_FACTOR
+        if room:
+            self._pool(key, self._record(key, [token]))
+        else:  # refused starts hand back more than starts take
+            self._revoke_quietly(token)
 
     def _record(self, key: PoolKey, tokens: list[TaskToken]) -> list[RecordedToken]:
         """Commit `tokens` as held here (renewing every lease of this holder with them);
@@ -379,7 +387,8 @@ class TaskTokenPool:
                 self._ready.setdefault(key, deque()).extend(tokens)
                 self._start_renewing()
                 return True
-        self._revoke_all(tokens)  # recorded while the pool was closing
+        self._revoke_all(tokens)  # recorded while the pool was closing: drop their rows too
+        self._write([])
         return False
 
     # -- the lease --------------------------------------------------------------------

@@ -88,10 +88,10 @@ def test_close_revokes_what_is_pooled_and_forgets_its_rows(gateway, sessions):
     pool.take(task="pool-close", specs=SPECS, ttl_max=300, ttl_needed=60)
     wait_for_depth(pool, 2)
     pooled = [token for ready in pool._ready.values() for token in ready]
-    assert set(rows(sessions)) == {token.accessor for token in pooled}
+    assert set(rows(sessions, pool.holder)) == {token.accessor for token in pooled}
     pool.close()
     assert pooled and not any(alive(gateway, token) for token in pooled)
-    assert rows(sessions) == {}
+    assert rows(sessions, pool.holder) == {}
 
 
 def test_a_lent_token_is_forgotten_after_its_tasks_deadline_and_never_pooled_twice(gateway, sessions):
