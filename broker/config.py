@@ -93,6 +93,9 @@ class VaultSettings(_Strict):
     # the task's token for the next task of the same type instead of revoking it; false:
     # every task gets a token of its own that is revoked when the task ends.
     task_token_reuse: bool = True
+    # How long a process's hold on its pooled tokens lasts unless renewed (every third of
+    # it): after a crash, the scheduler revokes them this long after the last renewal.
+    task_token_lease_seconds: float = Field(default=30.0, ge=1, le=600)
     verify_tls: bool = True
 
     @field_validator("addr")

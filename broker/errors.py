@@ -59,6 +59,10 @@ class Conflict(BrokerError):
     title = "The request conflicts with the current state"
 
 
+class IdempotencyKeyReused(BrokerError):
+    title = "The Idempotency-Key was used for a different request"
+
+
 class BodyTooLarge(BrokerError):
     title = "The request body is too large"
 

@@ -78,7 +78,12 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
     revoker = Revoker(vault, clock, backoff)
     notifier = Notifier(settings.notify)
     token_pool = TaskTokenPool(
-        vault, clock, depth=settings.vault.task_token_pool, reuse=settings.vault.task_token_reuse
+        vault,
+        clock,
+        sessions=sessions,
+        depth=settings.vault.task_token_pool,
+        reuse=settings.vault.task_token_reuse,
+        lease_seconds=settings.vault.task_token_lease_seconds,
     )
     return Services(
         settings=settings,

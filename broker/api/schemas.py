@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -99,6 +100,33 @@ class StartTask(_Body):
             ttl_seconds=self.ttl_seconds,
             context=self.context,
         )
+
+
+MAX_IDEMPOTENCY_KEY = 255
+# A structured field string (RFC 8941 §3.3.3): printable ASCII, `"` and `\` escaped.
+_QUOTED_KEY = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+# Bare, as most clients send it. No comma: WSGI joins a repeated header with ", ", and a
+# key sent twice must not pass as one key.
+_BARE_KEY = re.compile(r"[\x20-\x2b\x2d-\x7e]*")
+
+
+def idempotency_key(values: list[str]) -> str | None:
+    """The Idempotency-Key header (draft-ietf-httpapi-idempotency-key-header): opaque,
+    1 to 255 printable ASCII characters, once; a structured field string or bare."""
+    if not values:
+        return None
+    value = values[0]
+    if value.startswith('"'):  # then it is a quoted string, or nothing
+        quoted = _QUOTED_KEY.fullmatch(value)
+        value = re.sub(r"\\(.)", r"\1", quoted.group(1)) if quoted else ""
+    elif not _BARE_KEY.fullmatch(value):
+        value = ""
+    if len(values) > 1 or not 0 < len(value) <= MAX_IDEMPOTENCY_KEY:
+        raise ValidationFailed(
+            f"'Idempotency-Key': must be sent once, 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII"
+            ' characters, bare (no comma) or as a quoted string ("...")'
+        )
+    return value
 
 
 class TaskRef(_Body):
