@@ -275,8 +275,7 @@ def test_with_a_key_of_its_own_the_caller_gets_the_conflict_and_decides():
     from broker.client.errors import Conflict, StartAnswerLost
 
     answer = {"code": "conflict", "detail": "already started", "task_id": "5b0cf1f4-6d3c-4f43-8f4c-4f7b7cf4d2a1"}
-    with fake_server(lambda request: Reply(409, answer)) as (url, seen):
-        with pytest.raises(Conflict) as raised:
-            BrokerClient(url, "t").start("t", owner="o", purpose=PURPOSE, idempotency_key="build-42")
+    with fake_server(lambda request: Reply(409, answer)) as (url, seen), pytest.raises(Conflict) as raised:
+        BrokerClient(url, "t").start("t", owner="o", purpose=PURPOSE, idempotency_key="build-42")
     assert not isinstance(raised.value, StartAnswerLost)
     assert [request.path for request in seen] == ["/task/start"]
