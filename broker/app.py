@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
 
+from broker import tracing
 from broker.api.problems import register_error_handlers
 from broker.config import Settings
 from broker.services import Services, build_services
@@ -44,6 +48,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     register_error_handlers(app)
     _register_blueprints(app)
     _time_requests(app)
+    if services.settings.tracing is not None:
+        app.wsgi_app = tracing.TracingMiddleware(app.wsgi_app, _route_of(app))  # type: ignore[method-assign]
     return app
 
 
@@ -78,6 +84,17 @@ def _time_requests(app: Flask) -> None:
     @app.teardown_request
     def _ended(_error: BaseException | None) -> None:
         logs.end_request()
+
+
+def _route_of(app: Flask) -> Callable[[dict[str, Any]], str]:
+    def route(environ: dict[str, Any]) -> str:
+        try:
+            rule, _ = app.url_map.bind_to_environ(environ).match(return_rule=True)
+        except HTTPException:
+            return "unmatched"
+        return str(rule.rule)
+
+    return route
 
 
 def _register_blueprints(app: Flask) -> None:

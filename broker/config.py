@@ -30,6 +30,19 @@ SPIFFE_ALGORITHMS = ASYMMETRIC_ALGORITHMS - {"EdDSA"}
 
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 
+# An OIDC workload id is `<issuer name>:<sub>` and a SPIFFE one is the bare SPIFFE ID, so
+# the name is what keeps ids of different issuers apart (broker/identity/ids.py has the
+# proof). No `:` (the id's first `:` ends the name), lowercase only (approvals compare ids
+# case-insensitively, so `Corp` and `corp` would meet there), no `.`, `+` or `_` (nothing
+# a URI scheme may hold that a name could be confused with).
+ISSUER_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+# Names that would make `<name>:<sub>` read as (or be) a URI: `spiffe` would give the very
+# ids a SPIFFE issuer gives; the others would look like URLs or URNs in audit rows, globs
+# and certificate names.
+RESERVED_ISSUER_NAMES = frozenset(
+    {"spiffe", "http", "https", "urn", "uri", "url", "did", "file", "mailto", "data"}
+)
+
 
 def _trusted_url(uri: str) -> bool:
     parsed = urlsplit(uri)
@@ -86,6 +99,9 @@ class VaultSettings(_Strict):
     # the task's token for the next task of the same type instead of revoking it; false:
     # every task gets a token of its own that is revoked when the task ends.
     task_token_reuse: bool = True
+    # How long a process's hold on its pooled tokens lasts unless renewed (every third of
+    # it): after a crash, the scheduler revokes them this long after the last renewal.
+    task_token_lease_seconds: float = Field(default=30.0, ge=1, le=600)
     verify_tls: bool = True
 
     @field_validator("addr")
@@ -101,7 +117,7 @@ class VaultSettings(_Strict):
 
 
 class IssuerSettings(_Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+    name: Annotated[str, Field(pattern=ISSUER_NAME_PATTERN)]
     issuer: Annotated[str, Field(min_length=1)]
     jwks_file: FilePath | None = None
     jwks_uri: str | None = None
@@ -117,6 +133,13 @@ class IssuerSettings(_Strict):
     jwks_cache_seconds: int = Field(default=300, gt=0)
     jwks_refresh_cooldown_seconds: int = Field(default=30, ge=0)
     jwks_stale_seconds: int = Field(default=3600, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_scheme(cls, value: str) -> str:
+        if value in RESERVED_ISSUER_NAMES:
+            raise ValueError(f"{value!r} is reserved: workload ids '{value}:<sub>' would read as URIs")
+        return value
 
     @field_validator("use", mode="before")
     @classmethod
@@ -210,6 +233,13 @@ class NotifySettings(_Strict):
         return value
 
 
+class TracingSettings(_Strict):
+    # `otlp`: OTLP over HTTP to the endpoint the standard OTEL_EXPORTER_OTLP_* variables
+    # name (needs the `otel` extra); `console`: spans printed to stdout, for a first look.
+    exporter: Literal["otlp", "console"] = "otlp"
+    service_name: str = "credential-broker"
+
+
 class AuditSettings(_Strict):
     # Name of the environment variable holding the HMAC key for the audit chain. Without
     # the key the chain is plain SHA-256: it still detects edits by anyone who doesn't
@@ -231,6 +261,9 @@ class Settings(_Strict):
     # `text` for a terminal; `json` for a collector: one object a line with the request id,
     # route, status, task and workload of the request it belongs to.
     log_format: Literal["text", "json"] = "text"
+    # OpenTelemetry spans for requests and their policy, Vault and database steps; off
+    # (and free) unless set.
+    tracing: TracingSettings | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -248,6 +281,12 @@ class Settings(_Strict):
         isses = [i.issuer for i in self.issuers]
         if len(set(isses)) != len(isses):
             raise ValueError("two issuers share one 'issuer' (iss) value")
+        domains = [i.trust_domain for i in self.issuers if i.kind == "spiffe"]
+        shared = sorted({d for d in domains if d is not None and domains.count(d) > 1})
+        if shared:
+            # The SPIFFE ID is the workload id: two issuers for one trust domain would each
+            # be able to speak for the other's workloads.
+            raise ValueError(f"one spiffe issuer per trust domain: {shared} has more")
         return self
 
     @property

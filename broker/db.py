@@ -17,6 +17,8 @@ from sqlalchemy import Engine, MetaData, create_engine, event
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
+from broker import tracing
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -107,8 +109,9 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
     """Commit on success, roll back on any error; connection failures become DatabaseUnavailable."""
     session = factory()
     try:
-        yield session
-        session.commit()
+        with tracing.span("db.transaction"):
+            yield session
+            session.commit()
     except BaseException as error:
         with contextlib.suppress(Exception):  # a dead connection can't roll back either
             session.rollback()

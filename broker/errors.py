@@ -65,6 +65,10 @@ class MalformedBody(BrokerError):
     title = "Bad request"
 
 
+class IdempotencyKeyReused(BrokerError):
+    title = "The Idempotency-Key was used for a different request"
+
+
 class BodyTooLarge(BrokerError):
     title = "The request body is too large"
 

@@ -9,7 +9,8 @@ trips and a finish three where they cost eighteen between them. The SQL is spell
 objects: what the renderers and the `Revoker` work with anyway, without the ORM's unit of
 work, which was the largest single item of the worker's CPU on this path.
 
-This module is the only reader and writer of tasks and leases: every service and the
+This module is the only reader and writer of tasks and leases (and of pooled task tokens,
+whose handover to a task happens in the task's own statements): every service and the
 scheduler come here. Two kinds of object come out of it:
 - from `read_task(s)`: session-less; changing one persists nothing by itself. What ending
   a task may change (`Revoker.TASK_FIELDS`, `Revoker.LEASE_FIELDS`) is written back with
@@ -24,12 +25,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from psycopg import Connection, Cursor
+from psycopg.errors import UniqueViolation
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from sqlalchemy import Select, Table, any_, bindparam, func, select, update
+from sqlalchemy import Select, String, Table, any_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session, configure_mappers, joinedload, lazyload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -37,13 +39,22 @@ from sqlalchemy.orm.attributes import set_committed_value
 from broker.audit.chain import pending_rows
 from broker.db import pipelined
 from broker.leases.revoker import Revoker
-from broker.models import TASK_OPEN_STATES, TERMINAL_TASK_STATES, Approval, AuditEvent, Lease, Task
+from broker.models import (
+    TASK_OPEN_STATES,
+    TERMINAL_TASK_STATES,
+    Approval,
+    AuditEvent,
+    Lease,
+    PooledToken,
+    Task,
+)
 from broker.policy import Usage
 
 _TASKS = cast(Table, Task.__table__)
 _LEASES = cast(Table, Lease.__table__)
 _APPROVALS = cast(Table, Approval.__table__)
 _AUDIT = cast(Table, AuditEvent.__table__)
+_POOLED = cast(Table, PooledToken.__table__)
 _JSON_COLUMNS = frozenset({"context", "detail"})
 
 
@@ -80,6 +91,8 @@ _INSERT_AUDIT = _insert(_AUDIT, _AUDIT_COLUMNS)
 # Guarded: a finish or the kill switch that ended the task meanwhile leaves nothing to move.
 _ACTIVATE = "UPDATE tasks SET state = 'active' WHERE id = %(task_id)s AND state = 'issuing' RETURNING id"
 _TASK = _select(_TASKS, "id = %(task_id)s")
+_KEYED = _select(_TASKS, "workload = %(workload)s AND idempotency_key = %(key)s")  # its unique index
+_RELEASE_KEY = "UPDATE tasks SET idempotency_key = NULL WHERE id = %(task_id)s"
 _TASK_LOCKED = _select(_TASKS, "id = %(task_id)s", "FOR UPDATE")
 _LEASES_OF = _select(_LEASES, "task_id = %(task_id)s", "ORDER BY name")
 _LEASES_OF_MANY = (
@@ -102,27 +115,96 @@ def _update(table: Table, fields: Sequence[str]) -> str:
 _TASK_ENDED = _update(_TASKS, _TASK_ENDED_FIELDS)
 _LEASE_ENDED = _update(_LEASES, _LEASE_ENDED_FIELDS)
 
+# Pooled task tokens. Leases run on the database's clock, the one the scheduler judges them by.
+_RECORD_POOLED = (
+    "INSERT INTO task_tokens (accessor, task, holder, expires_at, lease_until)"
+    " VALUES (%(accessor)s, %(task)s, %(holder)s, %(expires_at)s,"
+    " now() + make_interval(secs => %(lease_seconds)s))"
+    " ON CONFLICT (accessor) DO UPDATE SET task = excluded.task, holder = excluded.holder,"
+    " lease_until = excluded.lease_until"
+)
+_RENEW_POOLED = (
+    "UPDATE task_tokens SET lease_until = now() + make_interval(secs => %(lease_seconds)s)"
+    " WHERE holder = %(holder)s"
+)
+# What Vault expired has nothing left to revoke; its holder drops the row as it renews.
+_DROP_EXPIRED = "DELETE FROM task_tokens WHERE holder = %(holder)s AND expires_at <= now()"
+_FORGET_POOLED = "DELETE FROM task_tokens WHERE accessor = ANY(%(accessors)s)"
+# A token its holder could not revoke: no longer held, so the scheduler's next claim takes it.
+_ABANDON_POOLED = (
+    "UPDATE task_tokens SET holder = '', lease_until = now() WHERE accessor = ANY(%(accessors)s)"
+)
+# The handover to a task: gone means the scheduler reclaimed (revoked) the token first.
+_TAKE_POOLED = "DELETE FROM task_tokens WHERE accessor = %(accessor)s RETURNING accessor"
 
-def lock_and_count(session: Session, *, lock_key: int, workload: str, task: str) -> tuple[datetime, Usage]:
-    """Take the workload's advisory lock, then count its open and recent tasks of `task`.
+
+class Admission(NamedTuple):
+    now: datetime
+    usage: Usage
+    # The task the start's Idempotency-Key already names, if any (with no leases loaded).
+    keyed: Task | None
+
+
+def lock_and_count(
+    session: Session, *, lock_key: int, workload: str, task: str, idempotency_key: str | None = None
+) -> Admission:
+    """Take the workload's advisory lock, then count its open and recent tasks of `task`,
+    and find the task `idempotency_key` names.
 
     One round trip, and still exact: Postgres runs the count after the lock is granted,
-    with a snapshot of its own, so a start that committed while we waited is counted.
+    with a snapshot of its own, so a start that committed while we waited is counted
+    (and a retry of a start that committed while we waited finds it).
     The database's clock, so every replica measures deadlines against one time.
     """
     with pipelined(session) as connection:
         clock = connection.execute(_LOCK_AND_NOW, {"key": lock_key})
         counts = connection.execute(USAGE_QUERY, {"workload": workload, "task": task})
+        keyed = (
+            connection.cursor(row_factory=dict_row).execute(
+                _KEYED, {"workload": workload, "key": idempotency_key}
+            )
+            if idempotency_key is not None
+            else None
+        )
     (now,) = _one(clock)
     active, started = _one(counts)
-    return now, Usage(active_for_workload=int(active), starts_last_minute=int(started))
+    row = keyed.fetchone() if keyed is not None else None
+    return Admission(
+        now,
+        Usage(active_for_workload=int(active), starts_last_minute=int(started)),
+        _row_object(Task, row) if row is not None else None,
+    )
 
 
-def insert_task(session: Session, task: Task) -> None:
-    """INSERT the task and the session's queued audit events, in one round trip."""
+IDEMPOTENCY_INDEX = "uq_tasks_workload_idempotency_key"
+
+
+def idempotency_clash(error: BaseException) -> bool:
+    """Whether `error` is a task INSERT refused because its workload's key names another
+    task: two starts with one key under different locks (task types) at once."""
+    cause = getattr(error, "orig", None) or error
+    return isinstance(cause, UniqueViolation) and cause.diag.constraint_name == IDEMPOTENCY_INDEX
+
+
+def release_idempotency_key(session: Session, task_id: uuid.UUID) -> None:
+    """Take the key off a task that no longer holds it, so a new task can (one per key)."""
     with pipelined(session) as connection:
+        connection.execute(_RELEASE_KEY, {"task_id": task_id})
+
+
+def insert_task(session: Session, task: Task, *, pooled_token: bool = False) -> bool:
+    """INSERT the task and the session's queued audit events, in one round trip.
+
+    With `pooled_token` the task's token comes from a pool and its `task_tokens` row is
+    deleted in the same round trip: from this commit on the task row alone records it.
+    False when that row was gone (the scheduler reclaimed the token): the caller must
+    roll back and not use the token.
+    """
+    with pipelined(session) as connection:
+        taken = connection.execute(_TAKE_POOLED, {"accessor": task.token_accessor}) if pooled_token else None
         connection.execute(_INSERT_TASK, _values(task, _TASK_COLUMNS))
         _insert_audit(session, connection)
+    return taken is None or taken.fetchone() is not None
 
 
 def activate_with_leases(session: Session, task_id: uuid.UUID, leases: Sequence[Lease]) -> bool:
@@ -180,19 +262,88 @@ def read_tasks(session: Session, claim: Select[Any]) -> list[Task]:
     return tasks
 
 
-def write_back_end(session: Session, task: Task) -> None:
-    """Persist what ending changed on a task from `read_task`, with the queued audit events."""
-    write_back_ended(session, [task])
+def write_back_end(session: Session, task: Task, *, back_to_pool: PoolRecord | None = None) -> None:
+    """Persist what ending changed on a task from `read_task`, with the queued audit events.
+
+    `back_to_pool`: the task released its token to its process's pool; the token is
+    recorded as pooled in the same round trip, so it is never off the record.
+    """
+    with pipelined(session) as connection:
+        _write_back(session, connection, [task])
+        if back_to_pool is not None:
+            connection.execute(_RECORD_POOLED, back_to_pool._asdict())
 
 
 def write_back_ended(session: Session, tasks: Sequence[Task]) -> None:
     """`write_back_end` for many tasks, in one round trip."""
     with pipelined(session) as connection:
-        connection.cursor().executemany(_TASK_ENDED, [_values(task, _TASK_ENDED_FIELDS) for task in tasks])
-        ended_leases = [_values(lease, _LEASE_ENDED_FIELDS) for task in tasks for lease in task.leases]
-        if ended_leases:
-            connection.cursor().executemany(_LEASE_ENDED, ended_leases)
-        _insert_audit(session, connection)
+        _write_back(session, connection, tasks)
+
+
+def _write_back(session: Session, connection: Connection[Any], tasks: Sequence[Task]) -> None:
+    connection.cursor().executemany(_TASK_ENDED, [_values(task, _TASK_ENDED_FIELDS) for task in tasks])
+    ended_leases = [_values(lease, _LEASE_ENDED_FIELDS) for task in tasks for lease in task.leases]
+    if ended_leases:
+        connection.cursor().executemany(_LEASE_ENDED, ended_leases)
+    _insert_audit(session, connection)
+
+
+# -- pooled task tokens (docs/contract.md §6.2) ------------------------------------------
+
+
+class PoolRecord(NamedTuple):
+    """A pooled token as its holder records it."""
+
+    accessor: str
+    task: str
+    expires_at: datetime
+    holder: str
+    lease_seconds: float
+
+
+def record_pooled(
+    session: Session, *, holder: str, lease_seconds: float, tokens: Sequence[PoolRecord] = (),
+    forget: Sequence[str] = (), abandon: Sequence[str] = (),
+) -> None:  # fmt: skip
+    """Record `tokens`, renew `holder`'s lease on every token it holds, drop the rows of
+    `forget` (tokens it revoked) and of its tokens Vault has expired, and hand `abandon`
+    (tokens it could not revoke) to the scheduler: one round trip."""
+    params = {"holder": holder, "lease_seconds": lease_seconds}
+    with pipelined(session) as connection:
+        if tokens:
+            connection.cursor().executemany(_RECORD_POOLED, [token._asdict() for token in tokens])
+        connection.execute(_RENEW_POOLED, params)
+        connection.execute(_DROP_EXPIRED, params)
+        if forget:
+            connection.execute(_FORGET_POOLED, {"accessors": list(forget)})
+        if abandon:  # after the renewal, which would renew them too
+            connection.execute(_ABANDON_POOLED, {"accessors": list(abandon)})
+
+
+def take_pooled(session: Session, accessor: str) -> bool:
+    """`insert_task`'s handover for an ORM-loaded task (a claim); False if reclaimed."""
+    taken = session.execute(
+        delete(PooledToken).where(PooledToken.accessor == accessor).returning(PooledToken.accessor)
+    )
+    return taken.first() is not None
+
+
+def lapsed_pooled(limit: int = 20) -> Select[str, str, bool]:
+    """Pooled tokens whose holder stopped renewing its lease, the longest lapsed first
+    (ix_task_tokens_lease_until); `expired`: Vault already dropped the token."""
+    return (
+        select(
+            PooledToken.accessor, PooledToken.holder, (PooledToken.expires_at <= func.now()).label("expired")
+        )
+        .where(PooledToken.lease_until < func.now())
+        .order_by(PooledToken.lease_until)
+        .limit(limit)
+    )
+
+
+FORGET_POOLED = _POOLED.delete().where(
+    _POOLED.c.accessor == any_(bindparam("accessors", type_=ARRAY(String)))
+)
 
 
 # Spent task tokens one sweeper thread retires per transaction: claim, UPDATE and commit

@@ -35,6 +35,9 @@ PENDING_REVOCATIONS = Gauge(
 ORPHANS_RECONCILED = Counter(
     "broker_orphans_reconciled_total", "Vault tokens or leases no task owned, revoked"
 )
+POOLED_TOKENS_RECLAIMED = Counter(
+    "broker_pooled_tokens_reclaimed_total", "Pooled task tokens of dead processes, revoked by the scheduler"
+)
 LAST_SWEEP = Gauge(
     "broker_scheduler_last_success_timestamp_seconds",
     "Unix time of the last successful run of each scheduler job",

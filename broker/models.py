@@ -1,4 +1,5 @@
-"""The tables: tasks, their leases, approvals, the audit chain and spent token ids, and their states.
+"""The tables: tasks, their leases, approvals, the audit chain, spent token ids and pooled task
+tokens, and their states.
 
 Rows are read and written through `broker.ledger`; this module only declares them.
 
@@ -92,6 +93,15 @@ class Task(Base):
                 "token_accessor IS NOT NULL AND token_revoked_at IS NULL AND token_released_at IS NULL"
             ),
         ),
+        # One task per workload and Idempotency-Key (docs/api.md#idempotent-starts): the
+        # backstop for two starts with one key racing under different workload locks.
+        Index(
+            "uq_tasks_workload_idempotency_key",
+            "workload",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
         Index("ix_tasks_owner_created", "owner", "created_at"),
         Index("ix_tasks_created", "created_at", "id"),
         Index("ix_tasks_task_created", "task", "created_at"),
@@ -123,6 +133,10 @@ class Task(Base):
     # task of the type; the scheduler does not retire a released token.
     token_released_at: Mapped[datetime | None] = mapped_column(_tz())
     policy_version: Mapped[str | None] = mapped_column(String(64))
+    # The start's Idempotency-Key, and the SHA-256 of the request it came with: a retry
+    # with the key is answered from this task, and one with another request is refused.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    idempotency_hash: Mapped[str | None] = mapped_column(String(64))
 
     leases: Mapped[list[Lease]] = relationship(
         back_populates="task_row", order_by="Lease.name", lazy="selectin"
@@ -181,11 +195,15 @@ class Approval(Base):
         CheckConstraint(_in("decision", DECISIONS), name="decision"),
         # One vote per approver per task: a second vote by the same identity is refused.
         UniqueConstraint("task_id", "approver"),
+        # ...and by the same person through another issuer (broker/identity/people.py).
+        UniqueConstraint("task_id", "person"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="RESTRICT"))
     approver: Mapped[str] = mapped_column(Text)
+    # The normalised name the vote counts under: verified email, else subject.
+    person: Mapped[str] = mapped_column(Text)
     decision: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(500))
     request_hash: Mapped[str] = mapped_column(String(64))
@@ -222,7 +240,8 @@ class AuditEvent(Base):
 
 
 class AuditHead(Base):
-    """The newest link (`seq` is its chain_seq), so a deleted chain end is detected too."""
+    """The newest link (`seq` is its chain_seq), so a deleted chain end is detected too,
+    and `key_check` (`broker.audit.chain.key_check`): which audit key the chain is under."""
 
     __tablename__ = "audit_head"
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
@@ -230,6 +249,7 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+    key_check: Mapped[str | None] = mapped_column(String(64))
 
 
 class UsedJti(Base):
@@ -251,3 +271,32 @@ class SchedulerHeartbeat(Base):
     job: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_success_at: Mapped[datetime] = mapped_column(_tz())
     runner: Mapped[str] = mapped_column(Text)
+
+
+class PooledToken(Base):
+    """A task token a process minted ahead of its task and holds in its pool, unused.
+
+    Every live task token is on record in exactly one place: here while pooled, on its
+    task (`tasks.token_accessor`) from the start that takes it. The start deletes this row
+    in the transaction that records the task, and a finish that hands a token back to its
+    pool writes it again in the transaction that releases it, so no handover leaves it
+    unrecorded. `lease_until` is the holder's promise that it is alive; the holder renews
+    it while it runs, and once it passes the scheduler revokes the token (docs/contract.md §6.2).
+    """
+
+    __tablename__ = "task_tokens"
+    __table_args__ = (
+        # The scheduler's claim: tokens whose holder stopped renewing.
+        Index("ix_task_tokens_lease_until", "lease_until"),
+        # A holder's renewal touches its own rows only.
+        Index("ix_task_tokens_holder", "holder"),
+    )
+
+    accessor: Mapped[str] = mapped_column(String(128), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64))
+    # hostname:pid:nonce of the process that holds it; the nonce tells a restarted pid apart.
+    holder: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+    # Vault's own end of the token: past it there is nothing left to revoke.
+    expires_at: Mapped[datetime] = mapped_column(_tz())
+    lease_until: Mapped[datetime] = mapped_column(_tz())

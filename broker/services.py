@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker import tracing
 from broker.approvals.notify import Notifier
 from broker.approvals.service import ApprovalService
 from broker.audit import AuditRecorder
@@ -58,6 +59,7 @@ class Services:
 
 def build_services(settings: Settings, *, clock: Clock | None = None, pool_size: int = 10) -> Services:
     clock = clock or SystemClock()
+    tracing.configure(settings.tracing)
     engine = make_engine(settings.sqlalchemy_url, pool_size=pool_size)
     sessions = make_session_factory(engine)
     audit_key = os.environ.get(settings.audit.key_env, "").encode() or None
@@ -76,7 +78,12 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
     revoker = Revoker(vault, clock, backoff)
     notifier = Notifier(settings.notify)
     token_pool = TaskTokenPool(
-        vault, clock, depth=settings.vault.task_token_pool, reuse=settings.vault.task_token_reuse
+        vault,
+        clock,
+        sessions=sessions,
+        depth=settings.vault.task_token_pool,
+        reuse=settings.vault.task_token_reuse,
+        lease_seconds=settings.vault.task_token_lease_seconds,
     )
     return Services(
         settings=settings,

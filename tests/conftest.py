@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_POLICY = ROOT / "broker" / "dev" / "data" / "policy.yaml"
 # Task types the integration tests need (every credential kind, a broken one, short ttls).
 TEST_POLICY = ROOT / "tests" / "support" / "policy.yaml"
-LEDGER_TABLES = "audit_events, audit_head, approvals, leases, tasks, used_jtis, scheduler_heartbeats"
+LEDGER_TABLES = (
+    "audit_events, audit_head, approvals, leases, tasks, used_jtis, scheduler_heartbeats, task_tokens"
+)
 
 
 @pytest.fixture(scope="session")

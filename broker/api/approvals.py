@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from broker.api.common import caller, json_body, query_args, services
-from broker.api.render import task_json
+from broker.api.render import pending_json, task_json
 from broker.api.schemas import Decide, PendingQuery
 from broker.paging import clamp_limit
 
@@ -28,6 +28,10 @@ def pending() -> Any:
     approver = caller("approver")
     query = query_args(PendingQuery)
     found = services().approvals.pending_for(approver, clamp_limit(query.limit), query.cursor)
-    return jsonify(
-        items=[task_json(task, with_leases=False) for task in found.items], next_cursor=found.next_cursor
-    )
+    return jsonify(items=[pending_json(item) for item in found.items], next_cursor=found.next_cursor)
+
+
+@bp.get("/approvals/<uuid:task_id>")
+def pending_one(task_id: uuid.UUID) -> Any:
+    approver = caller("approver")
+    return jsonify(pending_json(services().approvals.pending_one(approver, task_id)))

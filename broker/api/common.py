@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from flask import current_app, request
@@ -11,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import ClientDisconnected
 
 from broker import logs
+from broker.canonical import MAX_EXACT_INTEGER
 from broker.errors import BodyTooLarge, Forbidden, MalformedBody, UnsupportedMediaType, ValidationFailed
 from broker.identity import Identity, InvalidToken
 from broker.identity.types import IdentityUse
@@ -54,11 +58,73 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _finite(text: str) -> float:
+class _Refused:
+    """A value the API does not take, left where it was parsed so the error names its field."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+_OUT_OF_RANGE = f"numbers must lie within ±{MAX_EXACT_INTEGER} (send larger ones as strings)"
+_INEXACT = "has more digits than a 64-bit float holds (send it as a string)"
+_MAX_INTEGER_DIGITS = len(str(MAX_EXACT_INTEGER))
+
+
+# The numbers taken are those Postgres's jsonb and every JSON reader hold exactly as sent,
+# so what is stored, hashed, shown to an approver and read back is one value (docs/api.md,
+# "Numbers"). Refused numbers are marked, not raised: json.loads can't say where they were.
+def _integer(text: str) -> int | _Refused:
+    # The length first: int() of thousands of digits is slow, and refused anyway.
+    if len(text.lstrip("-")) > _MAX_INTEGER_DIGITS or abs(int(text)) > MAX_EXACT_INTEGER:
+        return _Refused(_OUT_OF_RANGE)
+    return int(text)
+
+
+def _fraction(text: str) -> float | _Refused:
+    """A number with a fraction or exponent: a double, taken only if it is exactly the
+    number written (up to trailing zeros), so 1E2 is 100.0 and 0.1 stays 0.1."""
     value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError("number out of range")
-    return value
+    if not math.isfinite(value) or abs(value) > MAX_EXACT_INTEGER:
+        return _Refused(_OUT_OF_RANGE)
+    # repr is the shortest text that reads back as this double: another value than the
+    # text's means digits were lost (3.14159265358979323846, 1e-400).
+    if Decimal(repr(value)) != Decimal(text):
+        return _Refused(_INEXACT)
+    # jsonb has no negative zero; it would come back as 0.0.
+    return value + 0.0
+
+
+# json.loads pairs escaped surrogates into one character; any left is a lone half, which
+# is not Unicode: Postgres refuses it in jsonb and UTF-8 can't encode it for a text column.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_UNICODE = "is not valid Unicode (a lone surrogate)"
+
+
+def _surrogate(text: str) -> bool:
+    return _LONE_SURROGATE.search(text) is not None
+
+
+def refused_at(value: Any, path: str = "") -> tuple[str, str] | None:
+    """Where a refused number or a lone surrogate sits (keys included), and why."""
+    if isinstance(value, _Refused):
+        return path or "body", value.why
+    if isinstance(value, str):
+        return (path or "body", _NOT_UNICODE) if _surrogate(value) else None
+    items: Any = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _surrogate(key):
+            return where.encode("utf-8", "backslashreplace").decode(), _NOT_UNICODE
+        found = refused_at(item, where)
+        if found:
+            return found
+    return None
 
 
 _CONTROL = {chr(code) for code in range(32) if chr(code) not in "\t\n\r"} | {"\x7f"}
@@ -111,13 +177,18 @@ def json_body(model: type[Model]) -> Model:
             raw,
             object_pairs_hook=_refuse_duplicate_keys,
             parse_constant=_refuse_constant,
-            parse_float=_finite,
+            parse_float=_fraction,
+            parse_int=_integer,
         )
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValidationFailed("the body is not valid JSON") from None
     where = unprintable_at(data)
     if where:
         raise ValidationFailed(f"'{where}': must not contain NUL or control characters")
+    refused = refused_at(data)
+    if refused:
+        where, why = refused
+        raise ValidationFailed(f"'{where}': {why}")
     if not isinstance(data, dict):
         raise ValidationFailed("the body must be a JSON object")
     try:

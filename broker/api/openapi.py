@@ -7,7 +7,15 @@ from typing import Any
 
 from broker import __version__
 from broker.api.catalogue import CATALOGUE_SCHEMA
-from broker.api.schemas import Decide, FinishTask, KillSwitchBody, RevokeBody, StartTask, TaskRef
+from broker.api.schemas import (
+    MAX_IDEMPOTENCY_KEY,
+    Decide,
+    FinishTask,
+    KillSwitchBody,
+    RevokeBody,
+    StartTask,
+    TaskRef,
+)
 from broker.models import LEASE_STATES, TASK_STATES
 from broker.paging import DEFAULT_LIMIT, MAX_LIMIT
 
@@ -100,6 +108,19 @@ ERRORS = {
         "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
 }
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": (
+        "Opaque, 1 to 255 printable ASCII characters, bare (no comma) or quoted. The same workload"
+        " and key with the same body within the task's TTL answer from the task it started and"
+        " never issue again: 202 again while it waits for approval, else 409 `conflict` with"
+        " `task_id` and `state` (credentials are sent once); with another body, 422"
+        " `idempotency_key_reused`. See docs/api.md#idempotent-starts."
+    ),
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY},
+}
 FILTERS = [
     {"name": name, "in": "query", "schema": {"type": "string"}}
     for name in ("state", "owner", "workload", "task", "task_id", "cursor")
@@ -131,7 +152,10 @@ def document() -> dict[str, Any]:
     paths = {
         "/task/start": {"post": _op("Start a task (workload)", {
             "201": _answer("Active, with credentials", task_ref),
-            "202": _answer("Pending approval")}, "StartTask", security=bearer)},
+            "202": _answer("Pending approval (also a retry of it with its Idempotency-Key)"),
+            "409": _answer("A retry with an Idempotency-Key whose task is issuing, active or ended"),
+            "422": _answer("The Idempotency-Key was used with a different request")},
+            "StartTask", parameters=[IDEMPOTENCY_KEY], security=bearer)},
         "/task/claim": {"post": _op("Claim an approved task's credentials, once", {
             "200": _answer("Active, with credentials", task_ref)}, "TaskRef", security=bearer)},
         "/task/finish": {"post": _op("Finish a task; every lease is revoked before the answer", {

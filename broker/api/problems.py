@@ -22,6 +22,7 @@ from broker.errors import (
     BrokerError,
     Conflict,
     Forbidden,
+    IdempotencyKeyReused,
     IssuanceFailed,
     LimitExceeded,
     MalformedBody,
@@ -64,6 +65,9 @@ PROBLEMS: dict[type[Exception], Problem] = {
     Conflict: Problem(409, "conflict", "The request conflicts with the current state"),
     BodyTooLarge: Problem(413, "body_too_large", "The request body is too large"),
     UnsupportedMediaType: Problem(415, "unsupported_media_type", "Send application/json"),
+    IdempotencyKeyReused: Problem(
+        422, "idempotency_key_reused", "The Idempotency-Key was used for a different request"
+    ),
     LimitExceeded: Problem(429, "limit_exceeded", "A policy limit was reached"),
     IssuanceFailed: Problem(502, "issuance_failed", "Vault refused to issue a credential"),
     VaultUnavailable: Problem(

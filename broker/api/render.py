@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from broker.approvals.service import Pending
 from broker.clock import rfc3339
 from broker.models import AuditEvent, Lease, Task
 
@@ -31,7 +32,7 @@ def lease_json(lease: Lease) -> dict[str, Any]:
     }
 
 
-def pending_json(task: Task) -> dict[str, Any]:
+def waiting_json(task: Task) -> dict[str, Any]:
     """A start that waits for approval: what was asked, and until when approval can come."""
     return {
         "task_id": str(task.id),
@@ -64,6 +65,14 @@ def task_json(task: Task, *, with_leases: bool = True) -> dict[str, Any]:
     }
     if with_leases:
         body["leases"] = [lease_json(lease) for lease in task.leases]
+    return body
+
+
+def pending_json(pending: Pending) -> dict[str, Any]:
+    """A task as its approvers see it: the request, and what approving would let it claim."""
+    body = task_json(pending.task, with_leases=False)
+    body["would_issue"] = [{"name": name, "kind": kind} for name, kind in pending.would_issue]
+    body["approvers"] = {"groups": list(pending.approver_groups), "min_approvals": pending.min_approvals}
     return body
 
 

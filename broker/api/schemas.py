@@ -19,20 +19,34 @@ from pydantic import (
 )
 
 from broker.errors import ValidationFailed
+from broker.identity.people import check_person, check_text, normalise_person
 from broker.models import LEASE_STATES, TASK_STATES
 from broker.operator.service import Filters
 from broker.paging import MAX_LIMIT
 from broker.policy import TaskRequest
 
-# NUL can't be stored by Postgres and bidi/control characters hide what an approver reads.
-_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 MAX_CONTEXT_DEPTH = 8
 
 
 def printable(value: str) -> str:
-    if _UNPRINTABLE.search(value):
-        raise ValueError("must not contain control or bidirectional-override characters")
+    """Refuse control characters (tab and line breaks too), bidi and invisible ones.
+
+    NUL can't be stored by Postgres, and the rest hide or reorder what an approver reads:
+    a line break in a purpose can fake a second field, a bidi override reverses text.
+    """
+    check_text(value)
     return value
+
+
+def person(value: str) -> str:
+    """An owner: refused if it hides characters or mixes look-alike scripts, else normalised.
+
+    Stored, matched against `owners` globs and compared with approvers in this one form, so
+    `Alice@Example.com ` and `alice@example.com` are one owner everywhere (the kill
+    switch and the operator filters included).
+    """
+    check_person(value)
+    return normalise_person(value)
 
 
 def _depth(value: Any, level: int = 0) -> int:
@@ -58,12 +72,17 @@ class StartTask(_Body):
     ttl_seconds: Annotated[int, Field(gt=0)] | None = None
     context: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("task", "owner", "purpose")
+    @field_validator("task", "purpose")
     @classmethod
     def _no_control(cls, value: str) -> str:
         return printable(value)
 
-    @field_validator("owner", "purpose")
+    @field_validator("owner")
+    @classmethod
+    def _one_person(cls, value: str) -> str:
+        return person(value)
+
+    @field_validator("purpose")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
@@ -90,6 +109,33 @@ class StartTask(_Body):
             ttl_seconds=self.ttl_seconds,
             context=self.context,
         )
+
+
+MAX_IDEMPOTENCY_KEY = 255
+# A structured field string (RFC 8941 §3.3.3): printable ASCII, `"` and `\` escaped.
+_QUOTED_KEY = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+# Bare, as most clients send it. No comma: WSGI joins a repeated header with ", ", and a
+# key sent twice must not pass as one key.
+_BARE_KEY = re.compile(r"[\x20-\x2b\x2d-\x7e]*")
+
+
+def idempotency_key(values: list[str]) -> str | None:
+    """The Idempotency-Key header (draft-ietf-httpapi-idempotency-key-header): opaque,
+    1 to 255 printable ASCII characters, once; a structured field string or bare."""
+    if not values:
+        return None
+    value = values[0]
+    if value.startswith('"'):  # then it is a quoted string, or nothing
+        quoted = _QUOTED_KEY.fullmatch(value)
+        value = re.sub(r"\\(.)", r"\1", quoted.group(1)) if quoted else ""
+    elif not _BARE_KEY.fullmatch(value):
+        value = ""
+    if len(values) > 1 or not 0 < len(value) <= MAX_IDEMPOTENCY_KEY:
+        raise ValidationFailed(
+            f"'Idempotency-Key': must be sent once, 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII"
+            ' characters, bare (no comma) or as a quoted string ("...")'
+        )
+    return value
 
 
 class TaskRef(_Body):
@@ -166,6 +212,12 @@ class ListQuery(BaseModel):
     limit: PageLimit | None = None
     cursor: str | None = None
 
+    @field_validator("owner")
+    @classmethod
+    def _owner_form(cls, value: str | None) -> str | None:
+        # Owners are stored normalised (`person`); a filter is matched in the same form.
+        return None if value is None else person(value)
+
     def filters(self) -> Filters:
         return Filters(self.state, self.owner, self.workload, self.task, self.task_id)
 
@@ -207,6 +259,11 @@ class AuditQuery(BaseModel):
     def _known(cls, value: str | None) -> str | None:
         return _one_of(value, TASK_STATES)
 
+    @field_validator("owner")
+    @classmethod
+    def _owner_form(cls, value: str | None) -> str | None:
+        return None if value is None else person(value)
+
     @field_validator("since", mode="before")
     @classmethod
     def _rfc3339(cls, value: Any) -> Any:
@@ -244,10 +301,15 @@ class KillSwitchBody(RevokeBody):
     owner: Annotated[str, StringConstraints(min_length=1)] | None = None
     task: Annotated[str, StringConstraints(min_length=1)] | None = None
 
-    @field_validator("workload", "owner", "task")
+    @field_validator("workload", "task")
     @classmethod
     def _printable_filter(cls, value: str | None) -> str | None:
         return None if value is None else printable(value)
+
+    @field_validator("owner")
+    @classmethod
+    def _owner_form(cls, value: str | None) -> str | None:
+        return None if value is None else person(value)
 
     @model_validator(mode="after")
     def _scoped(self) -> KillSwitchBody:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 
 from broker import logs
 from broker.api.common import caller, json_body, services
-from broker.api.render import credentials_json, pending_json, task_json
-from broker.api.schemas import FinishTask, StartTask, TaskRef
+from broker.api.render import credentials_json, task_json, waiting_json
+from broker.api.schemas import FinishTask, StartTask, TaskRef, idempotency_key
 from broker.tasks.service import TaskService
 
 bp = Blueprint("tasks", __name__)
@@ -23,14 +23,14 @@ def task_service() -> TaskService:
 @bp.post("/task/start")
 def start() -> Any:
     identity = caller("workload")
+    key = idempotency_key(request.headers.getlist("Idempotency-Key"))
     body = json_body(StartTask)
     body.check_context_size(services().settings.limits.max_context_bytes)
-    result = task_service().start(identity, body.request())
-    task = result.task
-    logs.annotate(task_id=str(task.id))
+    result = task_service().start(identity, body.request(), idempotency_key=key)
+    logs.annotate(task_id=str(result.task.id))
     if result.credentials is None:
-        return jsonify(pending_json(task)), 202
-    response = task_json(task)
+        return jsonify(waiting_json(result.task)), 202
+    response = task_json(result.task)
     response["credentials"] = credentials_json(result.credentials)
     return jsonify(response), 201
 

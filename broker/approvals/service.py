@@ -3,11 +3,17 @@
 An approval covers one task and its exact request (the request hash), once, until it
 lapses. The approver must differ from the requesting workload and from the owner, and
 must satisfy the task type's `approval.approvers` rule. One `deny` ends the task.
+
+Who is who is decided on names in one normal form (broker/identity/people.py), so a
+respelling (case, invisible characters, compatibility forms, look-alike letters) of the
+owner or the workload is still them, and one person is one vote however many issuers
+vouch for them (docs/security.md, "Separation of duties").
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Select, and_, func, or_, select
@@ -19,6 +25,7 @@ from broker.clock import Clock
 from broker.db import unit_of_work
 from broker.errors import Conflict, Forbidden, NotFound
 from broker.identity import Identity
+from broker.identity.people import InvalidPerson, check_person, same_person_key
 from broker.ledger import load_task
 from broker.models import Approval, Task
 from broker.paging import Page, decode_position, encode_cursor
@@ -26,13 +33,66 @@ from broker.policy import PolicyStore, UnknownTask, approver_allowed
 
 
 def _names_of(identity: Identity) -> set[str]:
-    """Every name under which this human or workload might appear as a requester or owner."""
+    """Every name under which this human or workload might appear as a requester or owner.
+
+    Unverified emails count too: here a name can only refuse, never grant.
+    """
     names = {identity.id, identity.subject}
     for claim in ("email", "preferred_username", "upn"):
         value = identity.claims.get(claim)
         if isinstance(value, str) and value:
             names.add(value)
-    return {name.casefold() for name in names}
+    return {same_person_key(name) for name in names}
+
+
+def _workload_names(task: Task) -> set[str]:
+    """The requesting workload's id and, for an OIDC workload, its bare subject.
+
+    The subject too, so a person whose tokens from a workload issuer start tasks can't
+    approve them with a token from another issuer under the same name.
+    """
+    names = {task.workload}
+    prefix = f"{task.workload_issuer}:"
+    if task.workload.startswith(prefix):
+        names.add(task.workload[len(prefix) :])
+    return {same_person_key(name) for name in names}
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A task waiting for approval, as its approvers see it."""
+
+    task: Task
+    would_issue: tuple[tuple[str, str], ...]  # (credential name, kind)
+    approver_groups: tuple[str, ...]
+    min_approvals: int
+
+
+def person_of(identity: Identity) -> str:
+    """The name one person's votes are counted under, the same through every issuer.
+
+    An OIDC approver's email when its issuer vouches for it (`email_verified` is not
+    false), else its subject; a SPIFFE approver's SPIFFE ID. Issuers that assert one email
+    make one person; accounts under unrelated names stay two (docs/security.md).
+    """
+    if identity.kind == "oidc":
+        email = identity.claims.get("email")
+        if isinstance(email, str) and email.strip() and identity.claims.get("email_verified") is not False:
+            return same_person_key(email)
+    return same_person_key(identity.subject)
+
+
+def _comparable(identity: Identity) -> bool:
+    # A name with hidden characters or mixed look-alike scripts can't be compared with
+    # confidence; such an approver is refused rather than counted as someone else.
+    email = identity.claims.get("email")
+    names = [identity.subject, *([email] if isinstance(email, str) and email else [])]
+    try:
+        for name in names:
+            check_person(name)
+    except InvalidPerson:
+        return False
+    return True
 
 
 class ApprovalService:
@@ -54,7 +114,8 @@ class ApprovalService:
             if task is None:
                 raise NotFound("no such task")
             self._check_may_decide(approver, task)
-            if any(a.approver == approver.id for a in task.approvals):
+            person = person_of(approver)
+            if any(a.approver == approver.id or a.person == person for a in task.approvals):
                 raise Conflict("this approver has already decided on this task")
             now = session.scalar(select(func.now()))
             assert now is not None
@@ -67,6 +128,7 @@ class ApprovalService:
                     id=uuid.uuid4(),
                     task_id=task.id,
                     approver=approver.id,
+                    person=person,
                     decision=decision,
                     reason=reason,
                     request_hash=task.request_hash,
@@ -97,7 +159,8 @@ class ApprovalService:
             task.state, task.finished_at, task.end_reason = "denied", now, f"denied: {reason}"  # type: ignore[assignment]
             record(session, self._clock, "approval.denied", approver.id, task=task, detail=detail)
             return
-        approvals = {a.approver for a in task.approvals if a.decision == "approve"}
+        # Counted by person: two issuers vouching for one email are one approval.
+        approvals = {a.person for a in task.approvals if a.decision == "approve"}
         needed = self._min_approvals(task)
         record(
             session,
@@ -115,9 +178,11 @@ class ApprovalService:
         if task.state != "pending_approval" or task.claimed_at is not None:
             raise Conflict(f"the task is {task.state}; there is nothing to decide")
         # Separation of duties: neither the requester nor the accountable owner approves.
-        if task.workload in {approver.id, approver.subject}:
+        if _workload_names(task) & _names_of(approver):
             raise Forbidden("the requesting workload can't approve its own task")
-        if task.owner.casefold() in _names_of(approver):
+        if not _comparable(approver):
+            raise Forbidden("this approver's name holds hidden characters or mixed scripts")
+        if same_person_key(task.owner) in _names_of(approver):
             raise Forbidden("the task's owner can't approve it")
         try:
             compiled = self._policies.current().task(task.task)
@@ -134,7 +199,40 @@ class ApprovalService:
             return 1
         return approval.min_approvals if approval is not None else 1
 
-    def pending_for(self, approver: Identity, limit: int, cursor: str | None = None) -> Page[Task]:
+    def pending_one(self, approver: Identity, task_id: uuid.UUID) -> Pending:
+        """One task that waits for this approver's decision; anything else is 404, so an
+        approver learns nothing of tasks they may not decide."""
+        with unit_of_work(self._sessions) as session:
+            task = load_task(session, task_id)
+            if task is None or not self._waits_for(approver, task, session):
+                raise NotFound("no task waits for your decision under that id")
+        return self._pending(task)
+
+    def _waits_for(self, approver: Identity, task: Task, session: Session) -> bool:
+        if task.state != "pending_approval" or task.approved_at is not None:
+            return False
+        now = session.scalar(select(func.now()))
+        lapses = task.approval_expires_at
+        return (
+            lapses is not None and now is not None and lapses > now and self._may_decide_now(approver, task)
+        )
+
+    def _pending(self, task: Task) -> Pending:
+        """What the approver decides on: the request, and what the policy would issue for it
+        now (names and kinds: no role, mount or path, which only operators see)."""
+        try:
+            compiled = self._policies.current().task(task.task)
+        except UnknownTask:
+            return Pending(task, (), (), 1)
+        approval = compiled.approval
+        return Pending(
+            task=task,
+            would_issue=tuple((name, spec.kind) for name, spec in compiled.credentials.items()),
+            approver_groups=tuple(sorted(approval.groups)) if approval else (),
+            min_approvals=approval.min_approvals if approval else 1,
+        )
+
+    def pending_for(self, approver: Identity, limit: int, cursor: str | None = None) -> Page[Pending]:
         """Tasks waiting for a decision that this approver may make, oldest first.
 
         Which tasks an approver may decide depends on the policy and on who they are, so
@@ -152,14 +250,16 @@ class ApprovalService:
                 after = (rows[-1].created_at, rows[-1].id)
         more = len(visible) > limit
         items = visible[:limit]
-        return Page(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
+        cursor_out = encode_cursor(items[-1].created_at, items[-1].id) if more else None
+        return Page([self._pending(task) for task in items], cursor_out)
 
     def _may_decide_now(self, approver: Identity, task: Task) -> bool:
         try:
             self._check_may_decide(approver, task)
         except (Forbidden, Conflict):
             return False
-        return not any(a.approver == approver.id for a in task.approvals)
+        person = person_of(approver)
+        return not any(a.approver == approver.id or a.person == person for a in task.approvals)
 
 
 # Pending tasks read per query while filling a page of `GET /approvals`.

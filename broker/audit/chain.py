@@ -24,12 +24,13 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import BigInteger, Connection, Table, Text, bindparam, event, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.canonical import canonical_json
 from broker.clock import Clock, rfc3339
 from broker.models import AuditEvent, AuditHead, Lease, Task
 
@@ -89,10 +90,6 @@ def record(
     )
 
 
-def canonical(fields: Mapping[str, Any]) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
 def chained_fields(
     id: uuid.UUID,
     at: datetime,
@@ -118,9 +115,12 @@ def chained_fields(
 
 
 def row_mac(fields: Mapping[str, Any], key: bytes | None) -> str:
+    # Over the fields as Postgres gives them back, not as they were sent: the writer and
+    # every later reader must hash the same bytes (`broker.canonical`).
+    message = canonical_json(fields)
     if key:
-        return hmac.new(key, canonical(fields), hashlib.sha256).hexdigest()
-    return hashlib.sha256(canonical(fields)).hexdigest()
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return hashlib.sha256(message).hexdigest()
 
 
 def link_hash(prev_hash: str, mac: str, key: bytes | None) -> str:
@@ -128,6 +128,27 @@ def link_hash(prev_hash: str, mac: str, key: bytes | None) -> str:
     if key:
         return hmac.new(key, message, hashlib.sha256).hexdigest()
     return hashlib.sha256(message).hexdigest()
+
+
+UNKEYED = "unkeyed"
+_KEY_CHECK_MESSAGE = b"broker audit key check"
+
+
+def key_check(key: bytes | None) -> str:
+    """What `audit_head.key_check` holds for a chain under `key`: an HMAC of a fixed
+    message, no more telling than any row's MAC, so a verifier or sealer holding another
+    key learns so before it reads a single row."""
+    return hmac.new(key, _KEY_CHECK_MESSAGE, hashlib.sha256).hexdigest() if key else UNKEYED
+
+
+class AuditKeyMismatch(Exception):
+    """The key at hand is not the chain's: every MAC would fail, which says nothing about
+    the rows. `reason`: "missing" (the chain is keyed, no key given), "wrong" (another
+    key), "unexpected" (a key given, the chain has none)."""
+
+    def __init__(self, reason: Literal["missing", "wrong", "unexpected"]) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _fields_of(row: Any) -> dict[str, Any]:
@@ -183,7 +204,12 @@ def pending_rows(session: Session) -> list[dict[str, Any]]:
 
 _COLUMNS = _AUDIT_TABLE.c
 _HEAD_FOR_UPDATE = (
-    select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where(_HEAD_TABLE.c.id == 1).with_for_update()
+    select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash, _HEAD_TABLE.c.key_check)
+    .where(_HEAD_TABLE.c.id == 1)
+    .with_for_update()
+)
+_NEWEST_LINK = select(_COLUMNS.prev_hash, _COLUMNS.row_mac, _COLUMNS.hash).where(
+    _COLUMNS.chain_seq == bindparam("chain_seq")
 )
 _HEAD_MOVE = _HEAD_TABLE.update().where(_HEAD_TABLE.c.id == 1)
 _SEALED_BEFORE = select(_COLUMNS.seq).where(_COLUMNS.chain_seq.is_not(None)).limit(1)
@@ -222,7 +248,16 @@ def seal_pending(session: Session, key: bytes | None, limit: int = SEAL_BATCH) -
     # Core rows, not ORM objects: the sealer reads each event once, so the identity map and
     # the ORM's bulk-update path were pure overhead (over half its CPU at 2,500 events).
     connection = session.connection()
-    head_seq, head_hash = _locked_head(connection)
+    head_seq, head_hash, head_key_check = _locked_head(connection, key)
+    if head_key_check is None and _newest_link_holds(connection, head_seq, key):
+        # A head from before the key check (migration 0003): stamp it, once the newest
+        # link shows that this key is the one the chain was sealed under.
+        connection.execute(_HEAD_MOVE.values(key_check=key_check(key)))
+    elif head_key_check != key_check(key):
+        # Rows linked under another key would break the chain for the key that verifies
+        # it; a replica with a stray BROKER_AUDIT_KEY must not do that.
+        log.error("the audit key differs from the one the audit chain is under; not sealing")
+        return 0
     if head_seq == 0 and connection.execute(_SEALED_BEFORE).first() is not None:
         # The head is gone while sealed events exist: someone deleted it. Sealing on from
         # a fresh head would bury that; stop and let `broker audit verify` say so.
@@ -239,14 +274,28 @@ def seal_pending(session: Session, key: bytes | None, limit: int = SEAL_BATCH) -
     return len(links)
 
 
-def _locked_head(connection: Connection) -> tuple[int, str]:
-    """The head's (seq, hash), locked until commit; created at genesis when missing."""
+def _locked_head(connection: Connection, key: bytes | None) -> tuple[int, str, str | None]:
+    """The head's (seq, hash, key_check), locked until commit; created at genesis, under
+    `key`, when missing."""
     head = connection.execute(_HEAD_FOR_UPDATE).first()
     if head is None:
         # Insert only when missing: the usual seal then costs one statement, not two.
-        connection.execute(insert(_HEAD_TABLE).values(id=1, seq=0, hash=GENESIS).on_conflict_do_nothing())
+        connection.execute(
+            insert(_HEAD_TABLE)
+            .values(id=1, seq=0, hash=GENESIS, key_check=key_check(key))
+            .on_conflict_do_nothing()
+        )
         head = connection.execute(_HEAD_FOR_UPDATE).one()
-    return head.seq, head.hash
+    return head.seq, head.hash, head.key_check
+
+
+def _newest_link_holds(connection: Connection, head_seq: int, key: bytes | None) -> bool:
+    """Whether the head's link verifies under `key`: how a head without a key check (made
+    before migration 0003) tells which key its chain is under. Nothing sealed: any key."""
+    if head_seq == 0:
+        return True
+    row = connection.execute(_NEWEST_LINK, {"chain_seq": head_seq}).first()
+    return row is not None and row.hash == link_hash(row.prev_hash or "", row.row_mac, key)
 
 
 def _links(
@@ -307,6 +356,25 @@ def head_anchor(session: Session) -> Anchor | None:
     return Anchor(head.seq, head.hash) if head is not None else None
 
 
+def check_key(session: Session, key: bytes | None) -> None:
+    """Raise `AuditKeyMismatch` when the chain is under another key than `key`.
+
+    A chain with no head yet has sealed nothing, and says nothing: its unsealed rows'
+    MACs are checked one by one.
+    """
+    head = session.get(AuditHead, 1)
+    if head is None:
+        return
+    if head.key_check is None:
+        if _newest_link_holds(session.connection(), head.seq, key):
+            return
+    elif head.key_check == key_check(key):
+        return
+    if key is None:
+        raise AuditKeyMismatch("missing")
+    raise AuditKeyMismatch("unexpected" if head.key_check == UNKEYED else "wrong")
+
+
 def _sealed(session: Session, batch: int = 2000) -> Iterator[AuditEvent]:
     last = 0
     while True:
@@ -331,7 +399,11 @@ def _check_unsealed(session: Session, key: bytes | None) -> tuple[int, list[Chai
 
 
 def verify_chain(session: Session, key: bytes | None = None, anchor: Anchor | None = None) -> ChainReport:
-    """Walk the sealed chain and check the unsealed rows' MACs (see the module docstring)."""
+    """Walk the sealed chain and check the unsealed rows' MACs (see the module docstring).
+
+    Raises `AuditKeyMismatch` before reading any row when `key` is not the chain's.
+    """
+    check_key(session, key)
     problems: list[ChainProblem] = []
     # An anchor taken before anything was sealed (seq 0) vouches for nothing yet.
     anchored = anchor is None or anchor.seq == 0

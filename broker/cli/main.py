@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from broker.cli.approvals import approvals
+from broker.cli.audit import audit_export, audit_tail
 from broker.cli.ops import leases, tasks
 from broker.cli.policy import policy
 from broker.client.cli import exec_command
@@ -255,12 +256,18 @@ def _check_policy(settings: Settings) -> None:
 
 @main.group()
 def audit() -> None:
-    """The tamper-evident audit log.
+    """The tamper-evident audit log: verify it, follow it, export it.
 
     \b
-    Example:
+    Examples:
       broker audit verify --config broker.yaml
+      broker audit tail --config broker.yaml --follow
+      broker audit export --config broker.yaml --since 2026-12-01T00:00:00Z > audit.jsonl
     """
+
+
+audit.add_command(audit_tail)
+audit.add_command(audit_export)
 
 
 @audit.command("verify")
@@ -273,7 +280,8 @@ def audit() -> None:
 def audit_verify(config: str | None, anchor: Path | None) -> None:
     """Walk the audit hash chain; exit 1 if any row was changed, inserted or deleted.
 
-    Exit 2 on a config error, 3 if the database could not be reached.
+    Exit 2 on a config error, 3 if the database could not be reached, 4 if the audit key
+    is missing or is not the one the chain is under (then no row is checked).
 
     With an audit key ($BROKER_AUDIT_KEY by default) the chain is HMAC-keyed; run verify
     with the same key in the environment. Deleting the newest rows *and* rewinding the
@@ -287,7 +295,7 @@ def audit_verify(config: str | None, anchor: Path | None) -> None:
     settings = _settings(config)
     import os
 
-    from broker.audit.chain import Anchor, head_anchor, verify_chain
+    from broker.audit.chain import Anchor, AuditKeyMismatch, head_anchor, verify_chain
     from broker.db import DatabaseUnavailable, make_engine, make_session_factory, unit_of_work
 
     key = os.environ.get(settings.audit.key_env, "").encode() or None
@@ -301,6 +309,11 @@ def audit_verify(config: str | None, anchor: Path | None) -> None:
         # Not 1: a cron job alerting on the exit code must tell "tampered" from "could not look".
         click.echo(f"audit verify: the database could not be reached: {_connection_failure(error)}", err=True)
         sys.exit(3)
+    except AuditKeyMismatch as error:
+        # Under another key every MAC fails: one line that says so, not a row-by-row alarm.
+        mismatch = _KEY_MISMATCH[error.reason].format(env=settings.audit.key_env)
+        click.echo(f"audit verify: {mismatch}", err=True)
+        sys.exit(4)
     finally:
         engine.dispose()
     for problem in report.problems:
@@ -314,6 +327,13 @@ def audit_verify(config: str | None, anchor: Path | None) -> None:
         return
     click.echo(f"TAMPERED: {len(report.problems)} problem(s) in {report.checked} events", err=True)
     sys.exit(1)
+
+
+_KEY_MISMATCH = {
+    "missing": "no audit key: set ${env} to the key the broker writes the audit chain with",
+    "wrong": "${env} is not the key the audit chain was written with",
+    "unexpected": "the audit chain was written without a key, but ${env} is set",
+}
 
 
 def _connection_failure(error: Exception) -> str:

@@ -91,6 +91,17 @@ class Conflict(BrokerAPIError):
     """409 conflict: the task's state doesn't allow this (claimed twice, lapsed, ended)."""
 
 
+class StartAnswerLost(Conflict):
+    """A start reached the broker but its answer was lost, and the retry found the task it
+    made (409 under the same key). Credentials are sent once, so that task was finished
+    (`cancelled`) rather than left alive unused; `task_id` names it. Start again."""
+
+    def __init__(self, task_id: str, body: Mapping[str, Any] | None = None) -> None:
+        detail = f"the answer to start {task_id} was lost; that task was finished, start again"
+        super().__init__(409, "conflict", detail, body)
+        self.task_id = task_id
+
+
 class LimitExceeded(_RetryLater):
     """429 limit_exceeded: a `limits` rule (`.rule`) was reached; `.retry_after` says when to retry."""
 

@@ -15,6 +15,7 @@ Every attempt asks the token source again, so rotated files and single-use issue
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -32,9 +33,11 @@ from broker.client.errors import (
     ApprovalDenied,
     ApprovalTimeout,
     BrokerAPIError,
+    BrokerError,
     BrokerUnreachable,
     Conflict,
     LimitExceeded,
+    StartAnswerLost,
     Unavailable,
     from_response,
 )
@@ -156,7 +159,10 @@ class BrokerClient:
         """POST /task/start. The raw answer: 201 `active` with `credentials`, or 202 `pending_approval`.
 
         A fresh `Idempotency-Key` (uuid4) is made unless one is given; every retry of this
-        start sends the same key.
+        start sends the same key, so a start whose answer was lost never leaves a second task.
+        With a key made here, a 409 naming a task can only be this call's own lost start: that
+        task is finished and `StartAnswerLost` raised (its credentials can't be sent again).
+        With a key you gave, the 409 (`Conflict`, `.body["task_id"]`) is yours to handle.
         """
         body: dict[str, Any] = {"task": task, "owner": owner, "purpose": purpose}
         if context is not None:
@@ -164,7 +170,15 @@ class BrokerClient:
         if ttl is not None:
             body["ttl_seconds"] = ttl
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
-        answer: dict[str, Any] = self._call("POST", "/task/start", body, retry="keyed", headers=headers)
+        try:
+            answer: dict[str, Any] = self._call("POST", "/task/start", body, retry="keyed", headers=headers)
+        except Conflict as conflict:
+            lost = conflict.body.get("task_id")
+            if idempotency_key is not None or not isinstance(lost, str):
+                raise
+            with contextlib.suppress(BrokerError):
+                self.finish(lost, "cancelled")
+            raise StartAnswerLost(lost, conflict.body) from None
         return answer
 
     def claim(self, task_id: str) -> dict[str, Any]:

@@ -17,7 +17,8 @@ __all__ = ["Identity", "IdentityUse"]
 class Identity:
     """A caller proven by a verified JWT.
 
-    `id` is `<issuer name>:<sub>`, or the bare SPIFFE ID for `spiffe` issuers (docs/contract.md §3).
+    `id` is `<issuer name>:<sub>`, or the bare SPIFFE ID for `spiffe` issuers (docs/contract.md §3);
+    ids of different issuers never coincide (broker/identity/ids.py).
     """
 
     id: str

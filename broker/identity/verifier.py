@@ -30,6 +30,7 @@ from jwt.types import Options
 
 from broker.config import ASYMMETRIC_ALGORITHMS, IssuerSettings, Settings
 from broker.identity.errors import InvalidToken
+from broker.identity.ids import check_namespace, workload_id
 from broker.identity.jwks import MAX_KID_LENGTH, JwksCache
 from broker.identity.spiffe import parse_spiffe_id
 from broker.identity.types import Identity, IdentityUse
@@ -126,6 +127,7 @@ class Verifier:
         """Loads every `jwks_file` now; raises `JwksError` or `ValueError` on bad setup."""
         if len({i.issuer for i in issuers}) != len(issuers):
             raise ValueError("two issuers share one 'issuer' (iss) value")
+        check_namespace(issuers)
         single_use = [i.name for i in issuers if i.single_use]
         if single_use and jti_store is None:
             raise ValueError(f"single_use issuers {single_use} need a jti store")
@@ -224,13 +226,11 @@ class Verifier:
             raise InvalidToken("invalid sub claim")
         if issuer.kind == "spiffe":
             assert issuer.trust_domain is not None
-            workload_id = parse_spiffe_id(subject, issuer.trust_domain)
-        else:
-            workload_id = f"{issuer.name}:{subject}"
+            parse_spiffe_id(subject, issuer.trust_domain)
         groups = _groups(claims.get(issuer.groups_claim))
         jti = claims.get("jti")
         return Identity(
-            id=workload_id,
+            id=workload_id(issuer, subject),
             issuer_name=issuer.name,
             issuer=issuer.issuer,
             subject=subject,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from broker import tracing
 from broker.credentials import CredentialSpec
 from broker.errors import TtlExceedsMax, UnknownTask
 from broker.identity.types import Identity
@@ -180,6 +181,10 @@ class Policy:
 
     def evaluate(self, identity: Identity, request: TaskRequest, usage: Usage, now: dt.datetime) -> Decision:
         """Decide on `request`; raises `UnknownTask` and `TtlExceedsMax`, nothing else."""
+        with tracing.span("policy.evaluate", **{"broker.task": request.task}):
+            return self._evaluate(identity, request, usage, now)
+
+    def _evaluate(self, identity: Identity, request: TaskRequest, usage: Usage, now: dt.datetime) -> Decision:
         task = self.task(request.task)
         workloads = _check_workloads(task, identity)
         try:
@@ -429,7 +434,7 @@ def _compile_task(name: str, spec: TaskPolicy, issues: list[PolicyIssue]) -> Com
         name=name,
         spec=spec,
         workloads=tuple(CompiledWorkload.from_spec(workload) for workload in spec.workloads),
-        owners=tuple(Glob(owner) for owner in spec.owners),
+        owners=tuple(Glob(owner, person=True) for owner in spec.owners),
         when=when_rules,
         approval=approval,
         cel_variables=frozenset().union(*(rule.variables for rule in expressions)),

@@ -20,12 +20,13 @@ from pydantic import (
     model_validator,
 )
 
+from broker.config import ISSUER_NAME_PATTERN as CONFIG_ISSUER_NAME_PATTERN
 from broker.credentials import CredentialSpec
 
 TASK_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 CREDENTIAL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 # Same spelling as `issuers[].name` in the broker config.
-ISSUER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+ISSUER_NAME_PATTERN = CONFIG_ISSUER_NAME_PATTERN
 
 TaskName = Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN)]
 CredentialName = Annotated[str, StringConstraints(pattern=CREDENTIAL_NAME_PATTERN)]

@@ -21,11 +21,13 @@ from broker.audit.chain import SEAL_BATCH
 from broker.db import unit_of_work
 from broker.identity.replay import PostgresJtiStore
 from broker.ledger import (
+    FORGET_POOLED,
     MARK_RETIRED,
     RETIRE_BATCH,
     due_retry,
     due_tasks,
     lapse_pending_approvals,
+    lapsed_pooled,
     read_tasks,
     spent_token,
     stuck_start,
@@ -144,11 +146,13 @@ class Jobs:
         return len(retired)
 
     def reconcile(self) -> int:
-        """Revoke what a start that crashed between Vault and its commit left behind: a
-        task still `issuing` after the grace period has its Vault token revoked, and
-        with the token every lease Vault issued under it, recorded or not."""
+        """Revoke what a crash left behind: a task still `issuing` after the grace period
+        (a start that died between Vault and its commit) has its Vault token revoked, and
+        with the token every lease Vault issued under it, recorded or not; and the pooled
+        tokens of every process that stopped renewing its lease on them."""
         grace = timedelta(seconds=self._s.settings.scheduler.orphan_grace_seconds)
         done = self._drain(lambda session: self._reconcile_one(session, grace))
+        done += self._drain(self._reclaim_pooled, batch=RETIRE_BATCH)
         self._heartbeat("reconcile")
         return done
 
@@ -158,6 +162,30 @@ class Jobs:
             return False
         self._fail_stuck(session, task)
         return True
+
+    def _reclaim_pooled(self, session: Session) -> int:
+        """Revoke a batch of pooled tokens no live process holds, and drop their rows
+        (those Vault expired need no call). The rows stay locked while Vault is asked, so
+        a start of a holder that came back waits, then finds its token gone."""
+        connection = session.connection()
+        claimed = connection.execute(lapsed_pooled(RETIRE_BATCH).with_for_update(skip_locked=True)).all()
+        reclaimed = []
+        for row in claimed:
+            if not row.expired:
+                try:
+                    self._s.vault.revoke_task_token(row.accessor)
+                except VaultUnavailable as error:
+                    log.warning("pooled task token revoke failed (holder %s): %s; later", row.holder, error)
+                    break
+                except VaultError as error:
+                    log.warning("pooled task token revoke refused (holder %s): %s", row.holder, error)
+                    continue
+            reclaimed.append(row.accessor)
+        if reclaimed:
+            connection.execute(FORGET_POOLED, {"accessors": reclaimed})
+            metrics.POOLED_TOKENS_RECLAIMED.inc(len(reclaimed))
+            log.info("revoked %d pooled task tokens of processes gone", len(reclaimed))
+        return len(reclaimed)
 
     def _fail_stuck(self, session: Session, task: Task) -> None:
         for lease in task.leases:

@@ -158,12 +158,14 @@ class Issuer:
 
     @contextmanager
     def compensating(self, tokens: list[TaskToken]) -> Iterator[None]:
-        """If the transaction that records a token's accessor fails, revoke the token."""
+        """If the transaction that records a token's accessor fails, revoke the token
+        (and drop its pool row, or, if Vault would not revoke it, leave that to the scheduler)."""
         try:
             yield
         except BaseException:
             for token in tokens:
-                self._revoke_quietly(token.accessor, {})
+                failed = self._revoke_quietly(token.accessor, {})
+                self._tokens.revoked(token, ok=not failed)
             raise
 
     def _commit_leases(

@@ -23,18 +23,29 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker import metrics
 from broker.approvals.notify import Notifier
 from broker.audit import record
+from broker.canonical import stored_form
 from broker.clock import Clock, rfc3339
 from broker.credentials import CredentialSpec
 from broker.db import unit_of_work
-from broker.errors import Conflict, LimitExceeded, NotFound, PolicyDenied, UnknownTask
+from broker.errors import Conflict, IdempotencyKeyReused, LimitExceeded, NotFound, PolicyDenied, UnknownTask
 from broker.identity import Identity
 from broker.leases.revoker import Revoker
-from broker.ledger import insert_task, load_task, lock_and_count, read_task, write_back_end
-from broker.models import TERMINAL_TASK_STATES, Task
+from broker.ledger import (
+    Admission,
+    idempotency_clash,
+    insert_task,
+    load_task,
+    lock_and_count,
+    read_task,
+    release_idempotency_key,
+    take_pooled,
+    write_back_end,
+)
+from broker.models import TASK_OPEN_STATES, TERMINAL_TASK_STATES, Task
 from broker.policy import CompiledTask, Decision, PolicySnapshot, PolicyStore, TaskRequest, Usage
 from broker.tasks.issuing import IssuedCredential, Issuer, deadline
-from broker.vault import TaskToken, VaultGateway
-from broker.vault.pool import TaskTokenPool
+from broker.vault import TaskToken, VaultGateway, VaultUnavailable
+from broker.vault.pool import RecordedToken, TaskTokenPool
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +59,10 @@ class StartResult:
 def request_hash(task: Task, credentials: Mapping[str, CredentialSpec]) -> str:
     """Binds an approval to this exact request: who, which task, for whom, why, how long,
     with what context, and which credentials the policy would issue for it. A policy
-    change to the task's credentials between approval and claim voids the approval."""
+    change to the task's credentials between approval and claim voids the approval.
+
+    The context as Postgres gives it back: the claim hashes the stored row, the start the
+    request, and both must agree (`broker.canonical`)."""
     canonical = json.dumps(
         {
             "workload": task.workload,
@@ -56,13 +70,68 @@ def request_hash(task: Task, credentials: Mapping[str, CredentialSpec]) -> str:
             "owner": task.owner,
             "purpose": task.purpose,
             "ttl_seconds": task.ttl_seconds,
-            "context": task.context,
+            "context": stored_form(task.context),
             "credentials": {name: spec.model_dump(mode="json") for name, spec in credentials.items()},
         },
         sort_keys=True,
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A start's Idempotency-Key (scoped to its workload) and the hash of its request."""
+
+    value: str
+    request_hash: str
+
+
+def start_hash(request: TaskRequest) -> str:
+    """The request as the workload sent it (parsed: key order and spacing don't count), for
+    telling a retry from another request under the same Idempotency-Key."""
+    canonical = json.dumps(
+        {
+            "task": request.task,
+            "owner": request.owner,
+            "purpose": request.purpose,
+            "ttl_seconds": request.ttl_seconds,
+            "context": request.context,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _key_holder(keyed: Task | None, now: datetime) -> Task | None:
+    """The task that still holds its Idempotency-Key: while it is open, and after it ended
+    until its deadline (or, if it never became active, its TTL after it was asked for)."""
+    if keyed is None or keyed.state in TASK_OPEN_STATES:
+        return keyed
+    until = keyed.expires_at or keyed.created_at + timedelta(seconds=keyed.ttl_seconds)
+    return keyed if now < until else None
+
+
+def _answer_for_key(holder: Task, key: IdempotencyKey) -> Task:
+    """A retry's answer: the task itself if it waits for approval (the 202 again), else
+    the error that names it. Credentials are sent once; the broker keeps no copy."""
+    named = {"task_id": str(holder.id), "state": holder.state}
+    if holder.idempotency_hash != key.request_hash:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key already started a task with a different request; use a new key"
+            " for a new request", **named,
+        )  # fmt: skip
+    if holder.state == "pending_approval":
+        return holder
+    if holder.state == "issuing":
+        raise Conflict("the start with this Idempotency-Key is still in progress; retry shortly", **named)
+    if holder.state == "active":
+        raise Conflict(
+            "this Idempotency-Key already started a task, which is active; its credentials are"
+            " sent only once: use them if you have them, or finish the task", **named,
+        )  # fmt: skip
+    raise Conflict(f"this Idempotency-Key already started a task, which is {holder.state}", **named)
 
 
 def _workload_lock_key(workload: str, task: str) -> int:
@@ -82,7 +151,7 @@ class TaskService:
         tokens: TaskTokenPool | None = None,
     ) -> None:
         self._notifier = notifier or Notifier(None)
-        self._tokens = tokens or TaskTokenPool(vault, clock, depth=0)
+        self._tokens = tokens or TaskTokenPool(vault, clock, depth=0)  # records nothing: holds nothing
         self._sessions = sessions
         self._policies = policies
         self._vault = vault
@@ -92,11 +161,21 @@ class TaskService:
 
     # ---- start -------------------------------------------------------------------------
 
-    def start(self, identity: Identity, request: TaskRequest) -> StartResult:
+    def start(
+        self, identity: Identity, request: TaskRequest, *, idempotency_key: str | None = None
+    ) -> StartResult:
         # One snapshot for the whole start, so a reload can't change the task type midway.
         snapshot = self._policies.snapshot()
         compiled = snapshot.policy.task(request.task)
-        task, decision, token = self._decide_and_record(identity, request, snapshot, compiled)
+        key = IdempotencyKey(idempotency_key, start_hash(request)) if idempotency_key else None
+        try:
+            task, decision, token = self._decide_and_record(identity, request, snapshot, compiled, key)
+        except Exception as error:
+            if idempotency_clash(error):  # the same key, another task type, at the same moment
+                raise Conflict("a start with this Idempotency-Key is in progress; retry shortly") from None
+            raise
+        if decision is None:  # a retry of a start that waits for approval: the same answer
+            return StartResult(task=task, credentials=None)
         if not decision.allowed:
             metrics.TASKS_STARTED.labels(
                 request.task, "limited" if decision.limit_exceeded else "denied"
@@ -112,82 +191,126 @@ class TaskService:
         return StartResult(task=active, credentials=credentials)
 
     def _decide_and_record(
-        self, identity: Identity, request: TaskRequest, snapshot: PolicySnapshot, compiled: CompiledTask
-    ) -> tuple[Task, Decision, TaskToken | None]:
-        policy = snapshot.policy
+        self,
+        identity: Identity,
+        request: TaskRequest,
+        snapshot: PolicySnapshot,
+        compiled: CompiledTask,
+        key: IdempotencyKey | None,
+    ) -> tuple[Task, Decision | None, TaskToken | None]:
+        """The task recorded for this start, the decision, and the token to issue with;
+        or, for a retry whose key names a task waiting for approval, that task and no
+        decision (`_answer_for_key` raises the other answers to a retry)."""
         # A first look without usage (limits are decided under the lock below). When the
         # request will likely be issued, its token is taken now, before the workload's
         # lock: a slow Vault must not hold the lock the workload's other starts wait on.
         # Denied and approval-bound requests never touch Vault.
-        first_look = policy.evaluate(identity, request, Usage(0, 0), self._clock.now())
+        first_look = snapshot.policy.evaluate(identity, request, Usage(0, 0), self._clock.now())
         tokens: list[TaskToken] = []
         if first_look.allowed and not first_look.approval_required:
             tokens.append(self._issuer.take_token(identity, request, compiled, first_look.ttl_seconds))
+        holder: Task | None = None
         with self._issuer.compensating(tokens), self._uow() as session:
-            # Serialise starts of one workload for one task type so limits can't be raced.
+            # Serialise starts of one workload for one task type so limits can't be raced,
+            # and so a retry waits for the start it repeats and then finds its task.
             lock_key = _workload_lock_key(identity.id, request.task)
-            now, usage = lock_and_count(session, lock_key=lock_key, workload=identity.id, task=request.task)
-            decision = policy.evaluate(identity, request, usage, now)
-            task = Task(
-                id=uuid.uuid4(),
-                task=request.task,
-                workload=identity.id,
-                workload_issuer=identity.issuer_name,
-                owner=request.owner,
-                purpose=request.purpose,
-                context=request.context,
-                ttl_seconds=decision.ttl_seconds,
-                request_hash="",
-                created_at=now,
-                policy_version=f"{snapshot.version}:{snapshot.sha256[:12]}",
-            )
-            task.request_hash = request_hash(task, compiled.credentials)
-            if not decision.allowed:
-                record(
-                    session,
-                    self._clock,
-                    "task.denied",
-                    identity.id,
-                    owner=request.owner,
-                    purpose=request.purpose,
-                    detail={
-                        "task": request.task,
-                        "rule": decision.failed_rule,
-                        "why": decision.detail,
-                        "context": request.context,
-                    },
+            admission = lock_and_count(
+                session, lock_key=lock_key, workload=identity.id, task=request.task,
+                idempotency_key=key.value if key else None,
+            )  # fmt: skip
+            holder = _key_holder(admission.keyed, admission.now)
+            if holder is None:
+                if admission.keyed is not None:  # its task let go of the key: it starts this one
+                    release_idempotency_key(session, admission.keyed.id)
+                task, decision = self._record(
+                    session, identity, request, snapshot, compiled, admission, tokens, key
                 )
-            elif decision.approval_required:
-                approval = compiled.approval
-                task.state = "pending_approval"
-                task.approval_expires_at = now + timedelta(seconds=approval.expires_in if approval else 600)
-                session.add(task)
-                session.flush()
-                record(session, self._clock, "task.approval_requested", identity.id, task=task)
-            else:
-                task.state = "issuing"
-                task.expires_at = deadline(now, decision.ttl_seconds)
-                # The token's accessor is committed with the task, before anything is issued
-                # with it: a crash from here on leaves something the reconciler revokes.
-                if not tokens:  # the first look disagreed; rare (a policy reload in between)
-                    tokens.append(self._issuer.take_token(identity, request, compiled, decision.ttl_seconds))
-                task.token_accessor = tokens[0].accessor
-                record(
-                    session,
-                    self._clock,
-                    "task.start_requested",
-                    identity.id,
-                    task=task,
-                    detail={"ttl_seconds": task.ttl_seconds},
-                )
-                insert_task(session, task)
-        if task.token_accessor is None:
-            for unused in tokens:  # a limit said no under the lock
-                self._tokens.give_back(
-                    unused, task=request.task, specs=compiled.credentials, ttl_max=compiled.ttl_max
-                )
+        if holder is not None:
+            assert key is not None
+            self._give_back(tokens, compiled)
+            return _answer_for_key(holder, key), None, None
+        if task.token_accessor is None:  # not issued: denied, limited or waiting for approval
+            self._give_back(tokens, compiled)
             return task, decision, None
         return task, decision, tokens[0]
+
+    def _record(
+        self,
+        session: Session,
+        identity: Identity,
+        request: TaskRequest,
+        snapshot: PolicySnapshot,
+        compiled: CompiledTask,
+        admission: Admission,
+        tokens: list[TaskToken],
+        key: IdempotencyKey | None,
+    ) -> tuple[Task, Decision]:
+        """Decide under the workload's lock, and record the task (or the denial)."""
+        now, usage = admission.now, admission.usage
+        decision = snapshot.policy.evaluate(identity, request, usage, now)
+        task = Task(
+            id=uuid.uuid4(),
+            task=request.task,
+            workload=identity.id,
+            workload_issuer=identity.issuer_name,
+            owner=request.owner,
+            purpose=request.purpose,
+            context=request.context,
+            ttl_seconds=decision.ttl_seconds,
+            request_hash="",
+            created_at=now,
+            policy_version=f"{snapshot.version}:{snapshot.sha256[:12]}",
+            idempotency_key=key.value if key else None,
+            idempotency_hash=key.request_hash if key else None,
+        )
+        task.request_hash = request_hash(task, compiled.credentials)
+        if not decision.allowed:
+            record(
+                session,
+                self._clock,
+                "task.denied",
+                identity.id,
+                owner=request.owner,
+                purpose=request.purpose,
+                detail={
+                    "task": request.task,
+                    "rule": decision.failed_rule,
+                    "why": decision.detail,
+                    "context": request.context,
+                },
+            )
+        elif decision.approval_required:
+            approval = compiled.approval
+            task.state = "pending_approval"
+            task.approval_expires_at = now + timedelta(seconds=approval.expires_in if approval else 600)
+            session.add(task)
+            session.flush()
+            record(session, self._clock, "task.approval_requested", identity.id, task=task)
+        else:
+            task.state = "issuing"
+            task.expires_at = deadline(now, decision.ttl_seconds)
+            # The token's accessor is committed with the task, before anything is issued
+            # with it: a crash from here on leaves something the reconciler revokes.
+            if not tokens:  # the first look disagreed; rare (a policy reload in between)
+                tokens.append(self._issuer.take_token(identity, request, compiled, decision.ttl_seconds))
+            task.token_accessor = tokens[0].accessor
+            record(
+                session,
+                self._clock,
+                "task.start_requested",
+                identity.id,
+                task=task,
+                detail={"ttl_seconds": task.ttl_seconds},
+            )
+            if not insert_task(session, task, pooled_token=isinstance(tokens[0], RecordedToken)):
+                raise self._reclaimed()
+        return task, decision
+
+    def _give_back(self, tokens: list[TaskToken], compiled: CompiledTask) -> None:
+        for unused in tokens:
+            self._tokens.give_back(
+                unused, task=compiled.name, specs=compiled.credentials, ttl_max=compiled.ttl_max
+            )
 
     # ---- claim (approved tasks) --------------------------------------------------------
 
@@ -216,9 +339,19 @@ class TaskService:
             token = self._issuer.token_for(compiled, task.ttl_seconds)
             tokens.append(token)
             task.token_accessor = token.accessor
+            if isinstance(token, RecordedToken) and not take_pooled(session, token.accessor):
+                raise self._reclaimed()
             record(session, self._clock, "task.claimed", identity.id, task=task)
         active, credentials = self._issuer.issue(task, token, identity.id, compiled, actor=identity.id)
         return StartResult(task=active, credentials=credentials)
+
+    def _reclaimed(self) -> Exception:
+        """The pooled token a start took was revoked by the scheduler: this process's
+        lease on its pool had lapsed (the database was out of reach for longer than the
+        lease), so the rest of its pool goes too. Rare; the client retries (503)."""
+        log.warning("a pooled task token was reclaimed before its start recorded it; pool dropped")
+        self._tokens.forfeit_ready()
+        return VaultUnavailable("task token", "the pooled token was reclaimed; retry")
 
     # ---- finish and read ---------------------------------------------------------------
 
@@ -236,9 +369,11 @@ class TaskService:
                     trigger="finish",
                     outcome=final_outcome,
                 )
-                if self._token_reusable(task):
+                # The released token is recorded as pooled again in the same commit.
+                back = self._tokens.pool_record(task.id) if self._token_reusable(task) else None
+                if back is not None:
                     task.token_released_at = task.finished_at
-                write_back_end(session, task)
+                write_back_end(session, task, back_to_pool=back)
         if task.token_released_at is not None:
             self._tokens.give_back_used(task.id)  # only now: the release is committed
         return task

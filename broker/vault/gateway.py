@@ -21,9 +21,8 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from broker.clock import Clock, SystemClock
 from broker.config import VaultSettings
@@ -38,38 +37,13 @@ from broker.vault.errors import VaultRejected, VaultUnavailable
 from broker.vault.http import Reply, VaultHTTP
 from broker.vault.login import BrokerLogin
 from broker.vault.policies import policy_name, render_task_policy, render_template
+from broker.vault.types import IssuedSecret, RevokeHandle, TaskToken
 
 log = logging.getLogger(__name__)
 
 # If Vault ever answers a revoke with 202 (queued), how long to wait for the lease to go.
 _QUEUED_REVOKE_WAIT = 1.0
 _QUEUED_REVOKE_POLL = 0.05
-
-
-@dataclass(frozen=True)
-class TaskToken:
-    """The per-task Vault token. Only `accessor` may be stored or logged."""
-
-    token: str = field(repr=False)
-    accessor: str
-    expires_at: datetime
-
-
-@dataclass(frozen=True)
-class RevokeHandle:
-    """How to revoke one credential: a lease id, or a token accessor (a child token has no
-    lease id), or nothing (a path that answered without a lease)."""
-
-    kind: Literal["lease", "token", "none"]
-    ref: str
-
-
-@dataclass(frozen=True)
-class IssuedSecret:
-    data: dict[str, Any] = field(repr=False)
-    expires_at: datetime
-    handle: RevokeHandle
-    vault_lease_id: str | None
 
 
 # The health probe after a timed-out call: long enough for a busy Vault, short enough that
@@ -99,7 +73,7 @@ class VaultGateway:
             namespace=settings.namespace,
             pool_size=2,
         )
-        self._login = BrokerLogin(settings.auth, self._http, self._clock)
+        self._login = BrokerLogin(settings, self._clock)
         # Until when no renew is tried, after Vault refused `sys/leases/renew` to the broker
         # (a policy that predates it; a while, not for good: a stale token gives 403 too).
         self._no_renew_until = 0.0

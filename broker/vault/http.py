@@ -7,7 +7,9 @@ path makes Vault calls on every start, finish and revocation, benchmarked agains
 talking to Vault directly, so we speak `/v1/...` over keep-alive connections straight to
 the address (`broker.vault.transport`), through urllib3 only behind a proxy or after a
 standby's redirect, and map every failure to `VaultUnavailable` or `VaultRejected` with a
-message that never quotes a body.
+message that never quotes a body. hvac is used only off that path, where a call is rare:
+the broker's logins (`broker.vault.login`) and the dev/test setup, through
+`broker.vault.hvac_client`, which borrows the CA and the error reasons from here.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.response import BaseHTTPResponse
 
+from broker import tracing
 from broker.vault.errors import VaultRejected, VaultUnavailable
 from broker.vault.transport import ConnectFailed, DirectTransport, tls_context
 
@@ -97,7 +100,7 @@ class Reply:
 _REDIRECTS = frozenset(BaseHTTPResponse.REDIRECT_STATUSES)
 
 
-def _is_unavailable(status: int) -> bool:
+def is_unavailable(status: int) -> bool:
     # 412: a performance standby has not caught up yet; 429: rate limit / lease quota.
     return status >= 500 or status in (412, 429)
 
@@ -148,7 +151,8 @@ class VaultHTTP:
             headers["Content-Type"] = "application/json"
         target = path + ("?" + urlencode(params, doseq=True) if params else "")
         try:
-            status, data = self._exchange(method, target, body, headers)
+            with tracing.span("vault", **{"vault.operation": operation}):
+                status, data = self._exchange(method, target, body, headers)
         except ConnectFailed as error:
             raise VaultUnavailable(operation, error.reason, sent=False) from None
         except TimeoutError:
@@ -200,7 +204,7 @@ def _reply(status: int, raw: bytes, operation: str) -> Reply:
     if status < 400:
         return Reply(status, body)
     reason = safe_reason(status, body)
-    if _is_unavailable(status):
+    if is_unavailable(status):
         raise VaultUnavailable(operation, reason, status=status)
     raise VaultRejected(operation, reason, status=status)
 
@@ -225,7 +229,7 @@ def _pool_manager(addr: str, verify_tls: bool, pool_size: int, timeout: float) -
     }
     if verify_tls:
         options["cert_reqs"] = "CERT_REQUIRED"
-        options["ca_certs"] = _ca_bundle()
+        options["ca_certs"] = ca_bundle()
     else:
         options["cert_reqs"] = "CERT_NONE"
     proxy = _proxy_for(addr)
@@ -236,7 +240,7 @@ def _pool_manager(addr: str, verify_tls: bool, pool_size: int, timeout: float) -
 
 def _direct_transport(addr: str, verify_tls: bool, pool_size: int, timeout: float) -> DirectTransport:
     https = urlsplit(addr).scheme == "https"
-    tls = tls_context(verify_tls, _ca_bundle()) if https else None
+    tls = tls_context(verify_tls, ca_bundle()) if https else None
     return DirectTransport(addr, timeout=timeout, tls=tls, size=pool_size)
 
 
@@ -248,7 +252,7 @@ def _proxy_for(addr: str) -> str | None:
     return urllib.request.getproxies_environment().get(parts.scheme)
 
 
-def _ca_bundle() -> str | None:
+def ca_bundle() -> str | None:
     """A private CA the operator pointed Vault clients at, else certifi's bundle."""
     for var in ("BAO_CACERT", "VAULT_CACERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
         value = os.environ.get(var)

@@ -9,6 +9,8 @@ policies can apply the same text themselves (`render_task_policy`).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 
@@ -28,6 +30,9 @@ _PATH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./{}-]*$")
 _PLACEHOLDERS = re.compile(r"\{(task_id|workload)\}")
 _DNS_UNSAFE = re.compile(r"[^a-z0-9-]+")
 _DNS_LABEL_MAX = 63
+# 13 base32 characters: 65 bits of SHA-256. Two of even a billion workloads share a
+# suffix with odds of about 1 in 10^20 (birthday bound).
+_WORKLOAD_HASH_CHARS = 13
 
 
 def policy_name(prefix: str, task: str) -> str:
@@ -96,21 +101,38 @@ def _checked(path: str) -> str:
 
 
 def dns_label(value: str) -> str:
-    """A workload id squeezed into one DNS label.
+    """A value squeezed into one DNS label (used for task ids, which are UUIDs).
 
     Lower-cased; every run of characters outside `[a-z0-9-]` becomes one `-`; leading and
-    trailing `-` dropped; cut to 63 characters. `spiffe://example.org/agents/a1` gives
-    `spiffe-example-org-agents-a1`. Distinct workloads can map to one label, so a
-    certificate name is a hint, never an identity the broker relies on.
+    trailing `-` dropped; cut to 63 characters. Distinct values can map to one label, so
+    this is only for values it maps one to one (a UUID's hex digits and dashes).
     """
     label = _DNS_UNSAFE.sub("-", value.lower()).strip("-")
     return label[:_DNS_LABEL_MAX].rstrip("-") or "workload"
 
 
+def workload_label(workload: str) -> str:
+    """A workload id as one DNS label that no other workload id gets.
+
+    `spiffe://example.org/agents/a1` gives `spiffe-example-org-agents-a1-<13 chars>`: a
+    readable prefix (`dns_label`, cut to 49 characters) for people reading paths and
+    certificates, then `-` and the base32 of the SHA-256 of the exact id. Folding alone
+    merges ids (`Agent/A` and `agent-a`, or two long ids that share 63 characters), and
+    `{workload}` in a lease path or certificate name is there to keep workloads apart, so
+    the suffix always comes: two labels are equal only if their hashes are.
+    """
+    digest = hashlib.sha256(workload.encode("utf-8", "surrogatepass")).digest()
+    suffix = base64.b32encode(digest).decode("ascii").lower()[:_WORKLOAD_HASH_CHARS]
+    room = _DNS_LABEL_MAX - len(suffix) - 1
+    prefix = _DNS_UNSAFE.sub("-", workload.lower()).strip("-")[:room].rstrip("-")
+    return f"{prefix}-{suffix}" if prefix else f"w-{suffix}"
+
+
 def render_template(template: str, *, task_id: str, workload: str) -> str:
     """Fill `{task_id}` and `{workload}` (DNS-safe); other braces are left for Vault to refuse.
 
+    `{workload}` is `workload_label`, unique to the workload; `{task_id}` a UUID's label.
     Plain substitution, not `str.format`, so a template can't reach attributes.
     """
-    values = {"task_id": dns_label(task_id), "workload": dns_label(workload)}
+    values = {"task_id": dns_label(task_id), "workload": workload_label(workload)}
     return _PLACEHOLDERS.sub(lambda m: values[m.group(1)], template)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from tests.factories import AGENT, OTHER_AGENT, can_log_in, dynamic_roles, start_body
@@ -188,3 +190,25 @@ def test_a_policy_change_between_approval_and_claim_voids_the_approval(client, i
     response = claim(client, issuers, task_id)
     assert response.status_code == 409
     assert "policy changed" in response.get_json()["detail"]
+
+
+def test_an_approver_sees_what_approval_would_issue_and_who_may_approve(client, issuers):
+    task_id = request_prod(client, issuers)["task_id"]
+    listed = client.get("/approvals?state=pending", headers=approver(issuers)).get_json()["items"]
+    [item] = [item for item in listed if item["task_id"] == task_id]
+    assert item["would_issue"] == [{"name": "db", "kind": "database"}]
+    assert item["approvers"] == {"groups": ["dba"], "min_approvals": 1}
+    assert "analytics-ro" not in str(item) and "database/" not in str(item)  # no role or path
+    one = client.get(f"/approvals/{task_id}", headers=approver(issuers))
+    assert one.status_code == 200 and one.get_json() == item
+
+
+def test_one_pending_request_is_404_to_whoever_may_not_decide_it(client, issuers):
+    task_id = request_prod(client, issuers)["task_id"]
+    outsider = approver(issuers, sub="dev-dave@example.com", groups=("dev",))
+    assert client.get(f"/approvals/{task_id}", headers=outsider).status_code == 404
+    workload = issuers["spire"].bearer(AGENT)
+    assert client.get(f"/approvals/{task_id}", headers=workload).status_code == 403
+    decide(client, approver(issuers), task_id)
+    assert client.get(f"/approvals/{task_id}", headers=approver(issuers)).status_code == 404  # decided
+    assert client.get(f"/approvals/{uuid.uuid4()}", headers=approver(issuers)).status_code == 404

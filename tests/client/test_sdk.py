@@ -165,20 +165,22 @@ def test_credentials_never_show_secret_values_in_repr(client):
     assert "username" in repr(task.credentials["db"])
 
 
-@pytest.mark.xfail(strict=False, reason="server side pending: /task/start ignores Idempotency-Key today")
 def test_a_retried_start_with_the_same_key_never_leaves_two_live_tasks(broker, issuers, client, workload):
+    from broker.client.errors import Conflict
+
     key = str(uuid.uuid4())
     first = client.start("analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"}, idempotency_key=key)
-    # The retry a client makes after losing the first answer.
-    second = client.start("analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"}, idempotency_key=key)
+    # The retry a client makes after losing the first answer: the broker names the task it
+    # already started under that key, and sends no second set of credentials.
+    with pytest.raises(Conflict) as retried:
+        client.start("analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"}, idempotency_key=key)
     operator = issuers["sso"].bearer("sre-sam@example.com", groups=["sre"])
     live = requests.get(f"{broker.url}/tasks", params={"workload": workload, "state": "active"}, headers=operator, timeout=10)
     try:
-        assert len(live.json()["items"]) == 1
-        assert first["task_id"] == second["task_id"]
+        assert retried.value.body["task_id"] == first["task_id"]
+        assert [item["task_id"] for item in live.json()["items"]] == [first["task_id"]]
     finally:
-        for answer in (first, second):
-            client.finish(answer["task_id"])
+        client.finish(first["task_id"])
 
 
 # -- retries, against a scripted broker ------------------------------------------------------
@@ -246,3 +248,34 @@ def test_a_non_problem_error_page_is_an_http_error_by_status():
     with fake_server(lambda request: Reply(404, None)) as (url, _), pytest.raises(e.NotFound) as missing:
         BrokerClient(url, "t").task_types()
     assert missing.value.code == "http_error"
+
+
+def test_a_start_whose_answer_was_lost_finishes_the_task_it_made_and_says_so():
+    from broker.client.errors import StartAnswerLost
+
+    lost = "5b0cf1f4-6d3c-4f43-8f4c-4f7b7cf4d2a1"
+
+    def respond(request):
+        if request.path == "/task/start" and sum(1 for s in seen if s.path == "/task/start") == 1:
+            return Reply(201, active_answer(lost), delay=1.0)  # the client gives up before this
+        if request.path == "/task/start":
+            return Reply(409, {"code": "conflict", "detail": "already started", "task_id": lost, "state": "active"})
+        return Reply(200, {"task_id": lost, "state": "finished"})
+
+    with fake_server(respond) as (url, seen), pytest.raises(StartAnswerLost) as raised:
+        BrokerClient(url, "t", timeout=0.3, retries=2).start("t", owner="o", purpose=PURPOSE)
+    assert raised.value.task_id == lost
+    finish = [request for request in seen if request.path == "/task/finish"]
+    assert [request.body for request in finish] == [{"task_id": lost, "outcome": "cancelled"}]
+    starts = [request for request in seen if request.path == "/task/start"]
+    assert len({request.headers["idempotency-key"] for request in starts}) == 1
+
+
+def test_with_a_key_of_its_own_the_caller_gets_the_conflict_and_decides():
+    from broker.client.errors import Conflict, StartAnswerLost
+
+    answer = {"code": "conflict", "detail": "already started", "task_id": "5b0cf1f4-6d3c-4f43-8f4c-4f7b7cf4d2a1"}
+    with fake_server(lambda request: Reply(409, answer)) as (url, seen), pytest.raises(Conflict) as raised:
+        BrokerClient(url, "t").start("t", owner="o", purpose=PURPOSE, idempotency_key="build-42")
+    assert not isinstance(raised.value, StartAnswerLost)
+    assert [request.path for request in seen] == ["/task/start"]

@@ -62,7 +62,10 @@ def live_server(app: Any) -> Iterator[str]:
         server.server_close()
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API keeps an asyncio loop running in the
+# main thread while it is open, and later tests (the MCP client's anyio.run) need that
+# thread free.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="the console's browser tests need `pip install playwright`"

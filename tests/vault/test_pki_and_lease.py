@@ -8,6 +8,7 @@ from cryptography.x509.oid import NameOID
 
 from broker.credentials import LeaseCredential, PkiCredential
 from broker.vault import VaultRejected
+from broker.vault.policies import workload_label
 
 WORKLOAD = "spiffe://example.org/agents/A_1"
 CERT = PkiCredential(
@@ -26,7 +27,7 @@ def test_pki_certificate_is_issued_and_its_lease_revokes_it(gateway, start_task,
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert cn == f"{task.task_id}.agents.example.org"
-    assert "spiffe-example-org-agents-a-1.agents.example.org" in sans.get_values_for_type(x509.DNSName)
+    assert f"{workload_label(WORKLOAD)}.agents.example.org" in sans.get_values_for_type(x509.DNSName)
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert lifetime.total_seconds() <= 90 + 30  # ttl, plus the role's 30 s not_before backdate
     assert "PRIVATE KEY" in secret.data["private_key"]

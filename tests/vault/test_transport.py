@@ -1,5 +1,6 @@
 """The Vault HTTP client over its own keep-alive connections: TLS against a real OpenBao
-`-dev-tls` server, a standby's redirect, and connections the server closed while idle."""
+`-dev-tls` server, a standby's redirect, and connections the server closed while idle.
+Also the broker's login (hvac over requests) against the same TLS server and CA."""
 
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import hvac
 import pytest
 
+from broker.clock import SystemClock
+from broker.config import VaultAuth, VaultSettings
 from broker.dev.stack.openbao import OpenBaoHandle, find_bao_binary, free_port
 from broker.vault import VaultUnavailable
 from broker.vault.http import VaultHTTP
+from broker.vault.login import BrokerLogin
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +129,63 @@ def test_verify_tls_false_is_the_operators_explicit_choice(tls_bao):
         assert _lookup_self(http, token)["data"]["id"] == token
     finally:
         http.close()
+
+
+# -- the broker's login over TLS: hvac must trust the same CA ---------------------------
+
+_CA_VARS = ("BAO_CACERT", "VAULT_CACERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+
+
+@pytest.fixture(scope="module")
+def tls_approle(tls_bao) -> VaultAuth:
+    addr, token, ca = tls_bao
+    admin = hvac.Client(url=addr, token=token, verify=str(ca))
+    try:
+        admin.sys.enable_auth_method("approle")
+        admin.auth.approle.create_or_update_approle("broker", token_policies=["default"], token_ttl="1h")
+        role_id = admin.auth.approle.read_role_id("broker")["data"]["role_id"]
+        secret_id = admin.auth.approle.generate_secret_id("broker")["data"]["secret_id"]
+    finally:
+        admin.adapter.close()
+    return VaultAuth(method="approle", role_id=role_id, secret_id=secret_id)
+
+
+def _tls_login(addr: str, auth: VaultAuth, **settings: Any) -> BrokerLogin:
+    """Called after the test set its CA variables: each login session reads them when opened."""
+    return BrokerLogin(VaultSettings(addr=addr, auth=auth, timeout_seconds=5, **settings), SystemClock())
+
+
+@pytest.mark.parametrize("variable", ["BAO_CACERT", "VAULT_CACERT", "SSL_CERT_FILE"])
+def test_login_over_tls_trusts_the_operators_ca(tls_bao, tls_approle, monkeypatch, variable):
+    addr, _, ca = tls_bao
+    for name in _CA_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, str(ca))
+    login = _tls_login(addr, tls_approle)
+    token = login.token()
+    login.renew()  # lookup-self and renew-self over TLS too
+    assert login.token() == token
+
+
+def test_login_over_tls_with_an_unknown_ca_is_refused_before_anything_is_sent(
+    tls_bao, tls_approle, monkeypatch
+):
+    addr, _, _ = tls_bao
+    for name in _CA_VARS:
+        monkeypatch.delenv(name, raising=False)
+    login = _tls_login(addr, tls_approle)
+    with pytest.raises(VaultUnavailable) as caught:
+        login.token()
+    assert str(caught.value) == "vault login approle: TLS handshake failed"
+    assert caught.value.sent is False
+
+
+def test_login_with_verify_tls_false_is_the_operators_explicit_choice(tls_bao, tls_approle, monkeypatch):
+    addr, _, _ = tls_bao
+    for name in _CA_VARS:
+        monkeypatch.delenv(name, raising=False)
+    # No InsecureRequestWarning escapes either: the suite turns warnings into errors.
+    assert _tls_login(addr, tls_approle, verify_tls=False).token()
 
 
 # -- redirects and idle connections ----------------------------------------------------

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.config import VaultAuth, VaultSettings
-from broker.vault.errors import VaultRejected
-from broker.vault.http import VaultHTTP
+from broker.vault.hvac_client import HvacVault
 
 ANALYTICS_SCHEMA = "analytics"
 REPORTS_POLICY = "reports-read"
@@ -314,31 +313,6 @@ def _identifier(name: str) -> str:
 # -- OpenBao -----------------------------------------------------------------------------
 
 
-class _Admin:
-    """Root-token calls for setup; errors carry no bodies (VaultHTTP)."""
-
-    def __init__(self, addr: str, token: str, timeout: float) -> None:
-        self.http = VaultHTTP(addr, timeout=timeout)
-        self._token = token
-
-    def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        reply = self.http.call(method, path, operation=f"setup {method} {path}", token=self._token, json=body)
-        return reply.body
-
-    def ensure_mount(self, path: str, body: Mapping[str, Any]) -> None:
-        mounts = self.call("GET", "sys/mounts").get("data") or {}
-        if f"{path}/" not in mounts:
-            self.call("POST", f"sys/mounts/{path}", body)
-
-    def ensure_auth(self, path: str, kind: str) -> None:
-        methods = self.call("GET", "sys/auth").get("data") or {}
-        if f"{path}/" not in methods:
-            self.call("POST", f"sys/auth/{path}", {"type": kind})
-
-    def write_policy(self, name: str, text: str) -> None:
-        self.call("PUT", f"sys/policies/acl/{name}", {"policy": text})
-
-
 def configure_vault(
     addr: str,
     root_token: str,
@@ -361,20 +335,27 @@ def configure_vault(
 ) -> VaultSetup:
     """Idempotently configure OpenBao for the broker; returns names and a broker token."""
     prepare_database(postgres)
-    admin = _Admin(addr, root_token, timeout)
-    try:
+    # Root-token calls, once per run, so through hvac; its errors carry no bodies.
+    with HvacVault(addr, timeout=timeout, token=root_token) as admin:
         roles = _setup_database(admin, postgres, database_mount, database_connection)
         _setup_pki(admin, pki_mount)
-        _setup_kv(admin, kv_mount)
-        _setup_task_token_role(admin, task_token_role, policy_prefix, child_token_policies, broker_policy)
-        admin.write_policy(broker_policy, render_broker_policy(task_token_role, policy_prefix))
-        token, accessor = _create_broker_token(admin, broker_policy, broker_token_period)
-        jwt = None
-        if jwt_jwks_pem_keys:
-            admin.write_policy(PEER_POLICY, render_peer_policy(database_mount, pki_mount))
-            jwt = _setup_jwt(admin, jwt_jwks_pem_keys, jwt_bound_issuer, jwt_role, jwt_audiences)
-    finally:
-        admin.http.close()
+        with admin.calling("setup kv") as client:
+            _mount(client, kv_mount, "kv", options={"version": "2"})
+            secret = {"quarter": "q3", "revenue": "4200000"}
+            client.secrets.kv.v2.create_or_update_secret("reports/q3", secret, mount_point=kv_mount)
+            client.sys.create_or_update_acl_policy(REPORTS_POLICY, render_reports_policy(kv_mount))
+        with admin.calling("setup broker token") as client:
+            child_policies = list(child_token_policies)
+            _setup_task_token_role(client, task_token_role, policy_prefix, child_policies, broker_policy)
+            policy = render_broker_policy(task_token_role, policy_prefix)
+            client.sys.create_or_update_acl_policy(broker_policy, policy)
+            token, accessor = _create_broker_token(client, broker_policy, broker_token_period)
+        pem_keys = list(jwt_jwks_pem_keys or ())
+        if pem_keys:
+            with admin.calling("setup jwt") as client:
+                peer = render_peer_policy(database_mount, pki_mount)
+                client.sys.create_or_update_acl_policy(PEER_POLICY, peer)
+                _setup_jwt(client, pem_keys, jwt_bound_issuer, jwt_role, jwt_audiences)
     return VaultSetup(
         addr=addr.rstrip("/"),
         broker_token=token,
@@ -392,127 +373,109 @@ def configure_vault(
         kv_mount=kv_mount,
         reports_policy=REPORTS_POLICY,
         reports_path=f"{kv_mount}/data/reports/q3",
-        jwt_mount="jwt" if jwt else None,
-        jwt_role=jwt_role if jwt else None,
-        peer_policy=PEER_POLICY if jwt else None,
+        jwt_mount="jwt" if pem_keys else None,
+        jwt_role=jwt_role if pem_keys else None,
+        peer_policy=PEER_POLICY if pem_keys else None,
     )
 
 
-def _setup_database(admin: _Admin, target: PostgresTarget, mount: str, connection: str) -> tuple[str, ...]:
-    admin.ensure_mount(mount, {"type": "database"})
+def _mount(client: Any, path: str, kind: str, **options: Any) -> None:
+    if f"{path}/" not in (client.sys.list_mounted_secrets_engines().get("data") or {}):
+        client.sys.enable_secrets_engine(kind, path=path, **options)
+
+
+def _setup_database(admin: HvacVault, target: PostgresTarget, mount: str, connection: str) -> tuple[str, ...]:
     roles = database_roles(target.dbname, connection)
-    admin.call("POST", f"{mount}/config/{connection}", database_connection_config(target, list(roles)))
-    for name, body in roles.items():
-        admin.call("POST", f"{mount}/roles/{name}", body)
+    with admin.calling("setup database") as client:
+        _mount(client, mount, "database")
+        config = database_connection_config(target, list(roles))
+        client.secrets.database.configure(connection, mount_point=mount, **config)
+        for name, body in roles.items():
+            client.secrets.database.create_role(name, mount_point=mount, **body)
     return tuple(roles)
 
 
-def _setup_pki(admin: _Admin, mount: str) -> None:
-    admin.ensure_mount(mount, {"type": "pki", "config": {"max_lease_ttl": "87600h"}})
-    if not _has_ca(admin, mount):
-        admin.call(
-            "POST",
-            f"{mount}/root/generate/internal",
-            {"common_name": "Credential Broker Dev Root CA", "ttl": "87600h", "key_type": "ec"},
-        )
-    admin.call(
-        "POST",
-        f"{mount}/roles/agents",
-        {
-            "allowed_domains": [PKI_DOMAIN],
-            "allow_subdomains": True,
-            "allow_bare_domains": False,
-            "allow_localhost": False,
-            "allow_ip_sans": False,
-            "max_ttl": "1h",
-            # A lease per certificate, owned by the task token: revoking the token or the
-            # lease revokes the certificate (V17). Fine at dev scale; see README.
-            "generate_lease": True,
-            # EC keys: generated in microseconds, where RSA-2048 costs tens of ms per start.
-            "key_type": "ec",
-            "key_bits": 256,
-        },
-    )
+# The role certificates are issued through.
+_PKI_ROLE = {
+    "allowed_domains": [PKI_DOMAIN],
+    "allow_subdomains": True,
+    "allow_bare_domains": False,
+    "allow_localhost": False,
+    "allow_ip_sans": False,
+    "max_ttl": "1h",
+    # A lease per certificate, owned by the task token: revoking the token or the
+    # lease revokes the certificate (V17). Fine at dev scale; see README.
+    "generate_lease": True,
+    # EC keys: generated in microseconds, where RSA-2048 costs tens of ms per start.
+    "key_type": "ec",
+    "key_bits": 256,
+}
 
 
-def _has_ca(admin: _Admin, mount: str) -> bool:
-    try:
-        data = admin.call("GET", f"{mount}/cert/ca").get("data") or {}
-    except VaultRejected:  # 400 "no default issuer currently configured"
-        return False
-    return bool(data.get("certificate"))
-
-
-def _setup_kv(admin: _Admin, mount: str) -> None:
-    admin.ensure_mount(mount, {"type": "kv", "options": {"version": "2"}})
-    admin.call("POST", f"{mount}/data/reports/q3", {"data": {"quarter": "q3", "revenue": "4200000"}})
-    admin.write_policy(REPORTS_POLICY, render_reports_policy(mount))
+def _setup_pki(admin: HvacVault, mount: str) -> None:
+    with admin.calling("setup pki") as client:
+        _mount(client, mount, "pki", config={"max_lease_ttl": "87600h"})
+        # An empty answer (204) until a root CA exists.
+        if not client.secrets.pki.read_ca_certificate(mount_point=mount).strip():
+            root = {"ttl": "87600h", "key_type": "ec"}
+            common_name = "Credential Broker Dev Root CA"
+            client.secrets.pki.generate_root("internal", common_name, extra_params=root, mount_point=mount)
+        client.secrets.pki.create_or_update_role("agents", extra_params=dict(_PKI_ROLE), mount_point=mount)
 
 
 def _setup_task_token_role(
-    admin: _Admin, role: str, policy_prefix: str, child_policies: Sequence[str], broker_policy: str
+    client: Any, role: str, policy_prefix: str, child_policies: Sequence[str], broker_policy: str
 ) -> None:
-    admin.call(
-        "POST",
-        f"auth/token/roles/{role}",
-        {
-            # Task-type policies the broker writes, plus every policy a vault_token
-            # credential may hand out. Nothing else, whatever the broker asks for.
-            "allowed_policies_glob": [f"{policy_prefix}*"],
-            "allowed_policies": list(child_policies),
-            "disallowed_policies": [broker_policy, "root"],
-            # Orphan: the broker's own token expiring must not take task credentials
-            # with it, and a task's credentials must not outlive its token.
-            "orphan": True,
-            "renewable": False,
-            "token_type": "service",  # batch tokens can't be revoked by accessor
-            "token_explicit_max_ttl": 3600,
-        },
-    )
+    # A plain write: hvac's `auth.token.create_or_update_role` has no
+    # `allowed_policies_glob` or `token_type`, and both matter here.
+    body = {
+        # Task-type policies the broker writes, plus every policy a vault_token
+        # credential may hand out. Nothing else, whatever the broker asks for.
+        "allowed_policies_glob": [f"{policy_prefix}*"],
+        "allowed_policies": list(child_policies),
+        "disallowed_policies": [broker_policy, "root"],
+        # Orphan: the broker's own token expiring must not take task credentials
+        # with it, and a task's credentials must not outlive its token.
+        "orphan": True,
+        "renewable": False,
+        "token_type": "service",  # batch tokens can't be revoked by accessor
+        "token_explicit_max_ttl": 3600,
+    }
+    client.adapter.post(f"/v1/auth/token/roles/{role}", json=body)
 
 
-def _create_broker_token(admin: _Admin, policy: str, period: str) -> tuple[str, str]:
-    body = admin.call(
-        "POST",
-        "auth/token/create-orphan",
-        {
-            "policies": [policy],
-            "no_default_policy": True,
-            "period": period,
-            "renewable": True,
-            "display_name": "credential-broker",
-        },
+def _create_broker_token(client: Any, policy: str, period: str) -> tuple[str, str]:
+    # no_parent (an orphan, which root may create): revoking the root token that made it
+    # must not take the broker's token along.
+    reply = client.auth.token.create(
+        policies=[policy],
+        no_parent=True,
+        no_default_policy=True,
+        period=period,
+        renewable=True,
+        display_name="credential-broker",
     )
-    auth = body.get("auth") or {}
+    auth = reply["auth"]
     return str(auth["client_token"]), str(auth["accessor"])
 
 
 def _setup_jwt(
-    admin: _Admin,
-    pem_keys: Sequence[str],
-    bound_issuer: str | None,
-    role: str,
-    audiences: Sequence[str],
-) -> str:
-    admin.ensure_auth("jwt", "jwt")
-    config: dict[str, Any] = {"jwt_validation_pubkeys": list(pem_keys)}
-    if bound_issuer:
-        config["bound_issuer"] = bound_issuer
-    admin.call("POST", "auth/jwt/config", config)
-    admin.call(
-        "POST",
-        f"auth/jwt/role/{role}",
-        {
-            "role_type": "jwt",
-            "user_claim": "sub",
-            "bound_audiences": list(audiences),
-            "token_policies": [PEER_POLICY],
-            "token_ttl": 900,
-            "token_max_ttl": 900,
-            "token_no_default_policy": True,
-        },
+    client: Any, pem_keys: Sequence[str], bound_issuer: str | None, role: str, audiences: Sequence[str]
+) -> None:
+    if "jwt/" not in (client.sys.list_auth_methods().get("data") or {}):
+        client.sys.enable_auth_method("jwt", path="jwt")
+    client.auth.jwt.configure(jwt_validation_pubkeys=list(pem_keys), bound_issuer=bound_issuer or None)
+    client.auth.jwt.create_role(
+        role,
+        user_claim="sub",
+        allowed_redirect_uris=None,
+        role_type="jwt",
+        bound_audiences=list(audiences),
+        token_policies=[PEER_POLICY],
+        token_ttl=900,
+        token_max_ttl=900,
+        token_no_default_policy=True,
     )
-    return role
 
 
 def jwks_to_pem(jwks: Mapping[str, Any]) -> list[str]:
