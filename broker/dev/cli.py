@@ -21,15 +21,22 @@ import yaml
 
 DEMO_POLICY = Path(__file__).parent / "data" / "policy.yaml"
 AGENT = "spiffe://example.org/agents/reporter"
+SECOND_AGENT = "spiffe://example.org/agents/etl"
+# A CI job of acme/app on main, as GitHub Actions would sign it: the classic `sub`, the
+# repository and its id, the ref and the actor (the person who pushed).
+CI_SUBJECT = "repo:acme/app:ref:refs/heads/main"
+CI_CLAIMS = {"repository": "acme/app", "repository_id": "4242", "ref": "refs/heads/main", "actor": "alice"}
+# The issuer names of the dev config, and the demo key files that sign for each.
+KEY_NAMES = {"spire": "demo-spire", "corp-sso": "demo-sso", "ci": "demo-ci"}
 
 
-def _issuers(directory: Path) -> tuple[Any, Any]:
+def _issuers(directory: Path) -> tuple[Any, Any, Any]:
     from broker.dev.keys import DemoIssuer
 
-    return DemoIssuer.create(directory, "demo-spire"), DemoIssuer.create(directory, "demo-sso")
+    return tuple(DemoIssuer.create(directory, name) for name in KEY_NAMES.values())  # type: ignore[return-value]
 
 
-def _config(stack: Any, directory: Path, spire: Any, sso: Any) -> dict[str, Any]:
+def _config(stack: Any, directory: Path, spire: Any, sso: Any, ci: Any) -> dict[str, Any]:
     policy = directory / "policy.yaml"
     shutil.copy(DEMO_POLICY, policy)
     return {
@@ -46,6 +53,10 @@ def _config(stack: Any, directory: Path, spire: Any, sso: Any) -> dict[str, Any]
                 "name": "corp-sso", "issuer": sso.issuer, "jwks_file": str(sso.jwks_path),
                 "audiences": ["credential-broker"], "kind": "oidc", "groups_claim": "groups",
                 "use": ["approver", "operator"],
+            },
+            {
+                "name": "ci", "issuer": ci.issuer, "jwks_file": str(ci.jwks_path),
+                "audiences": ["credential-broker"], "kind": "oidc", "use": "workload",
             },
         ],
         "operators": {"groups": ["sre"]},
@@ -168,7 +179,7 @@ DEFAULT_DIR = Path(".broker-dev")
 DEFAULT_PORT = 8080
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option(
     "--port",
     type=click.IntRange(1, 65535),
@@ -182,7 +193,8 @@ DEFAULT_PORT = 8080
     f"[default: ./{DEFAULT_DIR}, emptied at exit].",
 )
 @click.option("--smoke", is_flag=True, help="Run the example end to end, print the result and exit.")
-def dev(port: int | None, directory: Path | None, smoke: bool) -> None:
+@click.pass_context
+def dev(ctx: click.Context, port: int | None, directory: Path | None, smoke: bool) -> None:
     """Start a complete local stack: OpenBao dev server, embedded Postgres, demo policy and
     keys, and the broker itself; then print commands that run one task end to end.
 
@@ -196,6 +208,8 @@ def dev(port: int | None, directory: Path | None, smoke: bool) -> None:
       broker dev --port 8081 --dir /tmp/second-stack   # a second stack beside the first
       broker dev --smoke         # run the example once and exit (what CI checks)
     """
+    if ctx.invoked_subcommand is not None:
+        return
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` tears the stack down like Ctrl-C
     workdir = (directory or DEFAULT_DIR).resolve()
     port = _choose_port(port, smoke)
@@ -222,6 +236,60 @@ def dev(port: int | None, directory: Path | None, smoke: bool) -> None:
         lock.close()
 
 
+@dev.command("token")
+@click.option(
+    "--issuer", type=click.Choice(sorted(KEY_NAMES)), required=True, help="Which dev issuer signs it."
+)
+@click.option("--subject", required=True, help="The token's `sub`.")
+@click.option("--claim", "claims", multiple=True, metavar="KEY=VALUE", help="An extra claim (JSON or text).")
+@click.option("--group", "groups", multiple=True, help="A group (the `groups` claim); repeat for more.")
+@click.option("--lifetime", type=click.IntRange(60, 86_400), default=3600, show_default=True)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DIR,
+    show_default=True,
+    help="The running `broker dev`'s directory (its demo keys are there).",
+)
+def token(
+    issuer: str,
+    subject: str,
+    claims: tuple[str, ...],
+    groups: tuple[str, ...],
+    lifetime: int,
+    directory: Path,
+) -> None:
+    """Mint a token the running dev stack trusts: another agent, a CI job, a person.
+
+    \b
+    Examples:
+      broker dev token --issuer spire --subject spiffe://example.org/agents/etl
+      broker dev token --issuer ci --subject repo:acme/app:ref:refs/heads/main \\
+          --claim repository=acme/app --claim ref=refs/heads/main --claim actor=alice
+      broker dev token --issuer corp-sso --subject dba-dave@example.com --group dba \\
+          --claim email=dba-dave@example.com
+    """
+    from broker.dev.keys import DemoIssuer
+
+    extra: dict[str, Any] = {}
+    for item in claims:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--claim")
+        try:
+            extra[key] = json.loads(value)
+        except ValueError:
+            extra[key] = value
+    if groups:
+        extra["groups"] = list(groups)
+    try:
+        signer = DemoIssuer.load(directory, KEY_NAMES[issuer])
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(signer.mint(subject, lifetime=lifetime, **extra))
+
+
 def _run(workdir: Path, stack_dir: Path, env_file: Path, port: int, smoke: bool, keep: bool) -> None:
     from broker.dev.stack import start_stack
 
@@ -234,18 +302,21 @@ def _run(workdir: Path, stack_dir: Path, env_file: Path, port: int, smoke: bool,
 
 
 def _serve(workdir: Path, stack: Any, env_file: Path, port: int, smoke: bool, keep: bool) -> None:
-    spire, sso = _issuers(workdir)
+    spire, sso, ci = _issuers(workdir)
     config_path = workdir / "broker.yaml"
-    config_path.write_text(yaml.safe_dump(_config(stack, workdir, spire, sso), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(_config(stack, workdir, spire, sso, ci), sort_keys=False))
     url = f"http://127.0.0.1:{port}"
     tokens = {
         "AGENT_TOKEN": spire.mint(AGENT),
         "OPERATOR_TOKEN": sso.mint("sre-sam@example.com", groups=["sre"], email="sre-sam@example.com"),
         "APPROVER_TOKEN": sso.mint("dba-dana@example.com", groups=["dba"], email="dba-dana@example.com"),
+        "SECOND_AGENT_TOKEN": spire.mint(SECOND_AGENT),
+        "CI_TOKEN": ci.mint(CI_SUBJECT, **CI_CLAIMS),
     }
     psql = Path(stack.postgres.bin_dir) / "psql"
     exports = {"BROKER_URL": url, "BROKER_CONFIG": str(config_path), "PSQL": str(psql), **tokens}
     exports["BROKER_TOKEN"] = tokens["OPERATOR_TOKEN"]  # what `broker leases|tasks` send
+    exports["BROKER_WORKLOAD_TOKEN"] = tokens["AGENT_TOKEN"]  # what `broker exec|mcp` send
     # Where the demo credentials log in; psql reads these (and PGUSER/PGPASSWORD) itself.
     exports["PGHOST"] = "127.0.0.1"
     exports["PGPORT"] = str(stack.postgres.port)

@@ -47,6 +47,16 @@ class DemoIssuer:
         jwks_path.write_text(json.dumps({"keys": [jwk]}, indent=2))
         return cls(name, f"https://{name}.broker.local", kid, key_path, jwks_path)
 
+    @classmethod
+    def load(cls, directory: Path, name: str) -> DemoIssuer:
+        """The issuer `create` wrote into `directory` (for `broker dev token`)."""
+        jwks_path = directory / f"{name}-jwks.json"
+        key_path = directory / f"{name}-key.pem"
+        if not jwks_path.exists() or not key_path.exists():
+            raise FileNotFoundError(f"no {name} keys in {directory}: is `broker dev` running there?")
+        kid = str(json.loads(jwks_path.read_text())["keys"][0]["kid"])
+        return cls(name, f"https://{name}.broker.local", kid, key_path, jwks_path)
+
     def mint(self, sub: str, *, lifetime: int = 8 * 3600, **claims: Any) -> str:
         now = int(time.time())
         payload = {

@@ -33,14 +33,15 @@ def test_broker_dev_smoke_runs_the_example_and_tears_down(tmp_path):
     assert "its database user read 3 rows" in result.stdout
     assert "the credentials are refused, as promised" in result.stdout
     env = (tmp_path / "dev" / "env.sh").read_text()
-    for name in ("BROKER_URL", "AGENT_TOKEN", "OPERATOR_TOKEN", "APPROVER_TOKEN", "PSQL", "BROKER_TOKEN", "BROKER_AUDIT_KEY"):
+    for name in ("BROKER_URL", "AGENT_TOKEN", "OPERATOR_TOKEN", "APPROVER_TOKEN", "PSQL", "BROKER_TOKEN", "BROKER_AUDIT_KEY",
+                 "SECOND_AGENT_TOKEN", "CI_TOKEN", "BROKER_WORKLOAD_TOKEN"):
         assert f"export {name}=" in env
 
 
-def readme_tour() -> str:
-    """The ```sh blocks of README.md's "A 60-second tour" section, in order."""
+def readme_tour(heading: str = "A 60-second tour") -> str:
+    """The ```sh blocks of one section of README.md, in order."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## A 60-second tour", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"^```sh\n(.*?)^```", section, re.DOTALL | re.MULTILINE)
     assert blocks, "the tour has no sh block"
     return "\n".join(blocks)
@@ -61,6 +62,8 @@ def test_the_printed_example_and_the_readme_tour_run_as_pasted_and_a_second_dev_
         pytest.skip("the example uses curl")
     checkout = tmp_path / "checkout"  # where `make dev` runs: env.sh lands in ./.broker-dev
     checkout.mkdir()
+    # The README runs `.venv/bin/...` from the checkout: this test's own environment is that venv.
+    (checkout / ".venv").symlink_to(Path(sys.prefix))
     port = free_port()
     log = tmp_path / "dev.out"
     with log.open("w") as out:
@@ -95,6 +98,31 @@ def test_the_printed_example_and_the_readme_tour_run_as_pasted_and_a_second_dev_
         assert re.search(r"^\s+3\s*$", toured.stdout, re.MULTILINE), output[-3000:]
         assert '"state": "finished"' in toured.stdout and "refused after finish, as promised" in toured.stdout
         assert "<task_id>" not in readme_tour() and "password" not in toured.stdout
+
+        # 2b. The README's other two ways, the SDK and `broker exec`, pasted too.
+        ways = run_script(readme_tour("Three ways to run a task"), checkout)
+        output = ways.stdout + ways.stderr
+        assert ways.returncode == 0, output[-3000:]
+        assert "rows: 3" in ways.stdout and "finished: its database user is gone" in ways.stdout, output[-3000:]
+        assert re.search(r"^\s+3\s*$", ways.stdout, re.MULTILINE), output[-3000:]  # psql under broker exec
+        assert "the job sees ['DB_PASSWORD', 'DB_USERNAME']" in ways.stdout, output[-3000:]
+        assert "password" not in ways.stdout.lower().replace("db_password", "")
+
+        # 2c. `broker dev token` mints what the stack trusts: another agent, a person.
+        minted = run_script(
+            "source .broker-dev/env.sh\n"
+            "ETL=$(.venv/bin/broker dev token --issuer spire --subject spiffe://example.org/agents/etl)\n"
+            "curl -s -o /dev/null -w '%{http_code}\\n' -X POST \"$BROKER_URL/task/start\" "
+            "-H \"Authorization: Bearer $ETL\" -H 'Content-Type: application/json' "
+            "-d '{\"task\":\"issue-cert\",\"owner\":\"alice@example.com\",\"purpose\":\"mutual TLS for a job\"}'\n"
+            "SRE=$(.venv/bin/broker dev token --issuer corp-sso --subject sre-sue@example.com --group sre)\n"
+            "curl -s -o /dev/null -w '%{http_code}\\n' \"$BROKER_URL/leases\" -H \"Authorization: Bearer $SRE\"\n"
+            "BROKER_WORKLOAD_TOKEN=$ETL .venv/bin/broker leases list --token \"$SRE\" --task issue-cert\n",
+            checkout,
+        )
+        assert minted.returncode == 0, minted.stdout + minted.stderr
+        assert minted.stdout.splitlines()[:2] == ["201", "200"], minted.stdout + minted.stderr
+        assert "spiffe://example.org/agents/etl" in minted.stdout
 
         # 3. A second `broker dev` on the same directory stops at once, and leaves the first alone.
         second = subprocess.run(
