@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -18,7 +20,9 @@ from broker.models import LEASE_STATES, TASK_STATES
 
 URL_HELP = "Broker base URL (default: $BROKER_URL)."
 TOKEN_HELP = "Operator bearer token (default: $BROKER_TOKEN)."  # noqa: S105
-COLUMNS = ("id", "state", "task", "name", "workload", "owner", "expires_at")
+COLUMNS = ("id", "state", "task", "name", "workload", "owner", "purpose", "time_left")
+# How much of a purpose a table row shows (the whole one is in --json and `leases show`).
+PURPOSE_WIDTH = 40
 
 
 class Api:
@@ -99,16 +103,47 @@ def leases() -> None:
 @leases.command("list")
 @_connection
 @_filters(LEASE_STATES)
-def list_leases(url: str, token: str, as_json: bool, limit: int, **filters: Any) -> None:
-    """List leases, newest first.
+@click.option("--watch", is_flag=True, help="Redraw the table every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(0.5, 300), default=2.0, show_default=True)
+def list_leases(
+    url: str, token: str, as_json: bool, limit: int, watch: bool, interval: float, **filters: Any
+) -> None:
+    """List leases, newest first, with their purpose and the time each has left.
 
     \b
     Example:
       broker leases list --state active --owner alice@example.com
+      broker leases list --state active --watch          # a live view; Ctrl-C stops
       broker leases list --workload spiffe://example.org/agents/reporter --json
     """
-    page = Api(url, token).call("GET", "/leases", params=_query(limit=limit, **filters))
-    _page(page, as_json, COLUMNS)
+    api = Api(url, token)
+    params = _query(limit=limit, **filters)
+    try:
+        while True:
+            page = api.call("GET", "/leases", params=params)
+            if watch and not as_json:
+                click.clear()
+                stamp = datetime.now(UTC).strftime("%H:%M:%S")
+                click.echo(f"{stamp} UTC, every {interval:g} s (Ctrl-C stops)\n")
+            _page({**page, "items": [_with_time_left(item) for item in page["items"]]}, as_json, COLUMNS)
+            if not watch:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return  # the way out of --watch, whenever it comes
+
+
+def _with_time_left(lease: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
+    """The row as shown: `time_left` until the lease's expiry while it is active."""
+    row = dict(lease)
+    purpose = str(row.get("purpose") or "")
+    row["purpose"] = purpose if len(purpose) <= PURPOSE_WIDTH else purpose[: PURPOSE_WIDTH - 1] + "…"
+    row["time_left"] = "-"
+    if lease.get("state") == "active" and lease.get("expires_at"):
+        left = datetime.fromisoformat(lease["expires_at"]) - (now or datetime.now(UTC))
+        seconds = int(left.total_seconds())
+        row["time_left"] = "expired" if seconds <= 0 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return row
 
 
 @leases.command("show")
