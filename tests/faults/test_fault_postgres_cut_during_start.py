@@ -15,8 +15,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.factories import AGENT, dynamic_roles, role_exists, start_body
-from tests.faults.faultkit import all_live_leases, assert_unavailable, lease_alive, token_alive, wait_for
+from tests.faults.faultkit import all_live_leases, assert_unavailable, lease_alive, token_alive
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 
 from tests.factories import AGENT, dynamic_roles, role_exists, start_body
-from tests.faults.faultkit import all_live_leases, assert_unavailable, lease_alive, token_alive, wait_for
+from tests.faults.faultkit import all_live_leases, assert_unavailable, lease_alive, token_alive
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

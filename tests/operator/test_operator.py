@@ -8,18 +8,13 @@ from sqlalchemy import text
 
 from broker.cli.main import main
 from tests.factories import AGENT, can_log_in, start_body
+from tests.factories import started_task as start
 
 OTHER = "spiffe://example.org/agents/builder"
 
 
 def sre(issuers):
     return issuers["sso"].bearer("sre-sam@example.com", groups=["sre"])
-
-
-def start(client, issuers, sub=AGENT, task="analytics-read", **overrides):
-    response = client.post("/task/start", json=start_body(task, **overrides), headers=issuers["spire"].bearer(sub))
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()
 
 
 @pytest.mark.parametrize(

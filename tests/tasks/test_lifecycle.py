@@ -15,10 +15,7 @@ from tests.factories import (
     start_body,
     vault,
 )
-
-
-def start(client, issuers, task="analytics-read", sub=AGENT, **overrides):
-    return client.post("/task/start", json=start_body(task, **overrides), headers=issuers["spire"].bearer(sub))
+from tests.factories import start_task as start
 
 
 def finish(client, issuers, task_id, sub=AGENT, **extra):
