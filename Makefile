@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint fmt bench faults clean
+.PHONY: dev test lint fmt bench faults mutants clean
 
 # Re-install only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -31,6 +31,11 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run
+
+# Not part of `make test`: removes each guard in tests/mutants/mutations.toml in a scratch
+# copy and runs the tests named to catch it; fails if any mutation survives.
+mutants: $(STAMP)
+	$(BIN)/python -m tests.mutants.run $(MUTANTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -22,6 +22,21 @@ def start_body(task: str = "analytics-read", **overrides: Any) -> dict[str, Any]
     return body
 
 
+def start_task(client: Any, issuers: Any, task: str = "analytics-read", sub: str = AGENT, **overrides: Any) -> Any:
+    """POST /task/start as the SPIFFE workload `sub`; the response, whatever its status."""
+    return client.post("/task/start", json=start_body(task, **overrides), headers=issuers["spire"].bearer(sub))
+
+
+def started_task(
+    client: Any, issuers: Any, task: str = "analytics-read", sub: str = AGENT, **overrides: Any
+) -> dict[str, Any]:
+    """`start_task` that must succeed (201); its JSON body."""
+    response = start_task(client, issuers, task, sub, **overrides)
+    assert response.status_code == 201, response.get_json()
+    body: dict[str, Any] = response.get_json()
+    return body
+
+
 def db_dsn(stack: Any, creds: dict[str, Any]) -> str:
     return f"postgresql://{creds['username']}:{creds['password']}@127.0.0.1:{stack.postgres.port}/analytics"
 

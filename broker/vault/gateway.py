@@ -349,9 +349,11 @@ class VaultGateway:
             self.revoke_task_token(handle.ref)
 
     def _revoke_lease(self, lease_id: str) -> None:
-        # hvac's revoke_lease can't send `sync`; the CLI and OpenBao docs default it to
-        # false, which only queues the revocation (202). With sync=true Vault runs the
-        # engine's revocation (e.g. DROP ROLE) before answering and fails if it fails.
+        # hvac's revoke_lease can't send `sync`. OpenBao's API docs and CLI give it as
+        # false, which only queues the revocation (202); the 2.x server in fact defaults
+        # it to true. Sent explicitly, so neither a server nor a proxy decides: with
+        # sync=true Vault runs the engine's revocation (e.g. DROP ROLE) before answering
+        # and fails if it fails (checked on the wire by tests/tasks/test_revoked_before_the_answer.py).
         try:
             reply = self._as_broker(
                 "PUT",

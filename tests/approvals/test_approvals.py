@@ -44,6 +44,7 @@ def test_low_risk_context_needs_no_approval(client, issuers):
 
 
 def test_approve_then_claim_once(client, issuers, stack):
+    """§6.5 single-use approvals: an approval covers one task, once."""
     task_id = request_prod(client, issuers)["task_id"]
     assert claim(client, issuers, task_id).status_code == 409  # not approved yet
     approved = decide(client, approver(issuers), task_id)
@@ -82,6 +83,7 @@ def test_who_may_approve(client, issuers, sub, groups, status):
 
 
 def test_the_requesting_workload_cannot_approve(client, issuers):
+    """§6.5 single-use approvals: the approver differs from the requesting workload."""
     task_id = request_prod(client, issuers)["task_id"]
     response = decide(client, issuers["spire"].bearer(AGENT), task_id)
     assert response.status_code == 403  # its issuer has no `approver` use
@@ -146,6 +148,7 @@ def test_a_bad_pending_query_is_a_validation_error(client, issuers, query):
 
 
 def test_a_lapsed_approval_cannot_be_claimed(client, issuers, services):
+    """§6.5 single-use approvals: an approval is good until it lapses, not after."""
     from sqlalchemy import text
 
     task_id = request_prod(client, issuers)["task_id"]
@@ -182,6 +185,7 @@ def test_concurrent_claims_issue_exactly_once(app, issuers, stack):
 
 
 def test_a_policy_change_between_approval_and_claim_voids_the_approval(client, issuers, services, policy_file):
+    """§6.5 single-use approvals: an approval covers its exact request; a changed one needs a new task."""
     task_id = request_prod(client, issuers)["task_id"]
     decide(client, approver(issuers), task_id)
     text = policy_file.read_text()

@@ -85,6 +85,7 @@ def person(issuer: TestIssuer, sub: str, email: str | None = None, **claims: Any
 @against_the_stack
 @given(data=st.data(), owner=owners("example.com"))
 def test_no_respelling_of_the_owner_approves_their_own_task(stack_app, data, owner):
+    """§6.11 one person, one identity: no respelling lets an owner approve their own task."""
     # The owner as the workload sent it (any accepted spelling) ...
     task_id = pending(stack_app, owner=data.draw(respellings(owner, invisible=False)))
     # ... and the approver's identity as another respelling, in its email or its subject.
@@ -165,6 +166,7 @@ def test_the_requesting_workload_cannot_approve_even_with_the_approver_use(stack
 
 
 def test_one_verified_email_is_one_approver_across_issuers(stack_app):
+    """§6.11 one person, one identity: one verified email is one vote, whichever issuer vouches."""
     task_id = pending(stack_app, task="deploy-two")
     dana_sso = person(stack_app.sso, "00u1dana", email="dba-dana@example.com")
     dana_partner = person(stack_app.partner, "p-77", email="DBA-Dana@Example.com", email_verified=True)

@@ -113,6 +113,7 @@ def test_the_context_manager_waits_for_approval_and_finishes(broker, issuers, cl
     ("raised", "outcome"), [(RuntimeError, "failed"), (KeyboardInterrupt, "cancelled")], ids=["error", "ctrl-c"]
 )
 def test_the_context_manager_finishes_with_the_outcome_and_reraises(broker, issuers, client, stack, raised, outcome):
+    """§6.10 clients always clean up: the SDK's task context finishes on failure and on Ctrl-C."""
     with pytest.raises(raised), client.task(
         "analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"}
     ) as task:

@@ -6,28 +6,13 @@ through its own port, so a fault the test injected never hides what is really le
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import create_engine, text
 
 from tests.factories import live_leases, vault
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> T:
-    """Poll until `predicate()` is truthy; generous timeouts, never a tight timing."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not true after {timeout}s: {what or predicate}")
-        time.sleep(interval)
 
 
 def lease_alive(stack: Any, lease_id: str) -> bool:

@@ -18,7 +18,8 @@ import pytest
 from sqlalchemy import text
 
 from tests.factories import AGENT, can_log_in, start_body
-from tests.faults.faultkit import lease_alive, wait_for
+from tests.faults.faultkit import lease_alive
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from tests.factories import AGENT, start_body
-from tests.faults.faultkit import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.factories import AGENT, can_log_in, start_body
-from tests.faults.faultkit import assert_unavailable, lease_alive, token_alive, wait_for
+from tests.faults.faultkit import assert_unavailable, lease_alive, token_alive
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.factories import AGENT, dynamic_roles, role_exists, start_body
-from tests.faults.faultkit import all_live_leases, assert_unavailable, lease_alive, token_alive, wait_for
+from tests.faults.faultkit import all_live_leases, assert_unavailable, lease_alive, token_alive
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +36,7 @@ def via(proxy: TcpProxy, url: str) -> str:
 def test_postgres_down_before_start_answers_503_without_calling_vault(
     stack, issuers, vault_proxy, pg_proxy, fault_config, in_process, ledger
 ):
+    """§6.9 fail closed: without the database nothing is issued, Vault is never asked, and the answer says why."""
     _, client = in_process(
         fault_config(vault_addr=vault_proxy.addr, database_url=via(pg_proxy, stack.database_url))
     )
@@ -52,6 +54,7 @@ def test_postgres_down_before_start_answers_503_without_calling_vault(
 def test_postgres_cut_between_vault_and_commit_revokes_before_answering(
     stack, issuers, vault_proxy, pg_proxy, fault_config, in_process, scheduler_for, ledger
 ):
+    """§6.2 record before release: leases that can't be committed never leave the broker and are revoked before the 503."""
     services, client = in_process(
         fault_config(vault_addr=vault_proxy.addr, database_url=via(pg_proxy, stack.database_url))
     )

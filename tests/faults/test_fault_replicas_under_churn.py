@@ -31,8 +31,9 @@ import requests
 import yaml
 
 from tests.factories import dynamic_roles, start_body
-from tests.faults.faultkit import all_live_leases, lease_alive, token_alive, wait_for
+from tests.faults.faultkit import all_live_leases, lease_alive, token_alive
 from tests.support.broker_procs import ROOT
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ import requests
 
 from broker.config import VaultSettings
 from tests.factories import AGENT, start_body
-from tests.faults.faultkit import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from tests.factories import AGENT, can_log_in, start_body
-from tests.faults.faultkit import lease_alive, token_alive, wait_for
+from tests.faults.faultkit import lease_alive, token_alive
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 
 from tests.factories import AGENT, dynamic_roles, role_exists, start_body
-from tests.faults.faultkit import all_live_leases, assert_unavailable, lease_alive, token_alive, wait_for
+from tests.faults.faultkit import all_live_leases, assert_unavailable, lease_alive, token_alive
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +51,7 @@ def issued_by_vault(proxy):
 def test_vault_cut_while_issuing_fails_closed_and_leaves_no_orphan(
     task, path, moment, stack, issuers, vault_proxy, fault_config, in_process, scheduler_for, ledger
 ):
+    """§6.9 fail closed (and §6.1): Vault lost mid-start answers 503 and leaves nothing alive."""
     services, client = in_process(fault_config(vault_addr=vault_proxy.addr, timeout=2))
     if moment == "before_vault_saw_it":
         cut = vault_proxy.add_rule(path, action="reset", before=lambda _: vault_proxy.cut())

@@ -16,8 +16,9 @@ import pytest
 import requests
 
 from tests.factories import AGENT, role_exists, start_body
-from tests.faults.faultkit import all_live_leases, lease_alive, token_alive, wait_for
+from tests.faults.faultkit import all_live_leases, lease_alive, token_alive
 from tests.support.broker_procs import pid_with_connection
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -8,18 +8,13 @@ from sqlalchemy import text
 
 from broker.cli.main import main
 from tests.factories import AGENT, can_log_in, start_body
+from tests.factories import started_task as start
 
 OTHER = "spiffe://example.org/agents/builder"
 
 
 def sre(issuers):
     return issuers["sso"].bearer("sre-sam@example.com", groups=["sre"])
-
-
-def start(client, issuers, sub=AGENT, task="analytics-read", **overrides):
-    response = client.post("/task/start", json=start_body(task, **overrides), headers=issuers["spire"].bearer(sub))
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()
 
 
 @pytest.mark.parametrize(
@@ -110,6 +105,7 @@ def test_kill_switch_needs_a_filter(client, issuers):
 
 
 def test_audit_names_actor_owner_purpose_and_filters_by_task(client, issuers):
+    """§6.8 attributable: every event names the acting identity, the task, its owner and purpose."""
     task = start(client, issuers)
     client.post("/task/finish", json={"task_id": task["task_id"]}, headers=issuers["spire"].bearer(AGENT))
     events = client.get(f"/audit?task_id={task['task_id']}", headers=sre(issuers)).get_json()["items"]
@@ -134,6 +130,7 @@ def seal(services):
 
 
 def test_audit_verify_detects_changed_inserted_and_deleted_rows(client, issuers, config_file, services):
+    """§6.8 attributable: `broker audit verify` detects a changed, inserted or deleted row."""
     for _ in range(3):
         task = start(client, issuers)
         client.post("/task/finish", json={"task_id": task["task_id"]}, headers=issuers["spire"].bearer(AGENT))

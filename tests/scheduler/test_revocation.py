@@ -12,6 +12,7 @@ from broker.config import settings_from_mapping
 from tests.conftest import broker_config
 from tests.factories import AGENT, can_log_in, dynamic_roles, start_body
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +24,6 @@ def settings(stack, issuers, policy_file, clean_db):
     config = broker_config(stack, issuers, policy_file)
     config["vault"]["task_token_reuse"] = False
     return settings_from_mapping(config, env={})
-
-
-def wait_for(predicate, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def parse(value: str) -> datetime:

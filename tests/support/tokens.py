@@ -24,10 +24,13 @@ header/payload, signed or not, for forged-token tests (alg none, HS256 with a pu
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
 import os
+import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -317,3 +320,34 @@ class TestIssuer:
     def bearer(self, sub: Any, **mint_options: Any) -> dict[str, str]:
         """`{"Authorization": "Bearer <token>"}` for a test client request."""
         return {"Authorization": f"Bearer {self.mint(sub, **mint_options)}"}
+
+
+def mangled(token: str, rng: random.Random, alphabet: str = "AZaz09-_.=!+/ \u00e9") -> str:
+    """`token` with one to four characters replaced, inserted or deleted at random."""
+    chars = list(token)
+    for _ in range(rng.randint(1, 4)):
+        position = rng.randrange(len(chars))
+        operation = rng.choice("rid")
+        if operation == "r":
+            chars[position] = rng.choice(alphabet)
+        elif operation == "i":
+            chars.insert(position, rng.choice(alphabet))
+        else:
+            del chars[position]
+    return "".join(chars)
+
+
+def same_token(a: str, b: str) -> bool:
+    """Whether two spellings carry the same bytes: a base64url segment's last character
+    has spare bits, so changing only those changes the text, not the signed token."""
+
+    def parts(token: str) -> list[bytes] | None:
+        segments = token.split(".")
+        if len(segments) != 3 or not all(re.fullmatch(r"[A-Za-z0-9_-]*", s) for s in segments):
+            return None
+        try:
+            return [base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)) for s in segments]
+        except (binascii.Error, ValueError):
+            return None
+
+    return parts(a) is not None and parts(a) == parts(b)

@@ -15,10 +15,7 @@ from tests.factories import (
     start_body,
     vault,
 )
-
-
-def start(client, issuers, task="analytics-read", sub=AGENT, **overrides):
-    return client.post("/task/start", json=start_body(task, **overrides), headers=issuers["spire"].bearer(sub))
+from tests.factories import start_task as start
 
 
 def finish(client, issuers, task_id, sub=AGENT, **extra):
@@ -94,6 +91,7 @@ def test_finish_is_idempotent_and_records_the_outcome(client, issuers):
 
 @pytest.mark.parametrize("action", ["finish", "read"])
 def test_another_workloads_task_is_not_found(client, issuers, action, stack):
+    """§6.6 scoped reads: another workload's task is a 404, to read and to finish."""
     started = start(client, issuers)
     task_id = started.get_json()["task_id"]
     if action == "finish":
@@ -215,6 +213,7 @@ def test_database_down_is_503_and_nothing_is_issued(stack, issuers, policy_file,
 
 
 def test_no_secret_reaches_the_database_logs_or_audit(client, issuers, stack, caplog):
+    """§6.7 no secret at rest: secret values never reach the database, logs or audit."""
     import logging
 
     import psycopg

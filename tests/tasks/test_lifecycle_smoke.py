@@ -3,7 +3,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-AGENT = "spiffe://example.org/agents/reporter"
+from tests.factories import AGENT
+
 START = {
     "task": "analytics-read",
     "owner": "alice@example.com",

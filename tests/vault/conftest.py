@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from broker.dev.stack.postgres import PostgresHandle, start_postgres
 from broker.dev.stack.vault_setup import PostgresTarget, VaultSetup, configure_vault
 from broker.vault import TaskToken, VaultGateway, task_token_policies
 from broker.vault.http import VaultHTTP
+from tests.support.waiting import wait_until as _wait_until
 
 
 @pytest.fixture(scope="session")
@@ -184,15 +184,6 @@ class PgProbe:
 @pytest.fixture(scope="session")
 def pg(pg_target: PostgresTarget) -> PgProbe:
     return PgProbe(pg_target)
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 @pytest.fixture

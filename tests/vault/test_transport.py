@@ -12,7 +12,6 @@ import select
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +26,7 @@ from broker.dev.stack.openbao import OpenBaoHandle, find_bao_binary, free_port
 from broker.vault import VaultUnavailable
 from broker.vault.http import VaultHTTP
 from broker.vault.login import BrokerLogin
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def tls_bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     handle = OpenBaoHandle(f"https://127.0.0.1:{port}", token, _stopper=lambda: _stop(proc))
     try:
         ca = workdir / "vault-ca.pem"
-        _wait_for(lambda: ca.exists() and _answers(handle.addr, ca), "the TLS dev server answers")
+        wait_for(lambda: ca.exists() and _answers(handle.addr, ca), timeout=30, what="the TLS dev server answers")
         yield handle.addr, token, ca
     finally:
         handle.stop()
@@ -82,14 +82,6 @@ def _ca_env(ca: Path | None) -> Iterator[None]:
         os.environ.pop("VAULT_CACERT", None)
         if saved is not None:
             os.environ["VAULT_CACERT"] = saved
-
-
-def _wait_for(predicate: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what}")
-        time.sleep(0.1)
 
 
 def _lookup_self(http: VaultHTTP, token: str) -> dict[str, Any]:
@@ -286,7 +278,7 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused():
     http = VaultHTTP(closing.addr, timeout=5)
     try:
         http.call("GET", "one", operation="x")
-        _wait_for(lambda: _idle_socket_closed(http), "the client sees the server's close")
+        wait_for(lambda: _idle_socket_closed(http), timeout=30, what="the client sees the server's close")
         # Sent on the dead socket this would fail as "request failed"; it goes on a new one.
         assert http.call("GET", "two", operation="x").body["data"]["path"] == "/v1/two"
     finally:
