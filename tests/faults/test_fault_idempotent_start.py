@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from tests.factories import AGENT, start_body
-from tests.faults.faultkit import wait_for
 from tests.support.fault_proxy import HttpFaultProxy
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 OPEN = {"issuing", "pending_approval", "active"}

@@ -18,7 +18,8 @@ import pytest
 import requests
 
 from tests.factories import AGENT, start_body
-from tests.faults.faultkit import token_alive, wait_for
+from tests.faults.faultkit import token_alive
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
