@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -106,49 +107,46 @@ def _surrogate(text: str) -> bool:
     return _LONE_SURROGATE.search(text) is not None
 
 
-def refused_at(value: Any, path: str = "") -> tuple[str, str] | None:
-    """Where a refused number or a lone surrogate sits (keys included), and why."""
-    if isinstance(value, _Refused):
-        return path or "body", value.why
-    if isinstance(value, str):
-        return (path or "body", _NOT_UNICODE) if _surrogate(value) else None
-    items: Any = ()
+def _nodes(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every key and every leaf of a JSON value, in order, with the dotted path to it
+    (a key comes before what it holds, so a bad key is reported before its value)."""
+    items: Any
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):
         items = enumerate(value)
+    else:
+        yield path or "body", value
+        return
     for key, item in items:
         where = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and _surrogate(key):
+        if isinstance(key, str):
+            yield where, key
+        yield from _nodes(item, where)
+
+
+def refused_at(value: Any) -> tuple[str, str] | None:
+    """Where a refused number or a lone surrogate sits (keys included), and why."""
+    for where, node in _nodes(value):
+        if isinstance(node, _Refused):
+            return where, node.why
+        if isinstance(node, str) and _surrogate(node):
+            # The path may hold the surrogate itself: shown escaped, never as broken text.
             return where.encode("utf-8", "backslashreplace").decode(), _NOT_UNICODE
-        found = refused_at(item, where)
-        if found:
-            return found
     return None
 
 
 _CONTROL = {chr(code) for code in range(32) if chr(code) not in "\t\n\r"} | {"\x7f"}
 
 
-def unprintable_at(value: Any, path: str = "") -> str | None:
+def unprintable_at(value: Any) -> str | None:
     """Where a NUL or other control character sits (keys included), if anywhere.
 
     Postgres can't store NUL, and control characters hide what an approver reads.
     """
-    if isinstance(value, str):
-        return (path or "body") if not _CONTROL.isdisjoint(value) else None
-    items: Any = ()
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    for key, item in items:
-        where = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and not _CONTROL.isdisjoint(key):
+    for where, node in _nodes(value):
+        if isinstance(node, str) and not _CONTROL.isdisjoint(node):
             return where
-        found = unprintable_at(item, where)
-        if found:
-            return found
     return None
 
 

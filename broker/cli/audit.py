@@ -15,17 +15,7 @@ from typing import Any
 
 import click
 
-from broker.config import ConfigError, Settings, load_settings
-
-CONFIG_HELP = "YAML config file (default: $BROKER_CONFIG)."
-
-
-def _settings(config: str | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as error:
-        click.echo(str(error), err=True)
-        sys.exit(2)
+from broker.cli.common import CONFIG_HELP, settings_or_exit
 
 
 def _rfc3339(_ctx: Any, _param: Any, value: str | None) -> datetime | None:
@@ -65,7 +55,7 @@ def audit_export(config: str | None, since: datetime, fmt: str) -> None:
     from broker.audit.export import iter_sealed
     from broker.db import make_engine, make_session_factory, unit_of_work
 
-    engine = make_engine(_settings(config).sqlalchemy_url, pool_size=1)
+    engine = make_engine(settings_or_exit(config).sqlalchemy_url, pool_size=1)
     try:
         with unit_of_work(make_session_factory(engine)) as session:
             _print(iter_sealed(session, since=since))
@@ -89,7 +79,7 @@ def audit_tail(config: str | None, count: int, follow: bool, interval: float) ->
     from broker.audit.export import newest_sealed, sealed_after
     from broker.db import make_engine, make_session_factory, unit_of_work
 
-    engine = make_engine(_settings(config).sqlalchemy_url, pool_size=1)
+    engine = make_engine(settings_or_exit(config).sqlalchemy_url, pool_size=1)
     sessions = make_session_factory(engine)
     try:
         with unit_of_work(sessions) as session:

@@ -11,22 +11,13 @@ import click
 
 from broker.cli.approvals import approvals
 from broker.cli.audit import audit_export, audit_tail
+from broker.cli.common import CONFIG_HELP, settings_or_exit
 from broker.cli.ops import leases, tasks
 from broker.cli.policy import policy
 from broker.client.cli import exec_command
-from broker.config import ConfigError, Settings, load_settings
+from broker.config import Settings
 from broker.dev.cli import dev
 from broker.mcp.cli import mcp_command
-
-CONFIG_HELP = "YAML config file (default: $BROKER_CONFIG)."
-
-
-def _settings(config: str | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as error:
-        click.echo(str(error), err=True)
-        sys.exit(2)
 
 
 def _host_port(value: str | None) -> str | None:
@@ -103,7 +94,7 @@ def serve(
       broker migrate --config /etc/broker/broker.yaml
       broker serve --config /etc/broker/broker.yaml --bind 0.0.0.0:8080 --workers 4
     """
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     _logging(settings)
     _check_policy(settings)
     from broker.server import default_pid_file, port_in_use
@@ -161,7 +152,7 @@ def reload(config: str | None, port: int, pid_file: Path | None) -> None:
     from broker.server import default_pid_file, master_pid
 
     if config is not None:
-        _check_policy(_settings(config))
+        _check_policy(settings_or_exit(config))
     path = pid_file or default_pid_file(f":{port}")
     pid = master_pid(path)
     if pid is None:
@@ -195,7 +186,7 @@ def scheduler(config: str | None, metrics_bind: str | None) -> None:
     # is honoured once the scheduler runs.
     hup_seen = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: hup_seen.set())
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     _logging(settings)
     _check_policy(settings)
     if metrics_bind:
@@ -221,7 +212,7 @@ def migrate(config: str | None) -> None:
     Example:
       broker migrate --config /etc/broker/broker.yaml
     """
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     from broker.migrate import current_revision, upgrade_to_head
 
     try:
@@ -292,7 +283,7 @@ def audit_verify(config: str | None, anchor: Path | None) -> None:
     Example:
       broker audit verify --config broker.yaml --anchor /var/lib/broker/audit-anchor.json
     """
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     import os
 
     from broker.audit.chain import Anchor, AuditKeyMismatch, head_anchor, verify_chain
