@@ -355,23 +355,28 @@ class BenchStack:
 
         return psycopg.connect(self.dsn, autocommit=True)
 
-    def serve(self, *, workers: int = 2, threads: int = 4, scheduler: bool = True) -> BrokerProcess:
+    def serve(
+        self, *, workers: int = 2, threads: int = 4, scheduler: bool = True,
+        config: Path | None = None, code: Path = ROOT,
+    ) -> BrokerProcess:  # fmt: skip
+        """`broker serve` with its scheduler; `code`: the tree whose `broker` package runs
+        (`python -m` imports it from the working directory), `config`: another broker.yaml."""
         from broker.dev.stack.postgres import free_port
 
         port = free_port()
         command = [
-            sys.executable, "-m", "broker", "serve", "--config", str(self.config_path),
+            sys.executable, "-m", "broker", "serve", "--config", str(config or self.config_path),
             "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
         ]  # fmt: skip
         if not scheduler:
             command.append("--no-scheduler")
-        return self._spawn(command, f"http://127.0.0.1:{port}", "serve")
+        return self._spawn(command, f"http://127.0.0.1:{port}", "serve", code)
 
     def scheduler(self) -> BrokerProcess:
         command = [sys.executable, "-m", "broker", "scheduler", "--config", str(self.config_path)]
         return self._spawn(command, "", "scheduler")
 
-    def _spawn(self, command: list[str], url: str, kind: str) -> BrokerProcess:
+    def _spawn(self, command: list[str], url: str, kind: str, code: Path = ROOT) -> BrokerProcess:
         log_path = self.workdir / f"{kind}-{len(self.processes)}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
@@ -379,7 +384,7 @@ class BenchStack:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=code,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
             )
