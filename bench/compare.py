@@ -60,13 +60,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--storm", type=int, default=1000, help="tasks per expiry storm (0: none)")
     parser.add_argument("--storms", type=int, default=2, help="expiry storms per side")
     parser.add_argument("--json", type=Path, help="default bench/results/compare-<ts>.json")
+    parser.add_argument("--keep", action="store_true", help="keep the stack's temp dir (logs)")
     return parser.parse_args()
 
 
 def base_tree(revision: str, into: Path) -> Path:
     into.mkdir(parents=True)
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", revision, "broker"], check=True, capture_output=True
+        ["git", "-C", str(ROOT), "archive", revision, "broker", "migrations", "alembic.ini"],
+        check=True,
+        capture_output=True,
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": [],
         "storms": {side: [] for side in SIDES},
     }
-    with bench_stack() as stack:
+    with bench_stack(keep=args.keep) as stack:
         trees = {"base": base_tree(args.base, stack.workdir / "base-tree"), "new": ROOT}
         databases = {"base": "broker_base", "new": "broker_new"}
         servers, pools, seqs, meters = {}, {}, {}, {}
