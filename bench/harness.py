@@ -13,6 +13,7 @@ bench-only tweak of the throwaway OpenBao, made with the root token).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,23 +355,28 @@ class BenchStack:
 
         return psycopg.connect(self.dsn, autocommit=True)
 
-    def serve(self, *, workers: int = 2, threads: int = 4, scheduler: bool = True) -> BrokerProcess:
+    def serve(
+        self, *, workers: int = 2, threads: int = 4, scheduler: bool = True,
+        config: Path | None = None, code: Path = ROOT,
+    ) -> BrokerProcess:  # fmt: skip
+        """`broker serve` with its scheduler; `code`: the tree whose `broker` package runs
+        (`python -m` imports it from the working directory), `config`: another broker.yaml."""
         from broker.dev.stack.postgres import free_port
 
         port = free_port()
         command = [
-            sys.executable, "-m", "broker", "serve", "--config", str(self.config_path),
+            sys.executable, "-m", "broker", "serve", "--config", str(config or self.config_path),
             "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
         ]  # fmt: skip
         if not scheduler:
             command.append("--no-scheduler")
-        return self._spawn(command, f"http://127.0.0.1:{port}", "serve")
+        return self._spawn(command, f"http://127.0.0.1:{port}", "serve", code)
 
     def scheduler(self) -> BrokerProcess:
         command = [sys.executable, "-m", "broker", "scheduler", "--config", str(self.config_path)]
         return self._spawn(command, "", "scheduler")
 
-    def _spawn(self, command: list[str], url: str, kind: str) -> BrokerProcess:
+    def _spawn(self, command: list[str], url: str, kind: str, code: Path = ROOT) -> BrokerProcess:
         log_path = self.workdir / f"{kind}-{len(self.processes)}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
@@ -378,7 +384,7 @@ class BenchStack:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=code,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
             )
@@ -476,3 +482,62 @@ def gunicorn_workers(master: int) -> tuple[list[int], list[int]]:
     for child in children_of(master):
         (schedulers if " scheduler" in cmdline(child) else workers).append(child)
     return workers, schedulers
+
+
+def process_groups(
+    stack: BenchStack, master: int, clients: list[int], *, broker_db: str = "broker"
+) -> dict[str, list[int]]:
+    """Every process of the stack by role: the broker's gunicorn workers, its scheduler and
+    master, OpenBao, the Postgres backends of the broker's database (`broker_db`), of the
+    target database (Vault's plugin) and the rest of Postgres, and the bench clients."""
+    workers, schedulers = gunicorn_workers(master)
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    groups["broker workers"] = workers
+    groups["broker scheduler"] = schedulers
+    groups["broker master"] = [master]
+    groups["clients (bench)"] = clients
+    port = stack.vault_addr.rsplit(":", 1)[1]
+    data_dir = str(stack.stack.postgres.data_dir)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid, cmd = int(entry.name), cmdline(int(entry.name))
+        if "server -dev" in cmd and f"127.0.0.1:{port}" in cmd:
+            groups["openbao"].append(pid)
+        elif cmd.startswith("postgres: "):
+            # postgres: <user> <db> <host> ... for backends; background processes otherwise.
+            parts = cmd.split()
+            if len(parts) > 2 and parts[2] == broker_db:
+                groups["postgres: broker db"].append(pid)
+            elif len(parts) > 2 and parts[2] == "analytics":
+                groups["postgres: target db (Vault plugin)"].append(pid)
+            else:
+                groups["postgres: other"].append(pid)
+        elif data_dir in cmd:
+            groups["postgres: other"].append(pid)
+    return groups
+
+
+# The broker's own CPU: what it adds to the box beyond the Vault and target-database work
+# a peer causes too (bench/PROFILE.md).
+OWN_GROUPS = ("broker workers", "broker scheduler", "postgres: broker db")
+
+
+class CpuMeter:
+    """CPU seconds (utime+stime from /proc) each group of processes used between `start`
+    and `stop`; processes born in between count from zero, ones that died are lost."""
+
+    def __init__(self, groups: Callable[[], dict[str, list[int]]]) -> None:
+        self._groups = groups
+        self._before: dict[int, float] = {}
+
+    def start(self) -> None:
+        self._before = {pid: cpu_seconds(pid) for pids in self._groups().values() for pid in pids}
+
+    def stop(self, ops: int) -> dict[str, float]:
+        """CPU ms per op by group, for `ops` ops done since `start`."""
+        per_op = {}
+        for name, pids in self._groups().items():
+            used = sum(max(0.0, cpu_seconds(pid) - self._before.get(pid, 0.0)) for pid in pids)
+            per_op[name] = used * 1000 / max(1, ops)
+        return per_op

@@ -48,47 +48,12 @@ from harness import (
     bench_stack,
     cpu_seconds,
     gunicorn_workers,
+    process_groups,
     progress,
     spiffe,
 )
 
 # -- CPU by process ------------------------------------------------------------------------
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def process_groups(stack: BenchStack, master: int, clients: list[int]) -> dict[str, list[int]]:
-    workers, schedulers = gunicorn_workers(master)
-    groups: dict[str, list[int]] = collections.defaultdict(list)
-    groups["broker workers"] = workers
-    groups["broker scheduler"] = schedulers
-    groups["broker master"] = [master]
-    groups["clients (bench)"] = clients
-    port = stack.vault_addr.rsplit(":", 1)[1]
-    data_dir = str(stack.stack.postgres.data_dir)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid, cmd = int(entry.name), _cmd(int(entry.name))
-        if "server -dev" in cmd and f"127.0.0.1:{port}" in cmd:
-            groups["openbao"].append(pid)
-        elif cmd.startswith("postgres: "):
-            # postgres: <user> <db> <host> ... for backends; background processes otherwise.
-            parts = cmd.split()
-            if len(parts) > 2 and parts[2] == "broker":
-                groups["postgres: broker db"].append(pid)
-            elif len(parts) > 2 and parts[2] == "analytics":
-                groups["postgres: target db (Vault plugin)"].append(pid)
-            else:
-                groups["postgres: other"].append(pid)
-        elif data_dir in cmd:
-            groups["postgres: other"].append(pid)
-    return groups
 
 
 def cpu_window(
