@@ -7,6 +7,8 @@ policy's per-workload limits never carry over from one test to the next.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +76,25 @@ def approve(broker: BrokerProcess, issuers: dict[str, Any], task_id: str, decisi
     body = {"decision": decision, "reason": "change ticket CHG-42"}
     response = requests.post(f"{broker.url}/approvals/{task_id}", json=body, headers=headers, timeout=10)
     assert response.status_code == 200, response.text
+
+
+def approve_in_background(broker: BrokerProcess, issuers: dict[str, Any], purpose: str) -> threading.Thread:
+    """A DBA who approves the pending task with this purpose as soon as it shows up."""
+
+    def approver() -> None:
+        headers = issuers["sso"].bearer("dba-dana@example.com", groups=["dba"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            items = requests.get(f"{broker.url}/approvals", headers=headers, timeout=10).json()["items"]
+            mine = [item["task_id"] for item in items if item["purpose"] == purpose]
+            if mine:
+                approve(broker, issuers, mine[0])
+                return
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=approver, daemon=True)
+    thread.start()
+    return thread
 
 
 def write_token(path: Path, token: str) -> Path:

@@ -7,14 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from tests.client.conftest import approve, operator_task, write_token
+from tests.client.conftest import approve_in_background, operator_task, write_token
 from tests.factories import can_log_in
 
 pytestmark = pytest.mark.slow
@@ -198,20 +196,7 @@ def test_a_missing_command_is_127_and_the_task_is_finished(broker, issuers, toke
 
 def test_wait_for_an_approval_then_run(broker, issuers, stack, child, token_file, tmp_path):
     purpose = "exec waits for a DBA"
-
-    def approver() -> None:
-        headers = issuers["sso"].bearer("dba-dana@example.com", groups=["dba"])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            items = requests.get(f"{broker.url}/approvals", headers=headers, timeout=10).json()["items"]
-            mine = [item["task_id"] for item in items if item["purpose"] == purpose]
-            if mine:
-                approve(broker, issuers, mine[0])
-                return
-            time.sleep(0.3)
-
-    thread = threading.Thread(target=approver, daemon=True)
-    thread.start()
+    thread = approve_in_background(broker, issuers, purpose)
     loot = tmp_path / "loot.json"
     argv = exec_argv(broker, token_file, "--wait", "60", "--", sys.executable, str(child), str(stack.postgres.port), str(loot), "0", task="deploy-prod", env="prod")
     argv[argv.index("client exec test")] = purpose

@@ -11,15 +11,12 @@ import os
 import re
 import shutil
 import subprocess
-import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-import requests
 
-from tests.client.conftest import approve, operator_task
+from tests.client.conftest import approve_in_background, operator_task
 from tests.client.fakes import fake_server, github_oidc
 from tests.factories import can_log_in
 
@@ -164,20 +161,7 @@ def test_an_approval_is_waited_for_and_an_unapproved_one_withdrawn(broker, issue
     for path in runner.files.values():
         path.write_text("")
     purpose = "github action waits for a DBA"
-
-    def approver() -> None:
-        headers = issuers["sso"].bearer("dba-dana@example.com", groups=["dba"])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            items = requests.get(f"{broker.url}/approvals", headers=headers, timeout=10).json()["items"]
-            mine = [item["task_id"] for item in items if item["purpose"] == purpose]
-            if mine:
-                approve(broker, issuers, mine[0])
-                return
-            time.sleep(0.3)
-
-    thread = threading.Thread(target=approver, daemon=True)
-    thread.start()
+    thread = approve_in_background(broker, issuers, purpose)
     main = runner("main.js", inputs(broker, task="ci-deploy", context="environment=prod", purpose=purpose, wait="60"))
     thread.join(5)
     assert main.returncode == 0, main.stdout + main.stderr
