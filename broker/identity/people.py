@@ -28,6 +28,7 @@ can't be told apart by any spelling rule (docs/security.md).
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 MAX_PERSON_LENGTH = 200
@@ -81,13 +82,19 @@ _LOOKALIKES = str.maketrans(
 )  # fmt: skip
 
 
+_INVISIBLE = frozenset(code for low, high in _INVISIBLE_RANGES for code in range(low, high + 1))
+# In ASCII the only refused characters are the controls, NFKC changes nothing, case
+# folding is lower(), and every letter is Latin: most names and purposes are ASCII, and
+# this is the same answer as the per-character walk (tests/identity/test_people.py).
+_ASCII_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 class InvalidPerson(ValueError):
     """A name the broker won't compare; `str()` says why without quoting the value."""
 
 
 def _invisible(char: str) -> bool:
-    code = ord(char)
-    return any(low <= code <= high for low, high in _INVISIBLE_RANGES)
+    return ord(char) in _INVISIBLE
 
 
 def refused_character(char: str) -> str | None:
@@ -103,6 +110,10 @@ def check_text(value: str) -> None:
 
     Raises `InvalidPerson` naming the kind of character, never the text.
     """
+    if value.isascii():
+        if _ASCII_CONTROL.search(value):
+            raise InvalidPerson("must not contain control characters")
+        return
     for char in value:
         kind = refused_character(char)
         if kind is not None:
@@ -111,6 +122,8 @@ def check_text(value: str) -> None:
 
 def scripts_of(value: str) -> set[str]:
     """The confusable scripts (Latin, Cyrillic, Greek) among the letters of `value`."""
+    if value.isascii():
+        return {"LATIN"} if any(char.isalpha() for char in value) else set()
     found = set()
     for char in value:
         if unicodedata.category(char).startswith("L"):
@@ -139,6 +152,8 @@ def normalise_person(value: str) -> str:
 
 def fold_person(value: str) -> str:
     """`normalise_person` without the strip: for pieces of a name, such as a glob's literals."""
+    if value.isascii():
+        return _ASCII_CONTROL.sub("", value).lower()
     visible = "".join(char for char in value if refused_character(char) not in {"invisible", "control"})
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", visible).casefold())
     return folded

@@ -100,3 +100,20 @@ def test_the_normal_form_is_a_fixed_point(value):
     once = normalise_person(value)
     assert normalise_person(once) == once
     assert unicodedata.is_normalized("NFKC", once)
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x7F)))
+def test_ascii_takes_a_shortcut_to_the_same_answers(value):
+    """ASCII skips the per-character walk; every ASCII string gets what the walk gives."""
+    from broker.identity.people import fold_person, refused_character, scripts_of
+
+    refused = {refused_character(char) for char in value} - {None}
+    if refused:
+        with pytest.raises(InvalidPerson, match=next(iter(refused))):
+            check_text(value)
+    else:
+        check_text(value)
+    visible = "".join(char for char in value if refused_character(char) is None)
+    assert fold_person(value) == unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", visible).casefold())
+    letters = {unicodedata.name(char).partition(" ")[0] for char in value if unicodedata.category(char).startswith("L")}
+    assert scripts_of(value) == letters
