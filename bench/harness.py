@@ -234,6 +234,12 @@ class Flows:
         ):
             raise HttpError(f"finish did not revoke: {finished['state']}")
 
+    # frame: two requests that do no work (GET /healthz), through the same server, client and
+    # keep-alive connection: what HTTP, gunicorn, Flask and the request hooks cost per op.
+    def frame(self) -> None:
+        for _ in range(2):
+            self.broker.call("GET", "/healthz", headers=self._auth)
+
     def run(self, flow: str) -> None:
         getattr(self, "broker_op" if flow == "broker" else flow)()
 

@@ -9,7 +9,9 @@ Four views, written to bench/results/profile-<ts>.json and summarised on stdout:
 1. CPU per op by process (utime+stime from /proc, 8-client closed loop): gunicorn workers,
    scheduler, OpenBao, Postgres backends of the broker DB, of the target DB (Vault's
    plugin), other Postgres, the client processes. Broker flow vs peer flow, so the extra
-   work the broker puts on the 2 cores is visible.
+   work the broker puts on the 2 cores is visible; and, at 8 clients, `frame`: two
+   GET /healthz per op, the floor that HTTP, gunicorn, Flask and the hooks put under any
+   two requests.
 2. SQL per op: `log_statement=all` for a window of sequential broker ops (idle baseline of
    the scheduler subtracted), transactions and statements by kind.
 3. py-spy wall-clock profile (`--idle`) of both workers: each sample of a request thread is
@@ -491,11 +493,13 @@ def main() -> int:
             cpu: dict[str, Any] = {}
             for clients in (1, 8):
                 progress(f"CPU per op by process, {clients} client(s): peer, broker, peer, broker")
+                # `frame` only at 8 clients: the framework's floor under the same load shape.
+                flows = ("peer", "broker", "frame") if clients == 8 else ("peer", "broker")
                 windows = [
                     cpu_window(stack, pool, server.pid, flow, args.duration / 2, clients)
-                    for flow in ("peer", "broker", "peer", "broker")
+                    for flow in flows * 2
                 ]
-                for flow in ("peer", "broker"):
+                for flow in flows:
                     mine = [w for w in windows if w["flow"] == flow]
                     names = sorted({n for w in mine for n in w["cpu_ms_per_op"]})
                     one = {
