@@ -108,8 +108,15 @@ def test_postgres_and_vault_both_lost_between_vault_and_commit_reconciled_later(
     """The double fault: the commit fails (Postgres gone) and so does the compensation
     (Vault gone). Still 503 and no secret; the committed token accessor is how the
     reconciler finds and revokes the orphan once both are back."""
+    # No token pool: its background refill, cut off from Postgres, revokes the token it
+    # can't record, and that revoke would trip the Vault cut below before the start's own
+    # calls are done (a race the test would lose on a busy box).
     services, client = in_process(
-        fault_config(vault_addr=vault_proxy.addr, database_url=via(pg_proxy, stack.database_url))
+        fault_config(
+            vault_addr=vault_proxy.addr,
+            database_url=via(pg_proxy, stack.database_url),
+            vault_options={"task_token_pool": 0},
+        )
     )
     creds = vault_proxy.add_rule(r"^/v1/database/creds/", after=lambda _: pg_proxy.cut())
     vault_proxy.add_rule(
