@@ -17,6 +17,7 @@ from broker.audit.export import SCHEMA
 from broker.cli.main import main
 from broker.db import unit_of_work
 from tests.factories import AGENT, start_body
+from tests.support.broker_procs import interruptible
 
 FIELDS = {"schema", "id", "chain_seq", "at", "event", "actor", "task_id", "lease_id", "owner", "purpose",
           "detail", "prev_hash", "hash"}  # fmt: skip
@@ -71,7 +72,7 @@ def test_tail_prints_the_newest_and_follow_prints_what_is_sealed_later(client, i
     two = _lines(newest.output)
     assert len(two) == 2 and two[0]["chain_seq"] + 1 == two[1]["chain_seq"]
 
-    follower = subprocess.Popen(
+    follower = interruptible(
         [sys.executable, "-m", "broker", "audit", "tail", "--config", str(config_file), "-n", "0", "--follow",
          "--interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},

@@ -17,6 +17,7 @@ from werkzeug.serving import make_server
 from broker.cli.main import main
 from broker.cli.ops import _with_time_left
 from tests.factories import AGENT, start_body
+from tests.support.broker_procs import interruptible
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_a_long_purpose_is_cut_in_the_table_only():
 
 
 def test_watch_redraws_until_interrupted(client, issuers, broker_url):
-    watcher = subprocess.Popen(
+    watcher = interruptible(
         [sys.executable, "-m", "broker", "leases", "list", "--state", "active", "--watch", "--interval", "0.5",
          "--url", broker_url, "--token", _operator(issuers)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TERM": "dumb"},

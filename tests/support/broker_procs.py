@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -28,6 +29,21 @@ _SCRUBBED_ENV = (
     "VAULT_ADDR",
     "PROMETHEUS_MULTIPROC_DIR",
 )
+
+
+def interruptible(args: list[str], **options: Any) -> subprocess.Popen[str]:
+    """`subprocess.Popen` for a child the test stops with Ctrl-C (SIGINT).
+
+    A suite started in the background (`make test &`) runs with SIGINT ignored, which a
+    child inherits, and a Python started that way never turns SIGINT into
+    KeyboardInterrupt. A handler (unlike "ignored") is reset to the default across exec,
+    so one is set for the moment of the spawn (the main thread's; no `preexec_fn`, which
+    is unsafe with the server threads a test runs)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(args, **options)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def free_port() -> int:
