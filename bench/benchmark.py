@@ -237,7 +237,7 @@ def scheduler_queries() -> dict[str, str]:
     retry = due_retry().with_for_update(skip_locked=True)
     reconcile = stuck_start(timedelta(0)).with_for_update(skip_locked=True)
     retire = spent_token().with_for_update(skip_locked=True)
-    # The limits count a start runs under its workload's lock, as broker/tasks/ledger.py sends it.
+    # The limits count a start runs under its workload's lock, as broker/ledger/tasks.py sends it.
     usage = USAGE_QUERY.replace("%(workload)s", "'__WORKLOAD__'").replace("%(task)s", "'analytics-read'")
     return {
         "due": sql(due), "retry": sql(retry), "reconcile": sql(reconcile), "retire": sql(retire),

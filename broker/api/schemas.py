@@ -20,8 +20,8 @@ from pydantic import (
 
 from broker.errors import ValidationFailed
 from broker.identity.people import check_person, check_text, normalise_person
+from broker.ledger import Filters
 from broker.models import LEASE_STATES, TASK_STATES
-from broker.operator.service import Filters
 from broker.paging import MAX_LIMIT
 from broker.policy import TaskRequest
 

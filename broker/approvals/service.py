@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 
-from sqlalchemy import Select, and_, func, or_, select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from broker.approvals.notify import Notifier
 from broker.audit import record
@@ -26,7 +25,7 @@ from broker.db import unit_of_work
 from broker.errors import Conflict, Forbidden, NotFound
 from broker.identity import Identity
 from broker.identity.people import InvalidPerson, check_person, same_person_key
-from broker.ledger import load_task
+from broker.ledger import load_task, waiting_for_approval
 from broker.models import Approval, Task
 from broker.paging import Page, decode_position, encode_cursor
 from broker.policy import PolicyStore, UnknownTask, approver_allowed
@@ -243,7 +242,7 @@ class ApprovalService:
         visible: list[Task] = []
         with unit_of_work(self._sessions) as session:
             while len(visible) <= limit:
-                rows = session.scalars(_pending_after(after, _SCAN_BATCH)).all()
+                rows = session.scalars(waiting_for_approval(after, _SCAN_BATCH)).all()
                 visible.extend(task for task in rows if self._may_decide_now(approver, task))
                 if len(rows) < _SCAN_BATCH:
                     break
@@ -264,18 +263,3 @@ class ApprovalService:
 
 # Pending tasks read per query while filling a page of `GET /approvals`.
 _SCAN_BATCH = 200
-
-
-def _pending_after(after: tuple[datetime, uuid.UUID] | None, batch: int) -> Select[Task]:
-    query = (
-        select(Task)
-        .where(Task.state == "pending_approval", Task.approved_at.is_(None))
-        .where(Task.approval_expires_at > func.now())
-        .options(selectinload(Task.approvals))
-        .order_by(Task.created_at, Task.id)
-        .limit(batch)
-    )
-    if after is not None:
-        at, key = after
-        query = query.where(or_(Task.created_at > at, and_(Task.created_at == at, Task.id > key)))
-    return query

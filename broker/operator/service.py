@@ -16,18 +16,18 @@ from broker.db import unit_of_work
 from broker.errors import NotFound
 from broker.identity import Identity
 from broker.leases.revoker import Revoker
-from broker.ledger import load_task
-from broker.models import TASK_OPEN_STATES, TERMINAL_TASK_STATES, AuditEvent, Lease, Task
+from broker.ledger import (
+    Filters,
+    leases_matching,
+    load_task,
+    open_task_ids,
+    read_lease,
+    task_ids_matching,
+    task_of_lease,
+    tasks_matching,
+)
+from broker.models import TERMINAL_TASK_STATES, AuditEvent, Lease, Task
 from broker.paging import Page, clamp_limit, encode_cursor, page
-
-
-@dataclass(frozen=True)
-class Filters:
-    state: str | None = None
-    owner: str | None = None
-    workload: str | None = None
-    task: str | None = None
-    task_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,6 @@ class KillResult:
     tasks: list[uuid.UUID]
     revoked: int
     pending: int
-
-
-def _matching(query: Any, filters: Filters, *columns: Any) -> Any:
-    """Apply the filters that were given, in the order state, owner, workload, task, task id."""
-    values = (filters.state, filters.owner, filters.workload, filters.task, filters.task_id)
-    for column, value in zip(columns, values, strict=True):
-        if value is not None:
-            query = query.where(column == value)
-    return query
 
 
 class OperatorService:
@@ -55,13 +46,11 @@ class OperatorService:
     # ---- inventory ---------------------------------------------------------------------
 
     def leases(self, filters: Filters, cursor: str | None, limit: int | None) -> Page[Lease]:
-        query = _matching(
-            select(Lease), filters, Lease.state, Lease.owner, Lease.workload, Lease.task, Lease.task_id
-        )
+        query = leases_matching(filters)
         return self._page(query, Lease.issued_at, Lease.id, cursor, limit, lambda r: (r.issued_at, r.id))
 
     def tasks(self, filters: Filters, cursor: str | None, limit: int | None) -> Page[Task]:
-        query = _matching(select(Task), filters, Task.state, Task.owner, Task.workload, Task.task, Task.id)
+        query = tasks_matching(filters)
         return self._page(query, Task.created_at, Task.id, cursor, limit, lambda r: (r.created_at, r.id))
 
     def audit(
@@ -80,20 +69,12 @@ class OperatorService:
         if filters.workload is not None:
             # What the workload did, and what anyone (the scheduler, an operator, an
             # approver) did to its tasks.
-            of_workload = select(Task.id).where(Task.workload == filters.workload)
+            of_workload = task_ids_matching(Filters(workload=filters.workload))
             query = query.where(
                 or_(AuditEvent.actor == filters.workload, AuditEvent.task_id.in_(of_workload))
             )
         if filters.task is not None or filters.state is not None:
-            of_tasks = _matching(
-                select(Task.id),
-                Filters(state=filters.state, task=filters.task),
-                Task.state,
-                Task.owner,
-                Task.workload,
-                Task.task,
-                Task.id,
-            )
+            of_tasks = task_ids_matching(Filters(state=filters.state, task=filters.task))
             matches: ColumnElement[bool] = AuditEvent.task_id.in_(of_tasks)
             if filters.state is None:
                 # A start refused before any task existed (denied, failed) names the type in `detail`.
@@ -110,7 +91,7 @@ class OperatorService:
 
     def lease(self, lease_id: uuid.UUID) -> Lease:
         with unit_of_work(self._sessions) as session:
-            lease = session.get(Lease, lease_id)
+            lease = read_lease(session, lease_id)
             if lease is None:
                 raise NotFound("no such lease")
             return lease
@@ -140,7 +121,7 @@ class OperatorService:
         with unit_of_work(self._sessions) as session:
             # The task first, then its lease: the order finish, expiry and the kill switch
             # lock in, so an operator revoke racing them waits instead of deadlocking.
-            task_id = session.scalar(select(Lease.task_id).where(Lease.id == lease_id))
+            task_id = task_of_lease(session, lease_id)
             if task_id is None:
                 raise NotFound("no such lease")
             task = load_task(session, task_id, lock=True)
@@ -160,10 +141,7 @@ class OperatorService:
         self, operator: Identity, reason: str, *, workload: str | None, owner: str | None, task: str | None
     ) -> KillResult:
         """Revoke every open task matching all given filters (at least one is required)."""
-        query = select(Task.id).where(Task.state.in_(TASK_OPEN_STATES))
-        for column, value in ((Task.workload, workload), (Task.owner, owner), (Task.task, task)):
-            if value is not None:
-                query = query.where(column == value)
+        query = open_task_ids(workload=workload, owner=owner, task=task)
         with unit_of_work(self._sessions) as session:
             ids = list(session.scalars(query).all())
             record(

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -29,11 +28,13 @@ from broker.ledger import (
     lapse_pending_approvals,
     lapsed_pooled,
     read_tasks,
+    revoke_pending_count,
     spent_token,
     stuck_start,
+    until_next_deadline,
     write_back_ended,
 )
-from broker.models import Lease, SchedulerHeartbeat, Task
+from broker.models import SchedulerHeartbeat, Task
 from broker.services import Services
 from broker.vault import VaultError, VaultUnavailable
 
@@ -62,9 +63,8 @@ class Jobs:
     def seconds_to_next_deadline(self) -> float | None:
         """Until the earliest deadline of an active task, by the database's clock (the one
         deadlines are set and checked with); None when no task is active."""
-        until = func.extract("epoch", func.min(Task.expires_at) - func.now())
         with unit_of_work(self._s.sessions) as session:
-            value = session.scalar(select(until).where(Task.state == "active"))
+            value = session.scalar(until_next_deadline())
         return None if value is None else float(value)
 
     def _expire_one(self, session: Session) -> int:
@@ -88,7 +88,7 @@ class Jobs:
     def retry_pending(self) -> int:
         done = self._drain(self._retry_one)
         with unit_of_work(self._s.sessions) as session:
-            pending = session.scalar(select(func.count()).where(Lease.state == "revoke_pending"))
+            pending = session.scalar(revoke_pending_count())
         metrics.PENDING_REVOCATIONS.set(pending or 0)
         self._heartbeat("retry")
         return done

@@ -283,9 +283,8 @@ class TaskService:
             approval = compiled.approval
             task.state = "pending_approval"
             task.approval_expires_at = now + timedelta(seconds=approval.expires_in if approval else 600)
-            session.add(task)
-            session.flush()
             record(session, self._clock, "task.approval_requested", identity.id, task=task)
+            insert_task(session, task)
         else:
             task.state = "issuing"
             task.expires_at = deadline(now, decision.ttl_seconds)

@@ -13,9 +13,9 @@ import inspect
 
 import pytest
 
-from broker import ledger
 from broker.leases import revoker as revoker_module
 from broker.leases.revoker import Revoker
+from broker.ledger import tasks as ledger
 from broker.tasks import service as task_service
 
 

@@ -1,4 +1,4 @@
-"""Rows become mapped objects without the ORM's constructor (broker/tasks/ledger.py)."""
+"""Rows become mapped objects without the ORM's constructor (broker/ledger/_sql.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ FIRST_USE = """
 import uuid
 from sqlalchemy.orm.attributes import set_committed_value
 from broker.models import Lease, Task
-from broker.ledger import _row_object
+from broker.ledger._sql import row_object
 
-task = _row_object(Task, {"id": uuid.uuid4(), "state": "active", "owner": "alice@example.com"})
-set_committed_value(task, "leases", [_row_object(Lease, {"id": uuid.uuid4(), "state": "active"})])
+task = row_object(Task, {"id": uuid.uuid4(), "state": "active", "owner": "alice@example.com"})
+set_committed_value(task, "leases", [row_object(Lease, {"id": uuid.uuid4(), "state": "active"})])
 task.state = "finished"
 print(task.state, task.owner, len(task.leases))
 """
