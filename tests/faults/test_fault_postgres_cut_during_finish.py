@@ -89,5 +89,8 @@ def test_after_postgres_drops_every_connection_one_request_fails_not_one_per_poo
 
     answers = [client.get(f"/task/{task_id}", headers=headers).status_code for _ in range(5)]
 
-    assert answers == [503, 200, 200, 200, 200]
+    # The first request meets a dead connection (503) and the pool starts afresh. The token
+    # pool's lease renewal runs in the background and may meet it first instead, and then
+    # no request fails at all; what must never happen is one 503 per pooled connection.
+    assert answers in ([503, 200, 200, 200, 200], [200, 200, 200, 200, 200])
     assert client.post("/task/finish", json={"task_id": task_id}, headers=headers).status_code == 200
