@@ -23,6 +23,10 @@ class Filters:
     task_id: uuid.UUID | None = None
 
 
+# The task columns the filters apply to, in `_matching`'s order.
+_TASK_FILTERED = (Task.state, Task.owner, Task.workload, Task.task, Task.id)
+
+
 def _matching(query: Any, filters: Filters, *columns: Any) -> Any:
     """Apply the filters that were given, in the order state, owner, workload, task, task id."""
     values = (filters.state, filters.owner, filters.workload, filters.task, filters.task_id)
@@ -40,17 +44,13 @@ def leases_matching(filters: Filters) -> Select[Lease]:
 
 
 def tasks_matching(filters: Filters) -> Select[Task]:
-    query: Select[Task] = _matching(
-        select(Task), filters, Task.state, Task.owner, Task.workload, Task.task, Task.id
-    )
+    query: Select[Task] = _matching(select(Task), filters, *_TASK_FILTERED)
     return query
 
 
 def task_ids_matching(filters: Filters) -> Select[uuid.UUID]:
     """The ids of the tasks `filters` select: for filtering other rows (audit events) by task."""
-    query: Select[uuid.UUID] = _matching(
-        select(Task.id), filters, Task.state, Task.owner, Task.workload, Task.task, Task.id
-    )
+    query: Select[uuid.UUID] = _matching(select(Task.id), filters, *_TASK_FILTERED)
     return query
 
 

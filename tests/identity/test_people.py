@@ -12,8 +12,11 @@ from broker.identity.people import (
     InvalidPerson,
     check_person,
     check_text,
+    fold_person,
     normalise_person,
+    refused_character,
     same_person_key,
+    scripts_of,
 )
 from tests.support.people import CONTROLS, INVISIBLES, respellings
 from tests.support.people import owners as owner_names
@@ -105,8 +108,6 @@ def test_the_normal_form_is_a_fixed_point(value):
 @given(st.text(alphabet=st.characters(max_codepoint=0x7F)))
 def test_ascii_takes_a_shortcut_to_the_same_answers(value):
     """ASCII skips the per-character walk; every ASCII string gets what the walk gives."""
-    from broker.identity.people import fold_person, refused_character, scripts_of
-
     refused = {refused_character(char) for char in value} - {None}
     if refused:
         with pytest.raises(InvalidPerson, match=next(iter(refused))):
