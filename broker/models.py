@@ -1,7 +1,8 @@
 """The tables: tasks, their leases, approvals, the audit chain, spent token ids and pooled task
-tokens, and their states.
+tokens.
 
-Rows are read and written through `broker.ledger`; this module only declares them.
+Rows are read and written through `broker.ledger`; this module only declares them. The
+states and the moves between them are `broker.lifecycle`'s.
 
 States are enforced by CHECK constraints so that no code path (or hand-written SQL in
 an incident) can park a row in a state the scheduler does not know how to drive.
@@ -31,23 +32,8 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from broker.db import Base
+from broker.lifecycle import LEASE_STATES, OUTCOMES, TASK_STATES, LeaseState, Outcome, TaskState
 
-TASK_STATES = (
-    "issuing",  # intent recorded, credentials being issued (internal, seconds at most)
-    "pending_approval",
-    "active",
-    "finished",
-    "expired",
-    "revoked",
-    "denied",
-    "approval_expired",
-    "failed",
-)
-TASK_OPEN_STATES = ("issuing", "pending_approval", "active")
-# Every state but the open ones: a task here has nothing left to revoke or decide.
-TERMINAL_TASK_STATES = frozenset(TASK_STATES) - frozenset(TASK_OPEN_STATES)
-OUTCOMES = ("succeeded", "failed", "cancelled")
-LEASE_STATES = ("active", "revoke_pending", "revoked")
 REVOKE_KINDS = ("lease", "token", "none")
 DECISIONS = ("approve", "deny")
 
@@ -109,7 +95,7 @@ class Task(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     task: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(32))
+    state: Mapped[TaskState] = mapped_column(String(32))
     workload: Mapped[str] = mapped_column(Text)
     workload_issuer: Mapped[str] = mapped_column(String(64))
     owner: Mapped[str] = mapped_column(String(200))
@@ -123,7 +109,7 @@ class Task(Base):
     approved_at: Mapped[datetime | None] = mapped_column(_tz())
     claimed_at: Mapped[datetime | None] = mapped_column(_tz())
     finished_at: Mapped[datetime | None] = mapped_column(_tz())
-    outcome: Mapped[str | None] = mapped_column(String(16))
+    outcome: Mapped[Outcome | None] = mapped_column(String(16))
     end_reason: Mapped[str | None] = mapped_column(Text)
     # Accessor of the per-task Vault token, committed before any secret is issued so a
     # crash mid-issue leaves something the reconciler can revoke (docs/contract.md §6.2).
@@ -173,7 +159,7 @@ class Lease(Base):
     workload: Mapped[str] = mapped_column(Text)
     owner: Mapped[str] = mapped_column(String(200))
     purpose: Mapped[str] = mapped_column(String(500))
-    state: Mapped[str] = mapped_column(String(32))
+    state: Mapped[LeaseState] = mapped_column(String(32))
     issued_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
     expires_at: Mapped[datetime] = mapped_column(_tz())
     revoked_at: Mapped[datetime | None] = mapped_column(_tz())

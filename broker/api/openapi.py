@@ -16,7 +16,7 @@ from broker.api.schemas import (
     StartTask,
     TaskRef,
 )
-from broker.models import LEASE_STATES, TASK_STATES
+from broker.lifecycle import LEASE_STATES, TASK_STATES
 from broker.paging import DEFAULT_LIMIT, MAX_LIMIT
 
 _TIME = {"type": ["string", "null"], "format": "date-time"}

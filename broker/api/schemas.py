@@ -21,7 +21,7 @@ from pydantic import (
 from broker.errors import ValidationFailed
 from broker.identity.people import check_person, check_text, normalise_person
 from broker.ledger import Filters
-from broker.models import LEASE_STATES, TASK_STATES
+from broker.lifecycle import LEASE_STATES, TASK_STATES, Outcome
 from broker.paging import MAX_LIMIT
 from broker.policy import TaskRequest
 
@@ -150,7 +150,7 @@ class TaskRef(_Body):
 
 
 class FinishTask(TaskRef):
-    outcome: Literal["succeeded", "failed", "cancelled"] = "succeeded"
+    outcome: Outcome = "succeeded"
 
 
 class Decide(_Body):

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker import lifecycle
 from broker.approvals.notify import Notifier
 from broker.audit import record
 from broker.clock import Clock
@@ -25,7 +26,7 @@ from broker.db import unit_of_work
 from broker.errors import Conflict, Forbidden, NotFound
 from broker.identity import Identity
 from broker.identity.people import InvalidPerson, check_person, same_person_key
-from broker.ledger import load_task, waiting_for_approval
+from broker.ledger import database_now, load_task, waiting_for_approval
 from broker.models import Approval, Task
 from broker.paging import Page, decode_position, encode_cursor
 from broker.policy import PolicyStore, UnknownTask, approver_allowed
@@ -116,8 +117,7 @@ class ApprovalService:
             person = person_of(approver)
             if any(a.approver == approver.id or a.person == person for a in task.approvals):
                 raise Conflict("this approver has already decided on this task")
-            now = session.scalar(select(func.now()))
-            assert now is not None
+            now = database_now(session)
             if task.approval_expires_at is not None and task.approval_expires_at <= now:
                 raise Conflict("the approval window has lapsed; the workload must start a new task")
             if task.approved_at is not None:
@@ -151,11 +151,11 @@ class ApprovalService:
         return task
 
     def _apply(
-        self, session: Session, approver: Identity, task: Task, decision: str, reason: str, now: object
+        self, session: Session, approver: Identity, task: Task, decision: str, reason: str, now: datetime
     ) -> None:
         detail = {"decision": decision, "reason": reason}
         if decision == "deny":
-            task.state, task.finished_at, task.end_reason = "denied", now, f"denied: {reason}"  # type: ignore[assignment]
+            lifecycle.deny(task, at=now, reason=reason)
             record(session, self._clock, "approval.denied", approver.id, task=task, detail=detail)
             return
         # Counted by person: two issuers vouching for one email are one approval.
@@ -170,7 +170,7 @@ class ApprovalService:
             detail={**detail, "approvals": len(approvals), "needed": needed},
         )
         if len(approvals) >= needed:
-            task.approved_at = now  # type: ignore[assignment]
+            task.approved_at = now
             record(session, self._clock, "task.approved", approver.id, task=task)
 
     def _check_may_decide(self, approver: Identity, task: Task) -> None:
@@ -210,11 +210,8 @@ class ApprovalService:
     def _waits_for(self, approver: Identity, task: Task, session: Session) -> bool:
         if task.state != "pending_approval" or task.approved_at is not None:
             return False
-        now = session.scalar(select(func.now()))
         lapses = task.approval_expires_at
-        return (
-            lapses is not None and now is not None and lapses > now and self._may_decide_now(approver, task)
-        )
+        return lapses is not None and lapses > database_now(session) and self._may_decide_now(approver, task)
 
     def _pending(self, task: Task) -> Pending:
         """What the approver decides on: the request, and what the policy would issue for it

@@ -16,7 +16,7 @@ from typing import Any
 import click
 import requests
 
-from broker.models import LEASE_STATES, TASK_STATES
+from broker.lifecycle import LEASE_STATES, TASK_STATES
 
 URL_HELP = "Broker base URL (default: $BROKER_URL)."
 TOKEN_HELP = "Operator bearer token (default: $BROKER_TOKEN)."  # noqa: S105

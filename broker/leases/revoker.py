@@ -1,8 +1,9 @@
-"""Revocation, the one place a lease or a task dies.
+"""Revocation: what a task holds, revoked when it ends.
 
 `/task/finish`, the deadline sweep, the retry sweep and operators all end up here, so the
 rules hold everywhere: revoke synchronously; what Vault won't revoke now is
-`revoke_pending` with a backoff, never forgotten; the task's Vault token goes last.
+`revoke_pending` with a backoff, never forgotten; the task's Vault token goes last. The
+states themselves are written by `broker.lifecycle`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from broker import metrics
+from broker import lifecycle, metrics
 from broker.audit import record
 from broker.clock import Clock
-from broker.models import TERMINAL_TASK_STATES, Lease, Task
+from broker.lifecycle import Ending, Outcome
+from broker.models import Lease, Task
 from broker.vault import RevokeHandle, VaultError, VaultGateway, VaultUnavailable
 
 log = logging.getLogger(__name__)
@@ -35,19 +37,6 @@ class Backoff:
 
 
 class Revoker:
-    # Every field `end_task` and the revocations under it may change (a finish also sets
-    # `token_released_at`). `broker.ledger` writes exactly these back for tasks it read
-    # without the ORM; a test holds this list against every assignment in this module.
-    TASK_FIELDS = ("state", "finished_at", "end_reason", "outcome", "token_released_at", "token_revoked_at")
-    LEASE_FIELDS = (
-        "state",
-        "revoked_at",
-        "revoke_reason",
-        "revoke_attempts",
-        "last_error",
-        "next_attempt_at",
-    )
-
     def __init__(self, vault: VaultGateway, clock: Clock, backoff: Backoff | None = None) -> None:
         self._vault = vault
         self._clock = clock
@@ -58,19 +47,15 @@ class Revoker:
         session: Session,
         task: Task,
         *,
-        state: str,
+        state: Ending,
         actor: str,
         reason: str,
         trigger: str,
-        outcome: str | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
         """Move an open task to `state` and revoke everything it holds. Idempotent."""
-        if task.state in TERMINAL_TASK_STATES:
+        if not lifecycle.end(task, state, at=self._clock.now(), reason=reason, outcome=outcome):
             return
-        now = self._clock.now()
-        task.state, task.finished_at, task.end_reason = state, now, reason
-        if outcome is not None:
-            task.outcome = outcome
         unreachable: VaultUnavailable | None = None
         leases = list(task.leases)
         for position, lease in enumerate(leases):
@@ -118,7 +103,7 @@ class Revoker:
             # No status: no answer from Vault at all, as opposed to Vault (or the engine's
             # backend behind it) answering with an error for this one lease.
             return error if isinstance(error, VaultUnavailable) and error.status is None else None
-        lease.state, lease.revoked_at, lease.next_attempt_at = "revoked", now, None
+        lifecycle.lease_revoked(lease, at=now)
         metrics.REVOCATIONS.labels(trigger, "revoked").inc()
         record(
             session,
@@ -165,6 +150,5 @@ class Revoker:
         return True
 
     def _park(self, lease: Lease, now: datetime, error: str) -> None:
-        lease.state = "revoke_pending"
-        lease.last_error = error[:500]
-        lease.next_attempt_at = now + timedelta(seconds=self._backoff.delay(lease.revoke_attempts))
+        retry_at = now + timedelta(seconds=self._backoff.delay(lease.revoke_attempts))
+        lifecycle.lease_parked(lease, error=error, retry_at=retry_at)

@@ -19,13 +19,13 @@ scheduler come here.
 
 Two kinds of task object come out:
 - from `read_task(s)`: session-less; changing one persists nothing by itself. What ending
-  a task may change (`Revoker.TASK_FIELDS`, `Revoker.LEASE_FIELDS`) is written back with
+  a task may change (`lifecycle.TASK_END_FIELDS`, `LEASE_END_FIELDS`) is written back with
   `write_back_end(ed)`, so a field the revoker sets is saved on every path.
 - from `load_task`: attached to the caller's session; the session's flush at the unit of
   work's commit writes every changed field.
 """
 
-from broker.ledger.attached import load_task
+from broker.ledger.attached import database_now, load_task
 from broker.ledger.claims import (
     MARK_RETIRED,
     RETIRE_BATCH,
@@ -73,6 +73,7 @@ __all__ = [
     "Filters",
     "PoolRecord",
     "activate_with_leases",
+    "database_now",
     "due_retry",
     "due_tasks",
     "idempotency_clash",

@@ -1,11 +1,13 @@
 """Tasks attached to the caller's session, for the rarer edits (approval, claim, operator
-revocation, the kill switch): the unit of work's flush writes every field they change."""
+revocation, the kill switch): the unit of work's flush writes every field they change;
+and the database's clock, which those edits measure windows with."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload, lazyload, selectinload
 
 from broker.models import Task
@@ -35,4 +37,8 @@ def load_task(session: Session, task_id: uuid.UUID, *, lock: bool = False) -> Ta
     return task
 
 
-# -- plumbing ----------------------------------------------------------------------------
+def database_now(session: Session) -> datetime:
+    """The database's clock, so every replica measures deadlines against one time."""
+    now: datetime | None = session.scalar(select(func.now()))
+    assert now is not None  # now() always answers
+    return now

@@ -13,7 +13,8 @@ from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 
 from broker.ledger._sql import TASKS
-from broker.models import TERMINAL_TASK_STATES, Lease, Task
+from broker.lifecycle import TERMINAL_TASK_STATES, may_become
+from broker.models import Lease, Task
 
 # Spent task tokens one sweeper thread retires per transaction: claim, UPDATE and commit
 # are paid per batch, not per token (scheduler CPU per token, Vault call aside, ~3 ms ->
@@ -92,7 +93,7 @@ def lapse_pending_approvals(session: Session) -> Sequence[Task]:
     """End every task whose approval window closed, in one statement."""
     return session.scalars(
         update(Task)
-        .where(Task.state == "pending_approval", Task.approval_expires_at <= func.now())
+        .where(Task.state.in_(may_become("approval_expired")), Task.approval_expires_at <= func.now())
         .values(state="approval_expired", finished_at=func.now(), end_reason="approval lapsed")
         .returning(Task)
     ).all()

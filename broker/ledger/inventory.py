@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
-from broker.models import TASK_OPEN_STATES, Lease, Task
+from broker.lifecycle import TASK_OPEN_STATES
+from broker.models import Lease, Task
 
 
 @dataclass(frozen=True)

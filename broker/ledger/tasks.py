@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from broker.db import pipelined
-from broker.leases.revoker import Revoker
 from broker.ledger._sql import (
     APPROVALS,
     LEASES,
@@ -33,7 +32,8 @@ from broker.ledger._sql import (
     values,
 )
 from broker.ledger.pool import RECORD_POOLED, TAKE_POOLED, PoolRecord
-from broker.models import TASK_OPEN_STATES, Approval, Lease, Task
+from broker.lifecycle import LEASE_END_FIELDS, TASK_END_FIELDS, TASK_OPEN_STATES
+from broker.models import Approval, Lease, Task
 from broker.policy import Usage
 
 _OPEN = "state IN ({})".format(", ".join(f"'{state}'" for state in TASK_OPEN_STATES))
@@ -63,10 +63,10 @@ _LEASES_OF_MANY = (
     .order_by(LEASES.c.task_id, LEASES.c.name)
 )
 _APPROVALS_OF = select_sql(APPROVALS, "task_id = %(task_id)s", "ORDER BY created_at")
-# What `Revoker.end_task` may change, and so what ending a task writes back: one list,
-# declared by the revoker, so a field it starts to set is saved on every path.
-_TASK_ENDED_FIELDS = ("id", *Revoker.TASK_FIELDS)
-_LEASE_ENDED_FIELDS = ("id", *Revoker.LEASE_FIELDS)
+# What ending a task may change, and so what ending a task writes back: one list,
+# declared by `broker.lifecycle`, so a field it starts to set is saved on every path.
+_TASK_ENDED_FIELDS = ("id", *TASK_END_FIELDS)
+_LEASE_ENDED_FIELDS = ("id", *LEASE_END_FIELDS)
 _TASK_ENDED = update_sql(TASKS, _TASK_ENDED_FIELDS)
 _LEASE_ENDED = update_sql(LEASES, _LEASE_ENDED_FIELDS)
 

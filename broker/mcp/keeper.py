@@ -50,7 +50,8 @@ class KeeperError(Exception):
 class HeldTask:
     task_id: str
     task: str
-    state: str
+    # As the broker last answered: a copy for the tools' answers, never the ledger's state.
+    last_state: str
     expires_at: str | None = None
     # name -> {kind, data, expires_at}, as the broker answered: the secrets.
     credentials: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -103,12 +104,12 @@ class TaskKeeper:
         held = self._held_task(task_id, required=True)
         assert held is not None
         with held.lock:
-            if held.state != "active":
+            if held.last_state != "active":
                 self._refresh(held)
-            if held.state != "active" or not held.credentials:
-                pending = held.state == "pending_approval"
+            if held.last_state != "active" or not held.credentials:
+                pending = held.last_state == "pending_approval"
                 advice = "wait for its approval (task_status)" if pending else "start a new task"
-                raise KeeperError("not_active", f"task {task_id} is {held.state}; {advice}")
+                raise KeeperError("not_active", f"task {task_id} is {held.last_state}; {advice}")
             credentials = dict(held.credentials)
             expires_at = held.expires_at or ""
         env = {key: value for key, value in self._environ.items() if key not in WITHHELD_ENV}
@@ -146,7 +147,7 @@ class TaskKeeper:
                 return
             self.stopping.set()
             with self._lock:
-                held = [task for task in self._held.values() if task.state not in _ENDED]
+                held = [task for task in self._held.values() if task.last_state not in _ENDED]
             for task in held:
                 self._finish_quietly(task)
             self._shut_down = True
@@ -162,7 +163,7 @@ class TaskKeeper:
             log.warning("could not finish task %s: %s", held.task_id, error)
             return
         self._forget(held, str(answer.get("state", "finished")))
-        log.info("finished task %s (%s) on shutdown: %s", held.task_id, held.task, held.state)
+        log.info("finished task %s (%s) on shutdown: %s", held.task_id, held.task, held.last_state)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -178,7 +179,7 @@ class TaskKeeper:
         return held
 
     def _hold(self, held: HeldTask, answer: Mapping[str, Any]) -> None:
-        held.state = str(answer.get("state", held.state))
+        held.last_state = str(answer.get("state", held.last_state))
         held.expires_at = answer.get("expires_at") or held.expires_at
         if answer.get("credentials"):
             held.credentials = dict(answer["credentials"])
@@ -198,7 +199,7 @@ class TaskKeeper:
         return document
 
     def _forget(self, held: HeldTask, state: str) -> None:
-        held.state = state
+        held.last_state = state
         held.credentials = {}
 
     def _summary(self, held: HeldTask | None, answer: Mapping[str, Any]) -> dict[str, Any]:

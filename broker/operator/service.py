@@ -26,7 +26,8 @@ from broker.ledger import (
     task_of_lease,
     tasks_matching,
 )
-from broker.models import TERMINAL_TASK_STATES, AuditEvent, Lease, Task
+from broker.lifecycle import TERMINAL_TASK_STATES
+from broker.models import AuditEvent, Lease, Task
 from broker.paging import Page, clamp_limit, encode_cursor, page
 
 

@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from broker import metrics
+from broker import lifecycle, metrics
 from broker.audit import record, seal_pending
 from broker.audit.chain import SEAL_BATCH
 from broker.db import unit_of_work
@@ -192,8 +192,9 @@ class Jobs:
             self._s.revoker.revoke_lease(
                 session, lease, actor=SYSTEM_ACTOR, reason="orphaned start", trigger="reconcile"
             )
-        task.state, task.finished_at = "failed", self._s.clock.now()
-        task.end_reason = "start did not complete; its Vault token was revoked"
+        lifecycle.fail(
+            task, at=self._s.clock.now(), reason="start did not complete; its Vault token was revoked"
+        )
         self._s.revoker.revoke_token_if_clear(task)
         metrics.ORPHANS_RECONCILED.inc()
         record(session, self._s.clock, "task.orphan_revoked", SYSTEM_ACTOR, task=task)

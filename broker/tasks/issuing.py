@@ -26,7 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
-from broker import metrics
+from broker import lifecycle, metrics
 from broker.audit import record
 from broker.clock import Clock, rfc3339
 from broker.credentials import CredentialSpec
@@ -34,7 +34,7 @@ from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import Conflict, IssuanceFailed
 from broker.identity import Identity
 from broker.ledger import activate_with_leases, load_task
-from broker.models import TERMINAL_TASK_STATES, Lease, Task
+from broker.models import Lease, Task
 from broker.policy import CompiledTask, TaskRequest
 from broker.vault import IssuedSecret, TaskToken, VaultError, VaultGateway, VaultUnavailable
 from broker.vault.pool import TaskTokenPool
@@ -58,6 +58,30 @@ def deadline(now: datetime, ttl_seconds: int) -> datetime:
 def earliest(secret_expires_at: datetime, task_expires_at: datetime | None) -> datetime:
     """A credential is good until the earlier of its secret's and its task's expiry."""
     return min(secret_expires_at, task_expires_at) if task_expires_at else secret_expires_at
+
+
+class TokenHold:
+    """The task token a start or a claim holds while its transaction records it.
+
+    `Issuer.compensating` revokes it if that transaction fails; a start that ends up
+    issuing nothing gives it back to the pool. At most one token: a start takes it before
+    the workload's lock when the first look says it will issue, or under the lock when
+    the decision there disagrees (a policy reload in between)."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self) -> None:
+        self._token: TaskToken | None = None
+
+    @property
+    def token(self) -> TaskToken | None:
+        return self._token
+
+    def keep(self, token: TaskToken) -> TaskToken:
+        if self._token is not None:
+            raise RuntimeError("a start holds one task token")
+        self._token = token
+        return token
 
 
 class Issuer:
@@ -157,15 +181,15 @@ class Issuer:
             log.warning("could not record a failed start of %s", request.task)
 
     @contextmanager
-    def compensating(self, tokens: list[TaskToken]) -> Iterator[None]:
-        """If the transaction that records a token's accessor fails, revoke the token
+    def compensating(self, hold: TokenHold) -> Iterator[None]:
+        """If the transaction that records the held token's accessor fails, revoke the token
         (and drop its pool row, or, if Vault would not revoke it, leave that to the scheduler)."""
         try:
             yield
         except BaseException:
-            for token in tokens:
-                failed = self._revoke_quietly(token.accessor, {})
-                self._tokens.revoked(token, ok=not failed)
+            if hold.token is not None:
+                failed = self._revoke_quietly(hold.token.accessor, {})
+                self._tokens.revoked(hold.token, ok=not failed)
             raise
 
     def _commit_leases(
@@ -208,7 +232,7 @@ class Issuer:
                 # so if a finish or the kill switch ended it meanwhile, nothing is written.
                 if not activate_with_leases(session, task.id, leases):
                     raise Conflict("the task ended while its credentials were being issued")
-                task.state = "active"
+                lifecycle.activate(task)
             # The task object is detached now; give it its leases without a load.
             set_committed_value(task, "leases", sorted(leases, key=lambda lease: lease.name))
             return task
@@ -247,14 +271,13 @@ class Issuer:
         try:
             with self._uow() as session:
                 row = load_task(session, task.id, lock=True)
-                if row is None or row.state in TERMINAL_TASK_STATES:
-                    return
                 now = self._clock.now()
-                row.state, row.finished_at, row.end_reason = "failed", now, reason[:500]
+                if row is None or not lifecycle.fail(row, at=now, reason=reason):
+                    return
                 if token_revoked and row.token_accessor:
                     row.token_revoked_at = now
                 record(session, self._clock, "task.failed", actor, task=row, detail={"reason": reason[:500]})
-            task.state = "failed"
+            lifecycle.fail(task, at=now, reason=reason)  # the caller's copy says so too
         except DatabaseUnavailable:
             log.warning("could not record failure of task %s; the reconciler will", task.id)
         metrics.TASKS_FINISHED.labels("failed").inc()

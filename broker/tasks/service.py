@@ -15,12 +15,11 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker import metrics
+from broker import lifecycle, metrics
 from broker.approvals.notify import Notifier
 from broker.audit import record
 from broker.canonical import stored_form
@@ -32,6 +31,7 @@ from broker.identity import Identity
 from broker.leases.revoker import Revoker
 from broker.ledger import (
     Admission,
+    database_now,
     idempotency_clash,
     insert_task,
     load_task,
@@ -41,13 +41,29 @@ from broker.ledger import (
     take_pooled,
     write_back_end,
 )
-from broker.models import TASK_OPEN_STATES, TERMINAL_TASK_STATES, Task
+from broker.lifecycle import TASK_OPEN_STATES, Outcome
+from broker.models import Task
 from broker.policy import CompiledTask, Decision, PolicySnapshot, PolicyStore, TaskRequest, Usage
-from broker.tasks.issuing import IssuedCredential, Issuer, deadline
+from broker.tasks.issuing import IssuedCredential, Issuer, TokenHold, deadline
 from broker.vault import TaskToken, VaultGateway, VaultUnavailable
 from broker.vault.pool import RecordedToken, TaskTokenPool
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a start's decision recorded, handed from the locked transaction to the issuing.
+
+    - `repeated`: a retry under the key of a task that waits for approval (no decision);
+    - `refused`: denied or limited (the task is not recorded; the denial is audited);
+    - `pending_approval`: recorded, waiting, nothing issued;
+    - `issuing`: recorded with `token`'s accessor, to be issued with it."""
+
+    task: Task
+    outcome: Literal["repeated", "refused", "pending_approval", "issuing"]
+    decision: Decision | None
+    token: TaskToken | None
 
 
 @dataclass(frozen=True)
@@ -169,26 +185,31 @@ class TaskService:
         compiled = snapshot.policy.task(request.task)
         key = IdempotencyKey(idempotency_key, start_hash(request)) if idempotency_key else None
         try:
-            task, decision, token = self._decide_and_record(identity, request, snapshot, compiled, key)
+            recorded = self._decide_and_record(identity, request, snapshot, compiled, key)
         except Exception as error:
             if idempotency_clash(error):  # the same key, another task type, at the same moment
                 raise Conflict("a start with this Idempotency-Key is in progress; retry shortly") from None
             raise
-        if decision is None:  # a retry of a start that waits for approval: the same answer
-            return StartResult(task=task, credentials=None)
-        if not decision.allowed:
-            metrics.TASKS_STARTED.labels(
-                request.task, "limited" if decision.limit_exceeded else "denied"
-            ).inc()
-            raise _denial(decision)
-        if task.state == "pending_approval":
-            metrics.TASKS_STARTED.labels(request.task, "pending_approval").inc()
-            self._notifier.send("approval.requested", _approval_summary(task, compiled))
-            return StartResult(task=task, credentials=None)
-        assert token is not None
-        active, credentials = self._issuer.issue(task, token, identity.id, compiled, actor=identity.id)
-        metrics.TASKS_STARTED.labels(request.task, "active").inc()
-        return StartResult(task=active, credentials=credentials)
+        task, decision = recorded.task, recorded.decision
+        match recorded.outcome:
+            case "repeated":  # a retry of a start that waits for approval: the same answer
+                return StartResult(task=task, credentials=None)
+            case "refused":
+                assert decision is not None
+                outcome = "limited" if decision.limit_exceeded else "denied"
+                metrics.TASKS_STARTED.labels(request.task, outcome).inc()
+                raise _denial(decision)
+            case "pending_approval":
+                metrics.TASKS_STARTED.labels(request.task, "pending_approval").inc()
+                self._notifier.send("approval.requested", _approval_summary(task, compiled))
+                return StartResult(task=task, credentials=None)
+            case "issuing":
+                assert recorded.token is not None
+                active, credentials = self._issuer.issue(
+                    task, recorded.token, identity.id, compiled, actor=identity.id
+                )
+                metrics.TASKS_STARTED.labels(request.task, "active").inc()
+                return StartResult(task=active, credentials=credentials)
 
     def _decide_and_record(
         self,
@@ -197,20 +218,19 @@ class TaskService:
         snapshot: PolicySnapshot,
         compiled: CompiledTask,
         key: IdempotencyKey | None,
-    ) -> tuple[Task, Decision | None, TaskToken | None]:
-        """The task recorded for this start, the decision, and the token to issue with;
-        or, for a retry whose key names a task waiting for approval, that task and no
-        decision (`_answer_for_key` raises the other answers to a retry)."""
+    ) -> Recorded:
+        """What this start recorded; for a retry whose key names a task waiting for
+        approval, that task (`_answer_for_key` raises the other answers to a retry)."""
         # A first look without usage (limits are decided under the lock below). When the
         # request will likely be issued, its token is taken now, before the workload's
         # lock: a slow Vault must not hold the lock the workload's other starts wait on.
         # Denied and approval-bound requests never touch Vault.
         first_look = snapshot.policy.evaluate(identity, request, Usage(0, 0), self._clock.now())
-        tokens: list[TaskToken] = []
+        hold = TokenHold()
         if first_look.allowed and not first_look.approval_required:
-            tokens.append(self._issuer.take_token(identity, request, compiled, first_look.ttl_seconds))
+            hold.keep(self._issuer.take_token(identity, request, compiled, first_look.ttl_seconds))
         holder: Task | None = None
-        with self._issuer.compensating(tokens), self._uow() as session:
+        with self._issuer.compensating(hold), self._uow() as session:
             # Serialise starts of one workload for one task type so limits can't be raced,
             # and so a retry waits for the start it repeats and then finds its task.
             lock_key = _workload_lock_key(identity.id, request.task)
@@ -222,17 +242,14 @@ class TaskService:
             if holder is None:
                 if admission.keyed is not None:  # its task let go of the key: it starts this one
                     release_idempotency_key(session, admission.keyed.id)
-                task, decision = self._record(
-                    session, identity, request, snapshot, compiled, admission, tokens, key
-                )
+                recorded = self._record(session, identity, request, snapshot, compiled, admission, hold, key)
         if holder is not None:
             assert key is not None
-            self._give_back(tokens, compiled)
-            return _answer_for_key(holder, key), None, None
-        if task.token_accessor is None:  # not issued: denied, limited or waiting for approval
-            self._give_back(tokens, compiled)
-            return task, decision, None
-        return task, decision, tokens[0]
+            self._give_back(hold, compiled)
+            return Recorded(_answer_for_key(holder, key), "repeated", None, None)
+        if recorded.token is None:  # not issued: refused or waiting for approval
+            self._give_back(hold, compiled)
+        return recorded
 
     def _record(
         self,
@@ -242,9 +259,9 @@ class TaskService:
         snapshot: PolicySnapshot,
         compiled: CompiledTask,
         admission: Admission,
-        tokens: list[TaskToken],
+        hold: TokenHold,
         key: IdempotencyKey | None,
-    ) -> tuple[Task, Decision]:
+    ) -> Recorded:
         """Decide under the workload's lock, and record the task (or the denial)."""
         now, usage = admission.now, admission.usage
         decision = snapshot.policy.evaluate(identity, request, usage, now)
@@ -279,48 +296,49 @@ class TaskService:
                     "context": request.context,
                 },
             )
-        elif decision.approval_required:
+            return Recorded(task, "refused", decision, None)
+        if decision.approval_required:
             approval = compiled.approval
-            task.state = "pending_approval"
-            task.approval_expires_at = now + timedelta(seconds=approval.expires_in if approval else 600)
+            expires_in = approval.expires_in if approval else 600
+            lifecycle.await_approval(task, approval_expires_at=now + timedelta(seconds=expires_in))
             record(session, self._clock, "task.approval_requested", identity.id, task=task)
             insert_task(session, task)
-        else:
-            task.state = "issuing"
-            task.expires_at = deadline(now, decision.ttl_seconds)
-            # The token's accessor is committed with the task, before anything is issued
-            # with it: a crash from here on leaves something the reconciler revokes.
-            if not tokens:  # the first look disagreed; rare (a policy reload in between)
-                tokens.append(self._issuer.take_token(identity, request, compiled, decision.ttl_seconds))
-            task.token_accessor = tokens[0].accessor
-            record(
-                session,
-                self._clock,
-                "task.start_requested",
-                identity.id,
-                task=task,
-                detail={"ttl_seconds": task.ttl_seconds},
-            )
-            if not insert_task(session, task, pooled_token=isinstance(tokens[0], RecordedToken)):
-                raise self._reclaimed()
-        return task, decision
+            return Recorded(task, "pending_approval", decision, None)
+        # The first look disagreed (rare: a policy reload in between): take the token now.
+        token = hold.token or hold.keep(
+            self._issuer.take_token(identity, request, compiled, decision.ttl_seconds)
+        )
+        lifecycle.begin_issuing(
+            task, expires_at=deadline(now, decision.ttl_seconds), token_accessor=token.accessor
+        )
+        record(
+            session,
+            self._clock,
+            "task.start_requested",
+            identity.id,
+            task=task,
+            detail={"ttl_seconds": task.ttl_seconds},
+        )
+        if not insert_task(session, task, pooled_token=isinstance(token, RecordedToken)):
+            raise self._reclaimed()
+        return Recorded(task, "issuing", decision, token)
 
-    def _give_back(self, tokens: list[TaskToken], compiled: CompiledTask) -> None:
-        for unused in tokens:
+    def _give_back(self, hold: TokenHold, compiled: CompiledTask) -> None:
+        if hold.token is not None:
             self._tokens.give_back(
-                unused, task=compiled.name, specs=compiled.credentials, ttl_max=compiled.ttl_max
+                hold.token, task=compiled.name, specs=compiled.credentials, ttl_max=compiled.ttl_max
             )
 
     # ---- claim (approved tasks) --------------------------------------------------------
 
     def claim(self, identity: Identity, task_id: uuid.UUID) -> StartResult:
         policy = self._policies.current()
-        tokens: list[TaskToken] = []
-        with self._issuer.compensating(tokens), self._uow() as session:
+        hold = TokenHold()
+        with self._issuer.compensating(hold), self._uow() as session:
             task = self._owned(session, identity, task_id, lock=True)
             if task.claimed_at is not None or task.state != "pending_approval":
                 raise Conflict(f"the task is {task.state}; an approval can be claimed once")
-            now = self._db_now(session)
+            now = database_now(session)
             if task.approved_at is None:
                 raise Conflict("the task is still waiting for approval")
             if task.approval_expires_at is not None and task.approval_expires_at <= now:
@@ -333,11 +351,10 @@ class TaskService:
             if current != task.request_hash or any(a.request_hash != current for a in task.approvals):
                 raise Conflict("the policy changed what this task would get; start a new task")
             task.claimed_at = now
-            task.state = "issuing"
-            task.expires_at = deadline(now, task.ttl_seconds)
-            token = self._issuer.token_for(compiled, task.ttl_seconds)
-            tokens.append(token)
-            task.token_accessor = token.accessor
+            token = hold.keep(self._issuer.token_for(compiled, task.ttl_seconds))
+            lifecycle.begin_issuing(
+                task, expires_at=deadline(now, task.ttl_seconds), token_accessor=token.accessor
+            )
             if isinstance(token, RecordedToken) and not take_pooled(session, token.accessor):
                 raise self._reclaimed()
             record(session, self._clock, "task.claimed", identity.id, task=task)
@@ -354,11 +371,11 @@ class TaskService:
 
     # ---- finish and read ---------------------------------------------------------------
 
-    def finish(self, identity: Identity, task_id: uuid.UUID, outcome: str) -> Task:
+    def finish(self, identity: Identity, task_id: uuid.UUID, outcome: Outcome) -> Task:
         with self._uow() as session:
             task = _mine(read_task(session, task_id, lock=True), identity)
-            if task.state not in TERMINAL_TASK_STATES:
-                final_outcome = "cancelled" if task.state == "pending_approval" else outcome
+            if lifecycle.is_open(task):
+                final_outcome: Outcome = "cancelled" if task.state == "pending_approval" else outcome
                 self._revoker.end_task(
                     session,
                     task,
@@ -402,12 +419,6 @@ class TaskService:
 
     def _uow(self) -> AbstractContextManager[Session]:
         return unit_of_work(self._sessions)
-
-    @staticmethod
-    def _db_now(session: Session) -> datetime:
-        # The database's clock, so every replica measures deadlines against one time.
-        value: datetime = session.scalar(select(func.now()))  # type: ignore[assignment]
-        return value
 
 
 def _mine(task: Task | None, identity: Identity) -> Task:
