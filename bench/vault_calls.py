@@ -50,7 +50,7 @@ def _cpu(pids: list[int]) -> float:
 def measure(stack: BenchStack, calls: int, rounds: int) -> dict[str, dict[str, float]]:
     from broker.config import load_settings
     from broker.services import build_services
-    from broker.vault.pool import TaskTokenPool
+    from broker.tasks.token_pool import TaskTokenPool
 
     port = stack.vault_addr.rsplit(":", 1)[1]
     bao = _pids(lambda cmd: "server -dev" in cmd and f"127.0.0.1:{port}" in cmd)

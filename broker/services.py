@@ -26,8 +26,8 @@ from broker.leases.revoker import Backoff, Revoker
 from broker.operator.service import OperatorService
 from broker.policy import PolicyStore
 from broker.tasks.service import TaskService
+from broker.tasks.token_pool import TaskTokenPool
 from broker.vault import VaultGateway
-from broker.vault.pool import TaskTokenPool
 
 # Set by `broker serve` for its workers and scheduler: where the last policy that loaded is kept.
 LAST_GOOD_POLICY_ENV = "BROKER_POLICY_LAST_GOOD"

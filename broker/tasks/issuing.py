@@ -36,8 +36,8 @@ from broker.identity import Identity
 from broker.ledger import activate_with_leases, load_task
 from broker.models import Lease, Task
 from broker.policy import CompiledTask, TaskRequest
+from broker.tasks.token_pool import TaskTokenPool
 from broker.vault import IssuedSecret, TaskToken, VaultError, VaultGateway, VaultUnavailable
-from broker.vault.pool import TaskTokenPool
 
 log = logging.getLogger(__name__)
 

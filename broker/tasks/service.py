@@ -45,8 +45,8 @@ from broker.lifecycle import TASK_OPEN_STATES, Outcome
 from broker.models import Task
 from broker.policy import CompiledTask, Decision, PolicySnapshot, PolicyStore, TaskRequest, Usage
 from broker.tasks.issuing import IssuedCredential, Issuer, TokenHold, deadline
+from broker.tasks.token_pool import RecordedToken, TaskTokenPool
 from broker.vault import TaskToken, VaultGateway, VaultUnavailable
-from broker.vault.pool import RecordedToken, TaskTokenPool
 
 log = logging.getLogger(__name__)
 

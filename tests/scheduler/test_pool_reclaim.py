@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from broker.config import settings_from_mapping
 from broker.scheduler.jobs import Jobs
-from broker.vault.pool import TaskTokenPool
+from broker.tasks.token_pool import TaskTokenPool
 from tests.conftest import broker_config
 from tests.factories import AGENT, start_body, vault
 

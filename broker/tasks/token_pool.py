@@ -1,5 +1,8 @@
 """A small per-process pool of ready task tokens, so a start doesn't wait for Vault to mint one.
 
+It lives with the tasks, not in `broker.vault`: it records tokens in the ledger
+(`broker.ledger.pool` holds its SQL) and runs threads, where `broker.vault` only talks to Vault.
+
 A task token is created through the task token role with the task type's policies and a
 TTL of the type's *maximum* TTL (docs/contract.md §6.4: Vault's TTLs never exceed the task's maximum).
 A start takes one whose remaining life covers its own TTL, records its accessor with the
@@ -44,10 +47,7 @@ from broker.clock import Clock, SystemClock
 from broker.credentials import CredentialSpec
 from broker.db import unit_of_work
 from broker.ledger import PoolRecord, record_pooled
-from broker.vault.errors import VaultError
-from broker.vault.gateway import VaultGateway
-from broker.vault.policies import task_token_policies
-from broker.vault.types import TaskToken
+from broker.vault import TaskToken, VaultError, VaultGateway, task_token_policies
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from broker.credentials import DatabaseCredential
 from broker.db import make_engine, make_session_factory
-from broker.vault.pool import RecordedToken, TaskTokenPool
+from broker.tasks.token_pool import RecordedToken, TaskTokenPool
 
 SPECS = {"db": DatabaseCredential(kind="database", role="analytics-ro")}
 
