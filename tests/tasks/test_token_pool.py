@@ -11,6 +11,7 @@ from sqlalchemy import text
 from broker.credentials import DatabaseCredential
 from broker.db import make_engine, make_session_factory
 from broker.tasks.token_pool import RecordedToken, TaskTokenPool
+from broker.vault import VaultGateway
 
 SPECS = {"db": DatabaseCredential(kind="database", role="analytics-ro")}
 
@@ -21,6 +22,14 @@ class MovableClock:
 
     def now(self) -> datetime:
         return datetime.now(UTC) + self.offset
+
+
+@pytest.fixture
+def gateway(settings):
+    """The shared stack's OpenBao, with the broker's own least-privilege token."""
+    gw = VaultGateway(settings.vault)
+    yield gw
+    gw.close()
 
 
 @pytest.fixture
