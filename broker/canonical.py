@@ -5,7 +5,7 @@ a Python value as `json.dumps` text and reads a row back as `json.loads` of the 
 jsonb prints, so some values come back as others: the float 1e16 (sent as `1e+16`) as
 the int 10000000000000000, -0.0 as 0.0. An audit MAC or a request hash taken over the
 value as sent would then never match the row as read back, and the row would look
-tampered with forever (issue 13). So every hash over a stored JSON value is taken over
+tampered with forever. So every hash over a stored JSON value is taken over
 `stored_form(value)`, which the round trip leaves unchanged (docs/security.md, "Audit
 log"). The API also refuses the numbers that could not come back as sent at all
 (`broker.api.common.json_body`, docs/api.md).
@@ -32,8 +32,8 @@ def stored_form(value: Any) -> Any:
 def canonical_json(value: Any) -> bytes:
     """The bytes a hash or MAC is taken over: `stored_form`, keys sorted, ASCII only.
 
-    For a value the round trip leaves alone this is the encoding used before issue 13,
-    so MACs and request hashes written by older builds still verify.
+    For a value the round trip leaves alone this is the encoding older builds used (they
+    hashed the value as sent), so MACs and request hashes written by them still verify.
     """
     return json.dumps(stored_form(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 

@@ -16,7 +16,17 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretBytes,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 IdentityUse = Literal["workload", "approver", "operator"]
 
@@ -63,6 +73,19 @@ class _Strict(BaseModel):
 
 # YAML has no path type: a path is written as a string, so these fields take one.
 FilePath = Annotated[Path, Field(strict=False)]
+
+
+def _not_from_the_file(_value: Any) -> Any:
+    # A secret never comes from the file, which more people and tools read than should see
+    # a secret: a key for one is refused as unknown, as any key the file may not hold.
+    raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted")
+
+
+# A secret read from the environment variable its `*_env` key names, once, when settings are
+# built (`settings_from_mapping`). SecretBytes: a repr, str or log line shows `**********`.
+EnvSecret = Annotated[
+    SecretBytes | None, BeforeValidator(_not_from_the_file), Field(default=None, exclude=True)
+]
 
 
 class VaultAuth(_Strict):
@@ -214,6 +237,7 @@ class NotifySettings(_Strict):
 
     # Name of the environment variable holding the HMAC key that signs `webhook` bodies.
     secret_env: str | None = None
+    secret: EnvSecret = None
     timeout_seconds: float = Field(default=3.0, gt=0, le=30)
     # The receiver's message shape: the broker's own signed JSON event, a Slack incoming
     # webhook, or a Microsoft Teams (Workflows) webhook taking an Adaptive Card.
@@ -245,6 +269,7 @@ class AuditSettings(_Strict):
     # the key the chain is plain SHA-256: it still detects edits by anyone who doesn't
     # recompute every later link, but a database admin could; with a key, they can't.
     key_env: str = "BROKER_AUDIT_KEY"
+    key: EnvSecret = None
 
 
 class Settings(_Strict):
@@ -338,12 +363,31 @@ def _describe(error: ValidationError) -> str:
     return f"config: bad value for '{key}': {message}"
 
 
+def _with_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
+    """`settings` holding the secrets its `*_env` keys name; an unset or empty one is None."""
+
+    def read(var: str | None) -> SecretBytes | None:
+        value = env.get(var, "") if var else ""
+        return SecretBytes(value.encode()) if value else None
+
+    # model_copy: the fields refuse every value given to validation (`_not_from_the_file`).
+    update: dict[str, Any] = {
+        "audit": settings.audit.model_copy(update={"key": read(settings.audit.key_env)})
+    }
+    if settings.notify is not None:
+        update["notify"] = settings.notify.model_copy(update={"secret": read(settings.notify.secret_env)})
+    return settings.model_copy(update=update)
+
+
 def settings_from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
-    data = _apply_env(copy.deepcopy(dict(raw)), os.environ if env is None else env)
+    """Validate `raw` with the overrides and secrets `env` (default: os.environ) holds."""
+    environ = os.environ if env is None else env
+    data = _apply_env(copy.deepcopy(dict(raw)), environ)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None
+    return _with_secrets(settings, environ)
 
 
 def load_settings(

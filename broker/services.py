@@ -62,7 +62,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
     tracing.configure(settings.tracing)
     engine = make_engine(settings.sqlalchemy_url, pool_size=pool_size)
     sessions = make_session_factory(engine)
-    audit_key = os.environ.get(settings.audit.key_env, "").encode() or None
+    audit_key = settings.audit.key.get_secret_value() if settings.audit.key else None
     AuditRecorder(audit_key).install(sessions)
     verifier = Verifier(
         settings.issuers,

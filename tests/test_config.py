@@ -187,3 +187,38 @@ def test_environment_overrides_are_strings_and_still_apply():
     # path), so strict types take them as they are.
     settings = settings_from_mapping(BASE, env={"BROKER_POLICY_FILE": "/p.yaml", "BROKER_VAULT_TOKEN": "t2"})
     assert settings.policy_file == Path("/p.yaml") and settings.vault.auth.token == "t2"
+
+
+# ---- secrets: read from the environment once, never from the file, never shown ----------
+
+
+def test_secrets_come_from_the_variables_their_env_keys_name():
+    settings = settings_from_mapping(
+        {**FULL, "audit": {"key_env": "MY_AUDIT_KEY"}}, env={"MY_AUDIT_KEY": "audit-k", "HOOK_KEY": "hook-k"}
+    )
+    assert settings.audit.key is not None and settings.audit.key.get_secret_value() == b"audit-k"
+    assert settings.notify is not None and settings.notify.secret is not None
+    assert settings.notify.secret.get_secret_value() == b"hook-k"
+
+
+@pytest.mark.parametrize("env", [{}, {"BROKER_AUDIT_KEY": "", "HOOK_KEY": ""}], ids=["unset", "empty"])
+def test_an_unset_or_empty_secret_is_none(env):
+    settings = settings_from_mapping(FULL, env=env)
+    assert settings.audit.key is None and settings.notify is not None and settings.notify.secret is None
+
+
+def test_no_repr_str_or_dump_of_the_settings_shows_a_secret():
+    settings = settings_from_mapping(FULL, env={"BROKER_AUDIT_KEY": "audit-k-123", "HOOK_KEY": "hook-k-456"})
+    for shown in (repr(settings), str(settings), str(settings.model_dump()), settings.model_dump_json()):
+        assert "audit-k-123" not in shown and "hook-k-456" not in shown
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [({"audit": {"key": "in-the-file"}}, "audit.key"), ({"notify": {**FULL["notify"], "secret": "x"}}, "notify.secret")],
+)
+def test_a_secret_written_in_the_file_is_an_unknown_key(changes, key):
+    with pytest.raises(ConfigError) as raised:
+        settings_from_mapping({**FULL, **changes}, env={})
+    assert str(raised.value) == f"config: unknown key '{key}' (check its spelling)"
+    assert "in-the-file" not in str(raised.value)

@@ -1,4 +1,8 @@
-"""GET /task-types: the task types the calling workload may start (issue 17)."""
+"""GET /task-types: the task types the calling workload may start.
+
+So an agent can pick what to ask for from what the policy would let it have, instead of
+guessing names and meeting `unknown_task` or a denial; no Vault detail is shown.
+"""
 
 from __future__ import annotations
 

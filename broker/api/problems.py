@@ -53,23 +53,28 @@ class Problem:
     detail: str | None = None
 
 
+# The domain errors' rows: status and code here, the title from the class (`broker.errors`),
+# so each title is written once.
+_DOMAIN: tuple[tuple[type[BrokerError], int, str], ...] = (
+    (ValidationFailed, 400, "validation_error"),
+    (MalformedBody, 400, "bad_request"),
+    (TtlExceedsMax, 400, "ttl_exceeds_max"),
+    (Forbidden, 403, "forbidden"),
+    (PolicyDenied, 403, "policy_denied"),
+    (NotFound, 404, "not_found"),
+    (UnknownTask, 404, "unknown_task"),
+    (Conflict, 409, "conflict"),
+    (BodyTooLarge, 413, "body_too_large"),
+    (UnsupportedMediaType, 415, "unsupported_media_type"),
+    (IdempotencyKeyReused, 422, "idempotency_key_reused"),
+    (LimitExceeded, 429, "limit_exceeded"),
+    (IssuanceFailed, 502, "issuance_failed"),
+)
+
 PROBLEMS: dict[type[Exception], Problem] = {
-    ValidationFailed: Problem(400, "validation_error", "The request is not valid"),
-    MalformedBody: Problem(400, "bad_request", "Bad request"),
-    TtlExceedsMax: Problem(400, "ttl_exceeds_max", "The requested TTL exceeds the task's maximum"),
+    **{error: Problem(status, code, error.title) for error, status, code in _DOMAIN},
+    # The other layers' errors carry no title of their own (they know nothing of HTTP).
     InvalidToken: Problem(401, "invalid_token", "The bearer token was not accepted"),
-    Forbidden: Problem(403, "forbidden", "This identity may not do that"),
-    PolicyDenied: Problem(403, "policy_denied", "The policy denied this request"),
-    NotFound: Problem(404, "not_found", "Not found"),
-    UnknownTask: Problem(404, "unknown_task", "No such task type in the policy"),
-    Conflict: Problem(409, "conflict", "The request conflicts with the current state"),
-    BodyTooLarge: Problem(413, "body_too_large", "The request body is too large"),
-    UnsupportedMediaType: Problem(415, "unsupported_media_type", "Send application/json"),
-    IdempotencyKeyReused: Problem(
-        422, "idempotency_key_reused", "The Idempotency-Key was used for a different request"
-    ),
-    LimitExceeded: Problem(429, "limit_exceeded", "A policy limit was reached"),
-    IssuanceFailed: Problem(502, "issuance_failed", "Vault refused to issue a credential"),
     VaultUnavailable: Problem(
         503,
         "vault_unavailable",
@@ -91,12 +96,14 @@ PROBLEMS: dict[type[Exception], Problem] = {
     ),
 }
 
-_HTTP_CODES = {
-    400: ("bad_request", "Bad request"),
-    404: ("not_found", "Not found"),
-    405: ("method_not_allowed", "Method not allowed"),
-    413: ("body_too_large", "The request body is too large"),
-    415: ("unsupported_media_type", "Send application/json"),
+# Werkzeug's own refusals (no such route, a body over the limit) answer as the domain
+# error that means the same, so a caller sees one code and title for one problem.
+_HTTP_ROWS: dict[int, Problem] = {
+    400: PROBLEMS[MalformedBody],
+    404: PROBLEMS[NotFound],
+    405: Problem(405, "method_not_allowed", "Method not allowed"),
+    413: PROBLEMS[BodyTooLarge],
+    415: PROBLEMS[UnsupportedMediaType],
 }
 # What gunicorn refuses before the app sees a request (a malformed request line or header,
 # a URI or headers over its limits), answered in the same shape instead of its HTML page.
@@ -174,7 +181,8 @@ def _from_mapped(error: Exception) -> Response:
 
 def _from_http(error: HTTPException) -> Response:
     status = error.code or 500
-    code, title = _HTTP_CODES.get(status, ("http_error", error.name))
+    known = _HTTP_ROWS.get(status)
+    code, title = (known.code, known.title) if known else ("http_error", error.name)
     headers = {}
     if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
         headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]

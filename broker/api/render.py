@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from broker.approvals.service import Pending
+from broker.audit.export import row_json
 from broker.clock import rfc3339
 from broker.models import AuditEvent, Lease, Task
 
@@ -116,18 +117,7 @@ def credentials_json(credentials: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def audit_json(row: AuditEvent) -> dict[str, Any]:
-    return {
-        "id": str(row.id),
-        "seq": row.seq,
-        "at": rfc3339(row.at),
-        "event": row.event,
-        "actor": row.actor,
-        "task_id": str(row.task_id) if row.task_id else None,
-        "lease_id": str(row.lease_id) if row.lease_id else None,
-        "owner": row.owner,
-        "purpose": row.purpose,
-        "detail": row.detail,
-        "sealed": row.chain_seq is not None,
-        "chain_seq": row.chain_seq,
-        "hash": row.hash,
-    }
+    # The API's shape (docs/api.md, "Audit event") predates the export's: it has the insert
+    # order `seq` and `sealed` (unsealed rows show here, not in the export), no `prev_hash`.
+    shared = {key: value for key, value in row_json(row).items() if key != "prev_hash"}
+    return {**shared, "seq": row.seq, "sealed": row.chain_seq is not None}

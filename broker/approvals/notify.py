@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -158,9 +157,8 @@ class Notifier:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._settings = settings
-        self._secret = (
-            os.environ.get(settings.secret_env, "").encode() if settings and settings.secret_env else b""
-        )
+        # Kept wrapped until a body is signed, so no repr of the notifier shows it.
+        self._secret = settings.secret if settings else None
         self._queue: queue.Queue[bytes] = queue.Queue(maxsize=capacity)
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -198,8 +196,8 @@ class Notifier:
         settings = self._settings
         assert settings is not None
         headers = {"Content-Type": "application/json"}
-        if self._secret:
-            headers[SIGNATURE_HEADER] = sign(self._secret, body)
+        if self._secret is not None:
+            headers[SIGNATURE_HEADER] = sign(self._secret.get_secret_value(), body)
         for attempt in range(settings.retries + 1):
             if attempt:
                 self._sleep(min(30.0, settings.retry_base_seconds * 2 ** (attempt - 1)))

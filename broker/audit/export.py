@@ -25,10 +25,10 @@ SCHEMA = "credential-broker.audit/v1"
 _BATCH = 1000
 
 
-def event_json(row: AuditEvent) -> dict[str, Any]:
-    """One event in the export schema: who did what to which task, for whom and why."""
+def row_json(row: AuditEvent) -> dict[str, Any]:
+    """An audit row as every reader gets it (the API and the export): who did what to which
+    task, for whom and why, and its link in the chain."""
     return {
-        "schema": SCHEMA,
         "id": str(row.id),
         "chain_seq": row.chain_seq,
         "at": rfc3339(row.at),
@@ -42,6 +42,11 @@ def event_json(row: AuditEvent) -> dict[str, Any]:
         "prev_hash": row.prev_hash,
         "hash": row.hash,
     }
+
+
+def event_json(row: AuditEvent) -> dict[str, Any]:
+    """One event in the export schema."""
+    return {"schema": SCHEMA, **row_json(row)}
 
 
 def sealed_after(

@@ -284,12 +284,10 @@ def audit_verify(config: str | None, anchor: Path | None) -> None:
       broker audit verify --config broker.yaml --anchor /var/lib/broker/audit-anchor.json
     """
     settings = settings_or_exit(config)
-    import os
-
     from broker.audit.chain import Anchor, AuditKeyMismatch, head_anchor, verify_chain
     from broker.db import DatabaseUnavailable, make_engine, make_session_factory, unit_of_work
 
-    key = os.environ.get(settings.audit.key_env, "").encode() or None
+    key = settings.audit.key.get_secret_value() if settings.audit.key else None
     previous = Anchor.loads(anchor.read_text()) if anchor is not None and anchor.exists() else None
     engine = make_engine(settings.sqlalchemy_url, pool_size=1)
     try:

@@ -97,6 +97,3 @@ def lapse_pending_approvals(session: Session) -> Sequence[Task]:
         .values(state="approval_expired", finished_at=func.now(), end_reason="approval lapsed")
         .returning(Task)
     ).all()
-
-
-# -- attached objects, for the edits the ORM writes ----------------------------------

@@ -32,8 +32,9 @@ class SchedulerRunner:
         self._scheduler = BackgroundScheduler(
             timezone="UTC",
             executors={"default": JobExecutor(8)},
-            # One run at a time per job; a late run is merged, never queued (S09): work is
-            # found from the database, so a skipped tick misses nothing.
+            # One run at a time per job; a late run is merged, never queued: work is found
+            # from the database, so a skipped tick misses nothing, and a second run beside
+            # the first would only contend for the same rows.
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         )
         sweep = settings.sweep_interval_seconds

@@ -35,14 +35,13 @@ def webhook():
     server.server_close()
 
 
-def test_an_approval_request_is_sent_signed_with_the_request_data(stack, issuers, policy_file, clean_db, webhook, monkeypatch):
+def test_an_approval_request_is_sent_signed_with_the_request_data(stack, issuers, policy_file, clean_db, webhook):
     from broker.app import create_app
     from broker.services import build_services
 
     url, received = webhook
-    monkeypatch.setenv("TEST_WEBHOOK_SECRET", "s3cret")
     config = broker_config(stack, issuers, policy_file, notify={"webhook_url": url, "secret_env": "TEST_WEBHOOK_SECRET"})
-    services = build_services(settings_from_mapping(config, env={}))
+    services = build_services(settings_from_mapping(config, env={"TEST_WEBHOOK_SECRET": "s3cret"}))
     client = create_app(services=services).test_client()
     body = start_body("deploy-prod", purpose="release 1.4 to production", context={"environment": "prod"})
     task_id = client.post("/task/start", json=body, headers=issuers["spire"].bearer(AGENT)).get_json()["task_id"]

@@ -16,13 +16,13 @@ AUDIT_KEY = "audit-key-for-tests-0123456789abcdef"
 
 
 @pytest.fixture
-def keyed(stack, issuers, policy_file, clean_db, monkeypatch) -> Iterator[Any]:
+def keyed(stack, issuers, policy_file, clean_db) -> Iterator[Any]:
     """Services whose audit chain is HMAC-keyed, as in production."""
     from broker.config import settings_from_mapping
     from broker.services import build_services
 
-    monkeypatch.setenv("BROKER_AUDIT_KEY", AUDIT_KEY)
-    services = build_services(settings_from_mapping(broker_config(stack, issuers, policy_file), env={}))
+    config = broker_config(stack, issuers, policy_file)
+    services = build_services(settings_from_mapping(config, env={"BROKER_AUDIT_KEY": AUDIT_KEY}))
     yield services
     services.close()
 

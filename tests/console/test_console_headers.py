@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.audit.events import AUDIT_EVENTS
 from broker.console import SECURITY_HEADERS
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "broker" / "console" / "templates"
@@ -69,6 +70,11 @@ def test_pages_hold_no_data_and_name_only_same_origin_files(client):
     assert re.findall(r'<script[^>]*src="([^"]+)"', page) == ["/console/static/console.js"]
     assert re.findall(r'<link[^>]*href="([^"]+)"', page) == ["/console/static/favicon.svg", "/console/static/console.css"]
     assert "Bearer ey" not in page
+
+
+def test_the_audit_filter_offers_every_recorded_event_in_a_tasks_order(client):
+    page = client.get("/console/audit").get_data(as_text=True)
+    assert re.findall(r'<option value="([^"]+)">', page) == list(AUDIT_EVENTS)
 
 
 def test_static_scripts_are_served_as_javascript(client):

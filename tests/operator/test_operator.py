@@ -187,9 +187,10 @@ def test_with_an_audit_key_a_forged_event_is_never_sealed(stack, issuers, policy
     from broker.services import build_services
     from tests.conftest import broker_config
 
+    # In the environment for `broker audit verify` below, which reads it like `broker serve`.
     monkeypatch.setenv("BROKER_AUDIT_KEY", "k" * 32)
     config = broker_config(stack, issuers, policy_file)
-    services = build_services(settings_from_mapping(config, env={}))
+    services = build_services(settings_from_mapping(config, env={"BROKER_AUDIT_KEY": "k" * 32}))
     client = create_app(services=services).test_client()
     start(client, issuers)
     with services.engine.begin() as connection:

@@ -1,0 +1,73 @@
+"""The registry of audit events is complete: every event the source records is in it, and
+docs/audit.md describes every one, so nobody reads an event in the log they were never told of."""
+
+from __future__ import annotations
+
+import ast
+import re
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+
+from broker import lifecycle
+from broker.audit.events import AUDIT_EVENTS
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "broker"
+# What an f-string's placeholder stands for, by its variable's name: the states a task ends in.
+PLACEHOLDERS = {"state": typing.get_args(lifecycle.Ending)}
+
+
+def _names(node: ast.expr, where: str) -> Iterator[str]:
+    """Every event name `node` (the call's event argument) can evaluate to."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        yield node.value
+    elif isinstance(node, ast.IfExp):
+        yield from _names(node.body, where)
+        yield from _names(node.orelse, where)
+    elif isinstance(node, ast.JoinedStr):
+        # One placeholder naming a variable PLACEHOLDERS knows, around constant text.
+        [hole] = [part for part in node.values if isinstance(part, ast.FormattedValue)]
+        assert isinstance(hole.value, ast.Name) and hole.value.id in PLACEHOLDERS, f"{where}: {ast.unparse(node)}"
+        for value in PLACEHOLDERS[hole.value.id]:
+            yield "".join(value if part is hole else str(ast.literal_eval(part)) for part in node.values)
+    else:
+        raise AssertionError(f"{where}: an event name the test can't read: {ast.unparse(node)}")
+
+
+def recorded_events() -> dict[str, str]:
+    """Each event some `record(session, clock, "<event>", ...)` call in broker/ records, and where."""
+    found: dict[str, str] = {}
+    for path in sorted(SOURCE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "record":
+                where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                for name in _names(node.args[2], where):
+                    found.setdefault(name, where)
+    return found
+
+
+def test_the_walk_reads_the_calls_of_every_kind():
+    recorded = recorded_events()
+    # A constant, a conditional and an f-string over the task's ending states.
+    assert {"task.denied", "lease.revoke_failed", "lease.revoke_deferred"} <= recorded.keys()
+    assert {f"task.{state}" for state in typing.get_args(lifecycle.Ending)} <= recorded.keys()
+
+
+def test_every_recorded_event_is_registered_and_every_registered_one_recorded():
+    recorded = recorded_events()
+    unregistered = {name: where for name, where in recorded.items() if name not in AUDIT_EVENTS}
+    assert not unregistered, "add these to broker/audit/events.py"
+    assert sorted(recorded) == sorted(AUDIT_EVENTS), "nothing records these any more"
+
+
+def test_every_registered_event_has_a_meaning():
+    assert all(meaning.strip() and "\n" not in meaning for meaning in AUDIT_EVENTS.values())
+
+
+def test_docs_audit_md_describes_every_registered_event():
+    text = (ROOT / "docs" / "audit.md").read_text()
+    events = text[text.index("\n## Events\n") :]
+    table = [line for line in events.splitlines() if line.startswith("| `")]
+    documented = {name for line in table for name in re.findall(r"`([a-z_]+\.[a-z_]+)`", line.split("|")[1])}
+    assert sorted(documented) == sorted(AUDIT_EVENTS)
