@@ -9,6 +9,8 @@ import typing
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from broker import lifecycle
 from broker.audit.events import AUDIT_EVENTS
 
@@ -65,9 +67,18 @@ def test_every_registered_event_has_a_meaning():
     assert all(meaning.strip() and "\n" not in meaning for meaning in AUDIT_EVENTS.values())
 
 
-def test_docs_audit_md_describes_every_registered_event():
-    text = (ROOT / "docs" / "audit.md").read_text()
-    events = text[text.index("\n## Events\n") :]
-    table = [line for line in events.splitlines() if line.startswith("| `")]
-    documented = {name for line in table for name in re.findall(r"`([a-z_]+\.[a-z_]+)`", line.split("|")[1])}
-    assert sorted(documented) == sorted(AUDIT_EVENTS)
+def _documented(path: str, heading: str) -> set[str]:
+    text = (ROOT / "docs" / path).read_text()
+    section = text[text.index(heading) :]
+    table = []
+    for line in section.splitlines()[2:]:  # past the blank line and the heading
+        if line.startswith("#"):
+            break
+        if line.startswith("| `"):
+            table.append(line)
+    return {name for line in table for name in re.findall(r"`([a-z_]+\.[a-z_]+)`", line.split("|")[1])}
+
+
+@pytest.mark.parametrize(("path", "heading"), [("audit.md", "\n## Events\n"), ("api.md", "\nEvent names:\n")])
+def test_the_docs_describe_every_registered_event(path, heading):
+    assert sorted(_documented(path, heading)) == sorted(AUDIT_EVENTS)
