@@ -18,8 +18,8 @@ whose repeat would be a second action or a `409`, only when nothing reached the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Literal
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, TypedDict, Unpack
 
 from broker.client.tokens import TokenSource
 from broker.client.transport import ClientBase
@@ -27,6 +27,26 @@ from broker.client.transport import ClientBase
 Decision = Literal["approve", "deny"]
 # The largest page the broker gives; a search through every page asks for this.
 MAX_PAGE = 500
+
+
+class RowFilters(TypedDict, total=False):
+    """What `GET /leases` and `GET /tasks` filter on (exact matches, all of them), and paging."""
+
+    state: str | None
+    owner: str | None
+    workload: str | None
+    task: str | None
+    task_id: str | None
+    limit: int | None
+    cursor: str | None
+
+
+class AuditFilters(RowFilters, total=False):
+    """What `GET /audit` adds to those: one `event` name, and events `since` an RFC 3339 time
+    (with its offset). There `workload` also matches the events that identity acted in."""
+
+    event: str | None
+    since: str | None
 
 
 class OperatorClient(ClientBase):
@@ -43,20 +63,9 @@ class OperatorClient(ClientBase):
 
     # -- operators: leases and tasks -------------------------------------------------------------
 
-    def list_leases(
-        self,
-        *,
-        state: str | None = None,
-        owner: str | None = None,
-        workload: str | None = None,
-        task: str | None = None,
-        task_id: str | None = None,
-        limit: int | None = None,
-        cursor: str | None = None,
-    ) -> dict[str, Any]:
+    def list_leases(self, **filters: Unpack[RowFilters]) -> dict[str, Any]:
         """GET /leases: a page of leases, newest first, matching all the filters given."""
-        params = {"state": state, "owner": owner, "workload": workload, "task": task, "task_id": task_id}
-        return self._page("/leases", params, limit, cursor)
+        return self._page("/leases", filters)
 
     def get_lease(self, lease_id: str) -> dict[str, Any]:
         """GET /leases/{id}: one lease."""
@@ -87,56 +96,24 @@ class OperatorClient(ClientBase):
         result: dict[str, Any] = self._call("POST", "/leases/revoke", body, retry="once")
         return result
 
-    def list_tasks(
-        self,
-        *,
-        state: str | None = None,
-        owner: str | None = None,
-        workload: str | None = None,
-        task: str | None = None,
-        task_id: str | None = None,
-        limit: int | None = None,
-        cursor: str | None = None,
-    ) -> dict[str, Any]:
-        """GET /tasks: a page of tasks with their leases, newest first."""
-        params = {"state": state, "owner": owner, "workload": workload, "task": task, "task_id": task_id}
-        return self._page("/tasks", params, limit, cursor)
+    def list_tasks(self, **filters: Unpack[RowFilters]) -> dict[str, Any]:
+        """GET /tasks: a page of tasks with their leases, newest first, matching all the filters given."""
+        return self._page("/tasks", filters)
 
     def get_task(self, task_id: str) -> dict[str, Any]:
         """GET /task/{id}: the task and its leases, never secret values."""
         found: dict[str, Any] = self._call("GET", f"/task/{task_id}", None, retry="safe")
         return found
 
-    def list_audit(
-        self,
-        *,
-        task_id: str | None = None,
-        owner: str | None = None,
-        workload: str | None = None,
-        event: str | None = None,
-        since: str | None = None,
-        task: str | None = None,
-        state: str | None = None,
-        limit: int | None = None,
-        cursor: str | None = None,
-    ) -> dict[str, Any]:
-        """GET /audit: a page of audit events, newest first. `since` is RFC 3339 with its offset."""
-        params = {
-            "task_id": task_id,
-            "owner": owner,
-            "workload": workload,
-            "event": event,
-            "since": since,
-            "task": task,
-            "state": state,
-        }
-        return self._page("/audit", params, limit, cursor)
+    def list_audit(self, **filters: Unpack[AuditFilters]) -> dict[str, Any]:
+        """GET /audit: a page of audit events, newest first, matching all the filters given."""
+        return self._page("/audit", filters)
 
     # -- approvers -------------------------------------------------------------------------------
 
     def list_pending(self, *, limit: int | None = None, cursor: str | None = None) -> dict[str, Any]:
         """GET /approvals?state=pending: a page of the tasks this approver may decide, oldest first."""
-        return self._page("/approvals", {"state": "pending"}, limit, cursor)
+        return self._page("/approvals", {"state": "pending", "limit": limit, "cursor": cursor})
 
     def iter_pending(self) -> Iterator[dict[str, Any]]:
         """Every task waiting for this approver, page after page."""
@@ -164,12 +141,9 @@ class OperatorClient(ClientBase):
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _page(
-        self, path: str, filters: dict[str, str | None], limit: int | None, cursor: str | None
-    ) -> dict[str, Any]:
-        params: dict[str, str | int | None] = {**filters, "limit": limit, "cursor": cursor}
+    def _page(self, path: str, params: Mapping[str, object]) -> dict[str, Any]:
         page: dict[str, Any] = self._call("GET", path, None, retry="safe", params=params)
         return page
 
 
-__all__ = ["MAX_PAGE", "Decision", "OperatorClient"]
+__all__ = ["MAX_PAGE", "AuditFilters", "Decision", "OperatorClient", "RowFilters"]

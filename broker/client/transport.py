@@ -63,11 +63,11 @@ class ClientBase:
         *,
         retry: Retry,
         headers: Mapping[str, str] | None = None,
-        params: Mapping[str, str | int | None] | None = None,
+        params: Mapping[str, object] | None = None,
     ) -> Any:
         """The answer's JSON (`{}` for an empty one); a `BrokerError` for anything else.
 
-        `params` become the query string; those that are None are left out.
+        `params` become the query string (each value as its `str`); those that are None are left out.
         """
         query = {key: value for key, value in (params or {}).items() if value is not None}
         target = self.url + path + (f"?{urlencode(query)}" if query else "")
