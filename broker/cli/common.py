@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from broker.client.errors import BrokerAPIError, BrokerError
+from broker.client.errors import BrokerAPIError, BrokerUnreachable
 from broker.client.operator import MAX_PAGE, OperatorClient
 from broker.config import ConfigError, Settings, load_settings
 
@@ -51,7 +51,7 @@ def connection(func: Callable[..., None]) -> Callable[..., None]:
             func(client=client, **options)
         except BrokerAPIError as error:
             raise click.ClickException(f"HTTP {error.status} {error.code}: {error.detail}") from None
-        except BrokerError as error:
+        except BrokerUnreachable as error:
             raise click.ClickException(f"cannot reach the broker: {error}") from None
 
     run = click.option("--token", envvar="BROKER_TOKEN", required=True, help=TOKEN_HELP)(run)
