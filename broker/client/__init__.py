@@ -1,4 +1,4 @@
-"""The broker's client side: an SDK, token sources, and `broker exec`.
+"""The broker's client side: an SDK, an operator/approver client, token sources, and `broker exec`.
 
 Importable without the server's dependencies (Flask, SQLAlchemy, gunicorn, psycopg): an
 agent or a CI job installs the package and uses only this, over HTTP.
@@ -10,6 +10,9 @@ agent or a CI job installs the package and uses only this, over HTTP.
     with client.task("analytics-read", owner="alice@example.com", purpose="weekly report",
                      context={"environment": "staging"}) as task:
         connect(task.credentials["db"]["username"], task.credentials["db"]["password"])
+
+`OperatorClient` is the same over the operators' and approvers' endpoints (`broker leases`,
+`broker tasks` and `broker approvals` use it).
 """
 
 from broker.client.errors import (
@@ -20,6 +23,7 @@ from broker.client.errors import (
     BrokerUnreachable,
     TokenSourceError,
 )
+from broker.client.operator import OperatorClient
 from broker.client.sdk import ActiveTask, BrokerClient, Credential
 from broker.client.tokens import TokenSource, resolve_token_source
 
@@ -32,6 +36,7 @@ __all__ = [
     "BrokerError",
     "BrokerUnreachable",
     "Credential",
+    "OperatorClient",
     "TokenSource",
     "TokenSourceError",
     "resolve_token_source",

@@ -79,6 +79,26 @@ class ValidationError(BrokerAPIError):
     """400 validation_error, ttl_exceeds_max and other malformed-request answers."""
 
 
+class BodyTooLarge(ValidationError):
+    """413 body_too_large: the request body is over the broker's `limits.max_body_bytes`."""
+
+
+class UnsupportedMediaType(ValidationError):
+    """415 unsupported_media_type: the body was not sent as `application/json`."""
+
+
+class IdempotencyKeyReused(BrokerAPIError):
+    """422 idempotency_key_reused: this `Idempotency-Key` already started a different request.
+
+    `task_id` names the task the key started; a new request needs a new key.
+    """
+
+    @property
+    def task_id(self) -> str | None:
+        value = self.body.get("task_id")
+        return value if isinstance(value, str) else None
+
+
 class UnknownTask(BrokerAPIError):
     """404 unknown_task: no task type of that name in the policy."""
 
@@ -152,6 +172,9 @@ _BY_CODE: dict[str, type[BrokerAPIError]] = {
     "validation_error": ValidationError,
     "ttl_exceeds_max": ValidationError,
     "bad_request": ValidationError,
+    "body_too_large": BodyTooLarge,
+    "unsupported_media_type": UnsupportedMediaType,
+    "idempotency_key_reused": IdempotencyKeyReused,
     "unknown_task": UnknownTask,
     "not_found": NotFound,
     "conflict": Conflict,
@@ -168,6 +191,9 @@ _BY_STATUS: dict[int, type[BrokerAPIError]] = {
     403: Forbidden,
     404: NotFound,
     409: Conflict,
+    # A proxy in front may refuse a body before the broker sees it, in its own words.
+    413: BodyTooLarge,
+    415: UnsupportedMediaType,
     429: LimitExceeded,
     502: Unavailable,
     503: Unavailable,

@@ -11,12 +11,12 @@ What is retried, and why it is safe:
   errors) or the broker said nothing happened (429, 503).
 
 Every attempt asks the token source again, so rotated files and single-use issuers work.
+The requests themselves go through `broker.client.transport`, shared with `OperatorClient`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import time
@@ -27,29 +27,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import urllib3
-
 from broker.client.errors import (
     ApprovalDenied,
     ApprovalTimeout,
     BrokerAPIError,
     BrokerError,
-    BrokerUnreachable,
     Conflict,
-    LimitExceeded,
     StartAnswerLost,
-    Unavailable,
-    from_response,
 )
-from broker.client.tokens import StaticTokenSource, TokenSource
+from broker.client.tokens import TokenSource
+from broker.client.transport import ClientBase
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["succeeded", "failed", "cancelled"]
-_Retry = Literal["safe", "keyed", "once"]
-# A broker that asks for a longer pause than this is treated as down for this call;
-# a CLI or an agent loop should not sit silent for minutes on one request.
-MAX_RETRY_AFTER = 60.0
 # Task states after which a pending approval can never be claimed.
 _ENDED = {"denied", "approval_expired", "finished", "revoked", "expired", "failed"}
 
@@ -115,7 +106,7 @@ def approver_groups(document: Mapping[str, Any]) -> list[str]:
     return []
 
 
-class BrokerClient:
+class BrokerClient(ClientBase):
     """A client of one broker, authenticated as one workload.
 
     `token` is a JWT string or a `TokenSource` (asked again before every request).
@@ -131,18 +122,7 @@ class BrokerClient:
         timeout: float = 10.0,
         retries: int = 3,
     ) -> None:
-        if not url:
-            raise ValueError("the broker URL is empty (set --url or $BROKER_URL)")
-        self.url = url.rstrip("/")
-        self.tokens: TokenSource = StaticTokenSource(token) if isinstance(token, str) else token
-        self.timeout = timeout
-        self.retries = max(0, retries)
-        # urllib3's own retries are off: which failures may be retried depends on the call.
-        self._http = urllib3.PoolManager(retries=False)
-        self._sleep = time.sleep
-
-    def __repr__(self) -> str:
-        return f"BrokerClient({self.url!r})"
+        super().__init__(url, token, timeout=timeout, retries=retries)
 
     # -- the API -------------------------------------------------------------------------------
 
@@ -294,61 +274,6 @@ class BrokerClient:
             log.warning(
                 "could not finish task %s (%s); the broker revokes it at its deadline", task_id, error
             )
-
-    def _call(
-        self,
-        method: str,
-        path: str,
-        body: Mapping[str, Any] | None,
-        *,
-        retry: _Retry,
-        headers: Mapping[str, str] | None = None,
-    ) -> Any:
-        payload = None if body is None else json.dumps(body).encode()
-        attempt = 0
-        while True:
-            request_headers = {"Accept": "application/json", **(headers or {})}
-            if payload is not None:
-                request_headers["Content-Type"] = "application/json"
-            request_headers["Authorization"] = f"Bearer {self.tokens.get()}"
-            try:
-                response = self._http.request(
-                    method,
-                    self.url + path,
-                    body=payload,
-                    headers=request_headers,
-                    timeout=urllib3.Timeout(total=self.timeout),
-                    redirect=False,
-                )
-            except urllib3.exceptions.HTTPError as error:
-                if attempt < self.retries and _may_retry_connection_error(error, retry):
-                    attempt += 1
-                    self._sleep(_backoff(attempt))
-                    continue
-                raise BrokerUnreachable(f"{method} {self.url}{path}: {type(error).__name__}") from None
-            if response.status < 400:
-                return json.loads(response.data) if response.data else {}
-            error_answer = from_response(response.status, response.data, dict(response.headers))
-            if attempt < self.retries and isinstance(error_answer, LimitExceeded | Unavailable):
-                wait = error_answer.retry_after
-                if wait is None or wait <= MAX_RETRY_AFTER:
-                    attempt += 1
-                    self._sleep(_backoff(attempt) if wait is None else wait)
-                    continue
-            raise error_answer
-
-
-def _may_retry_connection_error(error: urllib3.exceptions.HTTPError, retry: _Retry) -> bool:
-    if retry in ("safe", "keyed"):
-        return True
-    # A claim that may have reached the broker is not repeated: only failures before
-    # anything was sent are safe.
-    return isinstance(error, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError)
-
-
-def _backoff(attempt: int) -> float:
-    """0.5 s, 1 s, 2 s, ... (capped at 8 s), each with ±20 % jitter."""
-    return float(min(8.0, 0.25 * 2**attempt) * random.uniform(0.8, 1.2))  # noqa: S311 - jitter only
 
 
 __all__ = ["ActiveTask", "BrokerAPIError", "BrokerClient", "Credential", "Outcome", "parse_time"]

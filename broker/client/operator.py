@@ -1,0 +1,149 @@
+"""`OperatorClient`: the operators' and approvers' endpoints (docs/api.md), over the SDK's transport.
+
+One class for both: the broker decides from the token what its holder may do, so an
+approver's client simply gets `403 forbidden` from an operator endpoint. Every method
+answers the broker's JSON as it came; lists answer one page (`{"items": [...],
+"next_cursor": ...}`), and `next_cursor` is passed back as `cursor` for the next.
+
+    from broker.client import OperatorClient
+
+    operator = OperatorClient("https://broker.internal", sre_token)
+    page = operator.list_leases(state="active", owner="alice@example.com")
+    operator.revoke_lease(page["items"][0]["id"], reason="INC-1234 suspicious queries")
+
+Retries follow `broker.client.transport`: reads, and revoking one lease (a revoked lease
+is answered unchanged), are retried like the SDK's GETs; the kill switch and decisions,
+whose repeat would be a second action or a `409`, only when nothing reached the broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, TypedDict, Unpack
+
+from broker.client.tokens import TokenSource
+from broker.client.transport import ClientBase
+
+Decision = Literal["approve", "deny"]
+# The largest page the broker gives; a search through every page asks for this.
+MAX_PAGE = 500
+
+
+class RowFilters(TypedDict, total=False):
+    """What `GET /leases` and `GET /tasks` filter on (exact matches, all of them), and paging."""
+
+    state: str | None
+    owner: str | None
+    workload: str | None
+    task: str | None
+    task_id: str | None
+    limit: int | None
+    cursor: str | None
+
+
+class AuditFilters(RowFilters, total=False):
+    """What `GET /audit` adds to those: one `event` name, and events `since` an RFC 3339 time
+    (with its offset). There `workload` also matches the events that identity acted in."""
+
+    event: str | None
+    since: str | None
+
+
+class OperatorClient(ClientBase):
+    """A client of one broker as an operator or an approver (whichever its token is).
+
+    `timeout` is longer than the SDK's: a revoke or the kill switch waits on Vault for
+    every lease it ends before it answers.
+    """
+
+    def __init__(
+        self, url: str, token: str | TokenSource, *, timeout: float = 30.0, retries: int = 3
+    ) -> None:
+        super().__init__(url, token, timeout=timeout, retries=retries)
+
+    # -- operators: leases and tasks -------------------------------------------------------------
+
+    def list_leases(self, **filters: Unpack[RowFilters]) -> dict[str, Any]:
+        """GET /leases: a page of leases, newest first, matching all the filters given."""
+        return self._page("/leases", filters)
+
+    def get_lease(self, lease_id: str) -> dict[str, Any]:
+        """GET /leases/{id}: one lease."""
+        lease: dict[str, Any] = self._call("GET", f"/leases/{lease_id}", None, retry="safe")
+        return lease
+
+    def revoke_lease(self, lease_id: str, reason: str) -> dict[str, Any]:
+        """POST /leases/{id}/revoke: the lease afterwards, `revoked` or `revoke_pending`."""
+        body = {"reason": reason}
+        lease: dict[str, Any] = self._call("POST", f"/leases/{lease_id}/revoke", body, retry="safe")
+        return lease
+
+    def kill_switch(
+        self,
+        reason: str,
+        *,
+        workload: str | None = None,
+        owner: str | None = None,
+        task: str | None = None,
+    ) -> dict[str, Any]:
+        """POST /leases/revoke: end every open task matching all the filters given.
+
+        Answers `{"tasks": [...], "revoked": n, "revoke_pending": n}`. The broker refuses
+        the call without a filter (`ValidationError`).
+        """
+        filters = {"workload": workload, "owner": owner, "task": task}
+        body = {"reason": reason, **{key: value for key, value in filters.items() if value is not None}}
+        result: dict[str, Any] = self._call("POST", "/leases/revoke", body, retry="once")
+        return result
+
+    def list_tasks(self, **filters: Unpack[RowFilters]) -> dict[str, Any]:
+        """GET /tasks: a page of tasks with their leases, newest first, matching all the filters given."""
+        return self._page("/tasks", filters)
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        """GET /task/{id}: the task and its leases, never secret values."""
+        found: dict[str, Any] = self._call("GET", f"/task/{task_id}", None, retry="safe")
+        return found
+
+    def list_audit(self, **filters: Unpack[AuditFilters]) -> dict[str, Any]:
+        """GET /audit: a page of audit events, newest first, matching all the filters given."""
+        return self._page("/audit", filters)
+
+    # -- approvers -------------------------------------------------------------------------------
+
+    def list_pending(self, *, limit: int | None = None, cursor: str | None = None) -> dict[str, Any]:
+        """GET /approvals?state=pending: a page of the tasks this approver may decide, oldest first."""
+        return self._page("/approvals", {"state": "pending", "limit": limit, "cursor": cursor})
+
+    def iter_pending(self) -> Iterator[dict[str, Any]]:
+        """Every task waiting for this approver, page after page."""
+        cursor: str | None = None
+        while True:
+            page = self.list_pending(limit=MAX_PAGE, cursor=cursor)
+            yield from page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def find_pending(self, task_id: str) -> dict[str, Any] | None:
+        """The pending task with this id if it waits for this approver, else None.
+
+        Approvers may not read tasks by id (that is the workload's and operators' right):
+        what they may see is what waits for them, so the search is through that.
+        """
+        return next((item for item in self.iter_pending() if item.get("task_id") == task_id), None)
+
+    def decide(self, task_id: str, decision: Decision, reason: str) -> dict[str, Any]:
+        """POST /approvals/{id}: approve or deny; answers the task afterwards."""
+        body = {"decision": decision, "reason": reason}
+        found: dict[str, Any] = self._call("POST", f"/approvals/{task_id}", body, retry="once")
+        return found
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _page(self, path: str, params: Mapping[str, object]) -> dict[str, Any]:
+        page: dict[str, Any] = self._call("GET", path, None, retry="safe", params=params)
+        return page
+
+
+__all__ = ["MAX_PAGE", "AuditFilters", "Decision", "OperatorClient", "RowFilters"]
