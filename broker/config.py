@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -272,6 +273,47 @@ class AuditSettings(_Strict):
     key: EnvSecret = None
 
 
+def _host_port(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    # A port, not 0: the API's workers write it into handles without asking the gateway.
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError("must be HOST:PORT")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
+class GatewaySettings(_Strict):
+    """The gateway (docs/gateway.md): credentials a workload uses through the broker but never
+    holds. Configured, `broker serve` runs it beside the API; `broker gateway` runs it alone."""
+
+    # Where the Postgres wire protocol listens, and what handles name as their host (the
+    # address workloads reach this gateway, or the Service in front of its replicas, by).
+    postgres_bind: HostPort = "127.0.0.1:6432"
+    advertise_host: str = "127.0.0.1"
+    # The port handles name, when a load balancer's differs from the bind's.
+    advertise_port: int | None = Field(default=None, gt=0, le=65535)
+    # TLS offered on the Postgres port (SSLRequest). With `require_tls` a client that does
+    # not ask for it is refused, and handles say `sslmode=require`.
+    tls_cert_file: FilePath | None = None
+    tls_key_file: FilePath | None = None
+    require_tls: bool = False
+    # How often queued statement events are written to the audit chain, at the latest
+    # (docs/gateway.md, "What is lost if a gateway dies").
+    audit_flush_seconds: float = Field(default=0.5, gt=0, le=10)
+    # How often live sessions are checked against the ledger, besides the notifications.
+    recheck_seconds: float = Field(default=1.0, gt=0, le=30)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewaySettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.require_tls and self.tls_cert_file is None:
+            raise ValueError("require_tls needs tls_cert_file and tls_key_file")
+        return self
+
+
 class Settings(_Strict):
     database_url: str
     vault: VaultSettings
@@ -289,6 +331,7 @@ class Settings(_Strict):
     # OpenTelemetry spans for requests and their policy, Vault and database steps; off
     # (and free) unless set.
     tracing: TracingSettings | None = None
+    gateway: GatewaySettings | None = None
 
     @field_validator("database_url")
     @classmethod

@@ -154,7 +154,8 @@ class Lease(Base):
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="RESTRICT"))
     task: Mapped[str] = mapped_column(String(64))
-    name: Mapped[str] = mapped_column(String(64))
+    # The credential's name; a gateway's leases add the replica (`db@gw-1a2b3c4d`, docs/gateway.md).
+    name: Mapped[str] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(32))
     workload: Mapped[str] = mapped_column(Text)
     owner: Mapped[str] = mapped_column(String(200))
@@ -286,3 +287,24 @@ class PooledToken(Base):
     # Vault's own end of the token: past it there is nothing left to revoke.
     expires_at: Mapped[datetime] = mapped_column(_tz())
     lease_until: Mapped[datetime] = mapped_column(_tz())
+
+
+class GatewayHandle(Base):
+    """A gateway credential's handle (docs/gateway.md): what a workload connects with.
+
+    `id` is the handle's public half (the Postgres user name it connects as); its secret
+    half is never stored, only a SCRAM-SHA-256 verifier of it (salt, iteration count,
+    StoredKey, ServerKey, in Postgres's own spelling), from which the secret can't be had.
+    A handle is good while its task is active; the task's end (any trigger) notifies every
+    gateway (the `tasks_ended` trigger, migration 0007) to close its sessions.
+    """
+
+    __tablename__ = "gateway_handles"
+    __table_args__ = (UniqueConstraint("task_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="RESTRICT"))
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    verifier: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())

@@ -20,6 +20,7 @@ from broker.audit import AuditRecorder
 from broker.clock import Clock, SystemClock
 from broker.config import Settings
 from broker.db import make_engine, make_session_factory
+from broker.gateway.handles import GatewayAddress
 from broker.identity import Verifier
 from broker.identity.replay import PostgresJtiStore
 from broker.leases.revoker import Backoff, Revoker
@@ -55,6 +56,15 @@ class Services:
         self.verifier.close()
         self.vault.close()
         self.engine.dispose()
+
+
+def gateway_address(settings: Settings) -> GatewayAddress | None:
+    """What this broker's handles name, or None: without a gateway it issues none."""
+    gateway = settings.gateway
+    if gateway is None:
+        return None
+    port = gateway.advertise_port or int(gateway.postgres_bind.rpartition(":")[2])
+    return GatewayAddress(gateway.advertise_host, port, gateway.require_tls)
 
 
 def build_services(settings: Settings, *, clock: Clock | None = None, pool_size: int = 10) -> Services:
@@ -94,7 +104,9 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
         vault=vault,
         clock=clock,
         revoker=revoker,
-        tasks=TaskService(sessions, policies, vault, clock, revoker, notifier, token_pool),
+        tasks=TaskService(
+            sessions, policies, vault, clock, revoker, notifier, token_pool, gateway_address(settings)
+        ),
         approvals=ApprovalService(sessions, policies, clock, notifier),
         operator=OperatorService(sessions, revoker, clock),
         audit_key=audit_key,

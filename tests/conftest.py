@@ -27,7 +27,8 @@ DEMO_POLICY = ROOT / "broker" / "dev" / "data" / "policy.yaml"
 # Task types the integration tests need (every credential kind, a broken one, short ttls).
 TEST_POLICY = ROOT / "tests" / "support" / "policy.yaml"
 LEDGER_TABLES = (
-    "audit_events, audit_head, approvals, leases, tasks, used_jtis, scheduler_heartbeats, task_tokens"
+    "audit_events, audit_head, approvals, gateway_handles, leases, tasks, used_jtis, scheduler_heartbeats,"
+    " task_tokens"
 )
 
 

@@ -111,7 +111,12 @@ def _approval_json(task: Task) -> dict[str, Any] | None:
 
 def credentials_json(credentials: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        name: {"kind": item.kind, "data": dict(item.data), "expires_at": rfc3339(item.expires_at)}
+        name: {
+            "kind": item.kind,
+            "delivery": item.delivery,
+            "data": dict(item.data),
+            "expires_at": rfc3339(item.expires_at),
+        }
         for name, item in credentials.items()
     }
 

@@ -68,20 +68,24 @@ def record(
     detail: Mapping[str, Any] | None = None,
     owner: str | None = None,
     purpose: str | None = None,
+    task_id: uuid.UUID | None = None,
+    at: datetime | None = None,
 ) -> None:
     """Queue an event; it is chained and written when the session commits.
 
     Owner and purpose come from the task or lease; pass them for events that have
     neither (a denied start) so every event stays attributable (docs/contract.md §6.8).
+    `task_id` and `at`: for events written in a batch after they happened (the gateway's),
+    the task they concern without loading it, and when they happened.
     """
     owner_source = task or lease
     session.info.setdefault(_PENDING, []).append(
         _Pending(
             id=uuid.uuid4(),
-            at=clock.now(),
+            at=at or clock.now(),
             event=event_name,
             actor=actor,
-            task_id=task.id if task is not None else (lease.task_id if lease else None),
+            task_id=task.id if task is not None else (lease.task_id if lease else task_id),
             lease_id=lease.id if lease is not None else None,
             owner=owner_source.owner if owner_source is not None else owner,
             purpose=owner_source.purpose if owner_source is not None else purpose,

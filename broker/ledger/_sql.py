@@ -14,13 +14,14 @@ from sqlalchemy import Table
 from sqlalchemy.orm import Session, configure_mappers
 
 from broker.audit.chain import pending_rows
-from broker.models import Approval, AuditEvent, Lease, PooledToken, Task
+from broker.models import Approval, AuditEvent, GatewayHandle, Lease, PooledToken, Task
 
 TASKS = cast(Table, Task.__table__)
 LEASES = cast(Table, Lease.__table__)
 APPROVALS = cast(Table, Approval.__table__)
 AUDIT = cast(Table, AuditEvent.__table__)
 POOLED = cast(Table, PooledToken.__table__)
+HANDLES = cast(Table, GatewayHandle.__table__)
 _JSON_COLUMNS = frozenset({"context", "detail"})
 
 
@@ -72,7 +73,7 @@ def row_object(cls: type[Row], row: Mapping[Any, Any]) -> Row:
     return instance
 
 
-def values(row: Task | Lease, columns: Iterable[str]) -> dict[str, Any]:
+def values(row: Task | Lease | GatewayHandle, columns: Iterable[str]) -> dict[str, Any]:
     return adapted({name: getattr(row, name) for name in columns})
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from broker.db import pipelined
 from broker.ledger._sql import (
     APPROVALS,
+    HANDLES,
     LEASES,
     TASKS,
     dict_cursor,
@@ -33,7 +34,7 @@ from broker.ledger._sql import (
 )
 from broker.ledger.pool import RECORD_POOLED, TAKE_POOLED, PoolRecord
 from broker.lifecycle import LEASE_END_FIELDS, TASK_END_FIELDS, TASK_OPEN_STATES
-from broker.models import Approval, Lease, Task
+from broker.models import Approval, GatewayHandle, Lease, Task
 from broker.policy import Usage
 
 _OPEN = "state IN ({})".format(", ".join(f"'{state}'" for state in TASK_OPEN_STATES))
@@ -50,6 +51,9 @@ _TASK_COLUMNS = names(TASKS)
 _LEASE_COLUMNS = names(LEASES)
 _INSERT_TASK = insert_sql(TASKS, _TASK_COLUMNS)
 _INSERT_LEASE = insert_sql(LEASES, _LEASE_COLUMNS)
+# `created_at` is the database's: the row is stamped by the commit that records the handle.
+_HANDLE_COLUMNS = [name for name in names(HANDLES) if name != "created_at"]
+_INSERT_HANDLE = insert_sql(HANDLES, _HANDLE_COLUMNS)
 # Guarded: a finish or the kill switch that ended the task meanwhile leaves nothing to move.
 _ACTIVATE = "UPDATE tasks SET state = 'active' WHERE id = %(task_id)s AND state = 'issuing' RETURNING id"
 _TASK = select_sql(TASKS, "id = %(task_id)s")
@@ -140,15 +144,23 @@ def insert_task(session: Session, task: Task, *, pooled_token: bool = False) -> 
     return taken is None or taken.fetchone() is not None
 
 
-def activate_with_leases(session: Session, task_id: uuid.UUID, leases: Sequence[Lease]) -> bool:
-    """Move an `issuing` task to `active` and INSERT its leases and the queued audit events.
+def activate_with_leases(
+    session: Session, task_id: uuid.UUID, leases: Sequence[Lease], handles: Sequence[GatewayHandle] = ()
+) -> bool:
+    """Move an `issuing` task to `active` and INSERT its leases, its gateway handles and the
+    queued audit events.
 
     One round trip. False when the task was no longer `issuing`: then the caller must
     roll back, which takes the leases and events sent alongside with it.
     """
     with pipelined(session) as connection:
         moved = connection.execute(_ACTIVATE, {"task_id": task_id})
-        connection.cursor().executemany(_INSERT_LEASE, [values(lease, _LEASE_COLUMNS) for lease in leases])
+        if leases:
+            connection.cursor().executemany(_INSERT_LEASE, [values(lease, _LEASE_COLUMNS) for lease in leases])
+        if handles:
+            connection.cursor().executemany(
+                _INSERT_HANDLE, [values(handle, _HANDLE_COLUMNS) for handle in handles]
+            )
         insert_audit(session, connection)
     return moved.fetchone() is not None
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,12 +29,13 @@ from sqlalchemy.orm.attributes import set_committed_value
 from broker import lifecycle, metrics
 from broker.audit import record
 from broker.clock import Clock, rfc3339
-from broker.credentials import CredentialSpec
+from broker.credentials import CredentialSpec, DatabaseCredential
 from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import Conflict, IssuanceFailed
 from broker.identity import Identity
 from broker.ledger import activate_with_leases, load_task
-from broker.models import Lease, Task
+from broker.gateway.handles import GatewayAddress, NewHandle, database_handle, new_handle
+from broker.models import GatewayHandle, Lease, Task
 from broker.policy import CompiledTask, TaskRequest
 from broker.tasks.token_pool import TaskTokenPool
 from broker.vault import IssuedSecret, TaskToken, VaultError, VaultGateway, VaultUnavailable
@@ -48,6 +49,8 @@ class IssuedCredential:
     kind: str
     data: Mapping[str, Any]
     expires_at: datetime
+    # `gateway`: `data` is a handle for the broker's gateway, not the credential itself.
+    delivery: Literal["direct", "gateway"] = "direct"
 
 
 def deadline(now: datetime, ttl_seconds: int) -> datetime:
@@ -93,19 +96,24 @@ class Issuer:
         vault: VaultGateway,
         clock: Clock,
         tokens: TaskTokenPool,
+        gateway: GatewayAddress | None = None,
     ) -> None:
         self._sessions = sessions
         self._vault = vault
         self._clock = clock
         self._tokens = tokens
+        self._gateway = gateway
 
     def issue(
         self, task: Task, token: TaskToken, workload: str, compiled: CompiledTask, *, actor: str
     ) -> tuple[Task, dict[str, IssuedCredential]]:
         specs = compiled.credentials
+        handles = self._handles(task, specs, actor)
         issued: dict[str, IssuedSecret] = {}
         try:
             for name, spec in specs.items():
+                if name in handles:  # the gateway issues it when its handle first connects
+                    continue
                 issued[name] = self._vault.issue(
                     token, spec, ttl_seconds=task.ttl_seconds, task_id=str(task.id), workload=workload
                 )
@@ -114,7 +122,7 @@ class Issuer:
             if isinstance(error, VaultUnavailable):
                 raise
             raise IssuanceFailed("Vault refused one of the task's credentials; nothing was issued") from None
-        active = self._commit_leases(task, specs, issued, token, actor)
+        active = self._commit_leases(task, specs, issued, token, actor, handles)
         assert active.expires_at is not None
         self._tokens.lend(
             active.id,
@@ -124,7 +132,7 @@ class Issuer:
             ttl_max=compiled.ttl_max,
             until=active.expires_at,
         )
-        return active, {
+        credentials = {
             name: IssuedCredential(
                 name=name,
                 kind=specs[name].kind,
@@ -133,6 +141,26 @@ class Issuer:
             )
             for name, secret in issued.items()
         }
+        for name, handle in handles.items():
+            spec = specs[name]
+            assert isinstance(spec, DatabaseCredential) and self._gateway is not None
+            credentials[name] = IssuedCredential(
+                name=name,
+                kind=spec.kind,
+                data=database_handle(handle, spec, self._gateway),
+                expires_at=active.expires_at,
+                delivery="gateway",
+            )
+        return active, {name: credentials[name] for name in specs}
+
+    def _handles(self, task: Task, specs: Mapping[str, CredentialSpec], actor: str) -> dict[str, NewHandle]:
+        """A handle for each gateway credential; refused before anything is issued when this
+        broker has no gateway to serve them."""
+        wanted = [name for name, spec in specs.items() if isinstance(spec, DatabaseCredential) and spec.via_gateway]
+        if wanted and self._gateway is None:
+            self._mark_failed(task, "a gateway credential, and no gateway configured", actor)
+            raise IssuanceFailed("the task has a gateway credential and this broker has no gateway configured")
+        return {name: new_handle() for name in wanted}
 
     def take_token(
         self, identity: Identity, request: TaskRequest, compiled: CompiledTask, ttl: int
@@ -199,6 +227,7 @@ class Issuer:
         issued: Mapping[str, IssuedSecret],
         token: TaskToken,
         actor: str,
+        handles: Mapping[str, NewHandle],
     ) -> Task:
         try:
             with self._uow() as session:
@@ -220,17 +249,27 @@ class Issuer:
                         },
                     )
                     metrics.LEASES_ISSUED.labels(lease.kind).inc()
+                for name, handle in handles.items():
+                    record(
+                        session,
+                        self._clock,
+                        "gateway.handle_issued",
+                        actor,
+                        task=task,
+                        detail={"name": name, "kind": specs[name].kind, "handle": handle.id},
+                    )
                 record(
                     session,
                     self._clock,
                     "task.started",
                     actor,
                     task=task,
-                    detail={"credentials": sorted(issued), "expires_at": rfc3339(task.expires_at)},
+                    detail={"credentials": sorted(specs), "expires_at": rfc3339(task.expires_at)},
                 )
                 # No load and lock of the task: the move to active is guarded by its state,
                 # so if a finish or the kill switch ended it meanwhile, nothing is written.
-                if not activate_with_leases(session, task.id, leases):
+                rows = [_handle_row(task, name, specs[name].kind, handle) for name, handle in handles.items()]
+                if not activate_with_leases(session, task.id, leases, rows):
                     raise Conflict("the task ended while its credentials were being issued")
                 lifecycle.activate(task)
             # The task object is detached now; give it its leases without a load.
@@ -284,6 +323,10 @@ class Issuer:
 
     def _uow(self) -> AbstractContextManager[Session]:
         return unit_of_work(self._sessions)
+
+
+def _handle_row(task: Task, name: str, kind: str, handle: NewHandle) -> GatewayHandle:
+    return GatewayHandle(id=handle.id, task_id=task.id, name=name, kind=kind, verifier=handle.verifier)
 
 
 def _lease_row(task: Task, name: str, kind: str, secret: IssuedSecret, now: datetime) -> Lease:

@@ -24,9 +24,10 @@ from broker.approvals.notify import Notifier
 from broker.audit import record
 from broker.canonical import stored_form
 from broker.clock import Clock, rfc3339
-from broker.credentials import CredentialSpec
+from broker.credentials import CredentialSpec, hashed_form
 from broker.db import unit_of_work
 from broker.errors import Conflict, IdempotencyKeyReused, LimitExceeded, NotFound, PolicyDenied, UnknownTask
+from broker.gateway.handles import GatewayAddress
 from broker.identity import Identity
 from broker.leases.revoker import Revoker
 from broker.ledger import (
@@ -87,7 +88,7 @@ def request_hash(task: Task, credentials: Mapping[str, CredentialSpec]) -> str:
             "purpose": task.purpose,
             "ttl_seconds": task.ttl_seconds,
             "context": stored_form(task.context),
-            "credentials": {name: spec.model_dump(mode="json") for name, spec in credentials.items()},
+            "credentials": {name: hashed_form(spec) for name, spec in credentials.items()},
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -165,6 +166,7 @@ class TaskService:
         revoker: Revoker,
         notifier: Notifier | None = None,
         tokens: TaskTokenPool | None = None,
+        gateway: GatewayAddress | None = None,
     ) -> None:
         self._notifier = notifier or Notifier(None)
         self._tokens = tokens or TaskTokenPool(vault, clock, depth=0)  # records nothing: holds nothing
@@ -173,7 +175,7 @@ class TaskService:
         self._vault = vault
         self._clock = clock
         self._revoker = revoker
-        self._issuer = Issuer(sessions, vault, clock, self._tokens)
+        self._issuer = Issuer(sessions, vault, clock, self._tokens, gateway)
 
     # ---- start -------------------------------------------------------------------------
 
