@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from broker.config import ConfigError, load_settings, settings_from_mapping
 
-BASE = {
+BASE: dict[str, Any] = {
     "database_url": "postgresql://broker@127.0.0.1:5432/broker",
     "vault": {"addr": "http://127.0.0.1:8200", "auth": {"method": "token", "token": "t"}},
     "policy_file": "/etc/broker/policy.yaml",
@@ -139,8 +140,8 @@ def _scalar_fields(model, prefix=()):
 
     for name, field in model.model_fields.items():
         annotation = field.annotation
-        options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-        options = [option for option in options if option is not type(None)]
+        union = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        options = [option for option in union if option is not type(None)]
         inner = typing.get_args(options[0]) if typing.get_origin(options[0]) is list else ()
         if inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
             yield from _scalar_fields(inner[0], (*prefix, name, 0))
@@ -167,8 +168,9 @@ def _wrong_types():
 
     found = list(_scalar_fields(Settings))
     assert len(found) > 30  # the walk reached the nested sections
+    wrong_values: dict[type, list[object]] = {int: ["5"], float: ["5", "5.0"], bool: ["yes", "true"], str: [5, True]}
     for path, kind in found:
-        wrong = {int: ["5"], float: ["5", "5.0"], bool: ["yes", "true"], str: [5, True]}[kind]
+        wrong = wrong_values[kind]
         for value in wrong:
             yield pytest.param(path, value, id=f"{'.'.join(map(str, path))}={value!r}")
 

@@ -206,5 +206,7 @@ def test_a_chunked_body_werkzeugs_decoder_refuses_is_400_bad_request(client, iss
 
     from werkzeug.serving import DechunkedInput
 
-    stream = io.BufferedReader(DechunkedInput(io.BytesIO(raw)))
+    # As its base class: werkzeug types DechunkedInput.readinto narrower than BufferedReader asks.
+    dechunked: io.RawIOBase = DechunkedInput(io.BytesIO(raw))
+    stream = io.BufferedReader(dechunked)
     assert_problem(_chunked_post(client, issuers, stream), 400, "bad_request")

@@ -77,6 +77,7 @@ def test_tail_prints_the_newest_and_follow_prints_what_is_sealed_later(client, i
          "--interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
     )  # fmt: skip
+    assert follower.stderr is not None
     try:
         ready, _, _ = select.select([follower.stderr], [], [], 60)
         assert ready and "following the audit chain" in follower.stderr.readline()

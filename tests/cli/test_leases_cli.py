@@ -73,7 +73,9 @@ def test_watch_redraws_until_interrupted(client, issuers, broker_url):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TERM": "dumb"},
     )  # fmt: skip
     seen: list[str] = []
-    reader = threading.Thread(target=lambda: seen.extend(iter(watcher.stdout.readline, "")), daemon=True)
+    output = watcher.stdout
+    assert output is not None
+    reader = threading.Thread(target=lambda: seen.extend(iter(output.readline, "")), daemon=True)
     reader.start()
 
     def shown(text: str, times: int = 1) -> bool:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,7 +85,7 @@ def run_exec(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=False, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=120)
 
 
-def assert_nothing_secret(facts: dict, *outputs: str) -> None:
+def assert_nothing_secret(facts: dict[str, Any], *outputs: str) -> None:
     for output in outputs:
         assert facts["password"] not in output
         assert facts["username"] not in output

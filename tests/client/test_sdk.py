@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 import requests
@@ -196,7 +197,7 @@ class CountingTokens:
         return f"token-{self.calls}"
 
 
-def active_answer(task_id: str = "0c6c92e4-d127-4b7d-9569-2b2c373b029f") -> dict:
+def active_answer(task_id: str = "0c6c92e4-d127-4b7d-9569-2b2c373b029f") -> dict[str, Any]:
     return {"task_id": task_id, "state": "active", "expires_at": "2030-01-01T00:00:00.000Z", "credentials": {}}
 
 

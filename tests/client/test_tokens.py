@@ -67,7 +67,9 @@ def test_nothing_to_detect_and_bad_names_are_clear_errors():
         resolve_token_source("file", environ={})
     with pytest.raises(TokenSourceError, match="unknown token source"):
         resolve_token_source("vault", environ={})
-    assert resolve_token_source("github", audience="aud-x", environ={}).audience == "aud-x"
+    github = resolve_token_source("github", audience="aud-x", environ={})
+    assert isinstance(github, GitHubActionsTokenSource)  # narrows the TokenSource protocol
+    assert github.audience == "aud-x"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("spiffe") is not None, reason="the spiffe package is installed")

@@ -20,9 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from werkzeug.test import TestResponse
 
 from broker.config import VaultSettings
 from tests.factories import AGENT, start_body
+from tests.support.tokens import TestIssuer
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -34,7 +36,7 @@ OPEN = {"issuing", "active", "pending_approval"}
 NO_POOL = {"task_token_pool": 0} if "task_token_pool" in VaultSettings.model_fields else {}
 
 
-def agent(issuers, i: int) -> dict[str, str]:
+def agent(issuers: dict[str, TestIssuer], i: int) -> dict[str, str]:
     spire = issuers["spire"]
     return spire.bearer(spire.spiffe_id(f"agents/slow-{i}"))
 
@@ -171,7 +173,7 @@ def test_concurrent_starts_of_one_workload_against_a_slow_vault_say_vault_unavai
     _, client = in_process(fault_config(vault_addr=vault_proxy.addr, timeout=timeout))
     headers = issuers["spire"].bearer(AGENT)
     vault_proxy.add_rule(r"", action="hang", times=None, hang_seconds=120)
-    answers: list[tuple[object, float]] = []
+    answers: list[tuple[TestResponse, float]] = []
     lock = threading.Lock()
 
     def start():

@@ -218,7 +218,7 @@ def test_sealing_in_batches_links_every_good_event_in_order_around_a_forged_one(
             " VALUES (gen_random_uuid(), now(), 'lease.revoked', 'sre-sam', '{}', repeat('a', 64))"
         ))
     start(client, issuers, sub=OTHER)
-    sealed = []
+    sealed: list[int] = []
     while not sealed or sealed[-1]:
         with unit_of_work(services.sessions) as session:
             sealed.append(seal_pending(session, services.audit_key, limit=2))

@@ -252,7 +252,9 @@ def test_vault_ttls_never_exceed_the_task(client, issuers, stack):
     lease = vault(stack, "PUT", "sys/leases/lookup", json={"lease_id": lease_id}).json()["data"]
     assert lease["ttl"] <= 900  # the task type's maximum
     with psycopg.connect(stack.database_url.replace("+psycopg", "")) as conn:
-        (accessor,) = conn.execute("SELECT token_accessor FROM tasks WHERE id = %s", (body["task_id"],)).fetchone()
+        row = conn.execute("SELECT token_accessor FROM tasks WHERE id = %s", (body["task_id"],)).fetchone()
+        assert row is not None
+        (accessor,) = row
     token = vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": accessor}).json()["data"]
     assert 0 < token["ttl"] <= 900  # the task type's maximum: pooled tokens are minted for it
     assert token["orphan"] is True

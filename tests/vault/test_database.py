@@ -55,9 +55,11 @@ def test_a_database_lease_gets_the_tasks_ttl_not_the_roles_default(
     assert task_ttl - (after - before).total_seconds() - 2 <= vault_ttl <= task_ttl
     t = pg.target
     with psycopg.connect(host=t.host, port=t.port, user=t.superuser, password=t.password, dbname="postgres") as conn:
-        (valid_until,) = conn.execute(
+        row = conn.execute(
             "SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s", (secret.data["username"],)
         ).fetchone()
+        assert row is not None
+        (valid_until,) = row
     # Within [issue began, issue returned] + the task's TTL (whole seconds in Postgres, where
     # Vault pads VALID UNTIL by 5 s so a password never dies before its lease).
     assert before + timedelta(seconds=task_ttl - 1) <= secret.expires_at <= after + timedelta(seconds=task_ttl)

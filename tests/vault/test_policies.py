@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.credentials import (
+    CredentialSpec,
     DatabaseCredential,
     LeaseCredential,
     PkiCredential,
@@ -17,7 +18,7 @@ from broker.credentials import (
 from broker.vault import VaultRejected, policy_name, render_task_policy, task_token_policies
 from broker.vault.policies import dns_label, render_template, workload_label
 
-CREDENTIALS = {
+CREDENTIALS: dict[str, CredentialSpec] = {
     "db": DatabaseCredential(kind="database", role="analytics-ro"),
     "cert": PkiCredential(kind="pki", role="agents", common_name="{task_id}.agents.example.org"),
     "token": VaultTokenCredential(kind="vault_token", policies=["reports-read"]),
