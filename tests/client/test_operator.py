@@ -3,6 +3,8 @@ retries against a scripted fake."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from broker.client import BrokerClient, BrokerUnreachable, OperatorClient
@@ -30,7 +32,7 @@ def approver(broker, issuers) -> OperatorClient:
     return OperatorClient(broker.url, issuers["sso"].mint(APPROVER, groups=["dba"], extra_claims={"email": APPROVER}))
 
 
-def start(agent: BrokerClient, task: str = "analytics-read") -> dict:
+def start(agent: BrokerClient, task: str = "analytics-read") -> dict[str, Any]:
     environment = "prod" if task == "deploy-prod" else "dev"
     return agent.start(task, owner="alice@example.com", purpose=PURPOSE, context={"environment": environment})
 
