@@ -60,7 +60,10 @@ def test_a_good_config_loads_with_defaults():
         ({"issuers__0__algorithms": ["HS256"]}, "only asymmetric algorithms are allowed"),
         ({"issuers__0__jwks_uri": "https://x"}, "exactly one of 'jwks_file' or 'jwks_uri'"),
         ({"limits": {"max_body_bytes": 0}}, "config: bad value for 'limits.max_body_bytes'"),
-        ({"vault__addr": "vault.internal:8200"}, "config: bad value for 'vault.addr': must be an http:// or https://"),
+        (
+            {"vault__addr": "vault.internal:8200"},
+            "config: bad value for 'vault.addr': must be an http:// or https://",
+        ),
         ({"vault__addr": ""}, "config: bad value for 'vault.addr'"),
         ({"vault__addr": "https://"}, "config: bad value for 'vault.addr'"),
         ({"issuers__0__use": []}, "config: bad value for 'issuers.0.use'"),
@@ -168,7 +171,12 @@ def _wrong_types():
 
     found = list(_scalar_fields(Settings))
     assert len(found) > 30  # the walk reached the nested sections
-    wrong_values: dict[type, list[object]] = {int: ["5"], float: ["5", "5.0"], bool: ["yes", "true"], str: [5, True]}
+    wrong_values: dict[type, list[object]] = {
+        int: ["5"],
+        float: ["5", "5.0"],
+        bool: ["yes", "true"],
+        str: [5, True],
+    }
     for path, kind in found:
         wrong = wrong_values[kind]
         for value in wrong:
@@ -217,7 +225,10 @@ def test_no_repr_str_or_dump_of_the_settings_shows_a_secret():
 
 @pytest.mark.parametrize(
     ("changes", "key"),
-    [({"audit": {"key": "in-the-file"}}, "audit.key"), ({"notify": {**FULL["notify"], "secret": "x"}}, "notify.secret")],
+    [
+        ({"audit": {"key": "in-the-file"}}, "audit.key"),
+        ({"notify": {**FULL["notify"], "secret": "x"}}, "notify.secret"),
+    ],
 )
 def test_a_secret_written_in_the_file_is_an_unknown_key(changes, key):
     with pytest.raises(ConfigError) as raised:

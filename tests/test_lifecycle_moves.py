@@ -172,7 +172,9 @@ def test_a_move_happens_exactly_when_the_table_allows_it(source, target):
         assert task.state == source
 
 
-@pytest.mark.parametrize(("source", "target"), list(itertools.product(LEASE_STATES, ["revoked", "revoke_pending"])))
+@pytest.mark.parametrize(
+    ("source", "target"), list(itertools.product(LEASE_STATES, ["revoked", "revoke_pending"]))
+)
 def test_a_lease_moves_exactly_when_the_table_allows_it(source, target):
     lease = _lease(source)
     move = {

@@ -37,7 +37,9 @@ CI_TASKS = {
 
 
 @pytest.fixture(scope="module")
-def broker(stack: Any, issuers: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+def broker(
+    stack: Any, issuers: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerProcess]:
     directory = tmp_path_factory.mktemp("client-broker")
     policy = directory / "policy.yaml"
     document = yaml.safe_load(TEST_POLICY.read_text())

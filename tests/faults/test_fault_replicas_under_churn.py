@@ -255,7 +255,9 @@ def test_two_replicas_and_two_schedulers_never_revoke_twice_nor_miss_a_lease(
             assert not token_alive(stack, row["revoke_ref"]), row
     # A task token outlives its tasks only pooled for the next one: its last task
     # released it (and nothing it made is alive, as checked above).
-    last_holder = {row["token_accessor"]: row for row in sorted(tasks.values(), key=lambda r: r["created_at"])}
+    last_holder = {
+        row["token_accessor"]: row for row in sorted(tasks.values(), key=lambda r: r["created_at"])
+    }
     for accessor, row in last_holder.items():
         if accessor and token_alive(stack, accessor):
             assert row["token_released_at"] is not None, row

@@ -76,8 +76,12 @@ def test_a_workload_label_is_a_readable_prefix_and_a_hash(workload, prefix):
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # Ids that fold to one DNS label: case, punctuation, and a common 63-character head.
-_ALIKE = st.sampled_from(["spiffe://example.org/agents/A", "spiffe://example.org/agents/a", "ci:agents-a", "x" * 70])
-_workloads = st.one_of(_ALIKE, st.text(min_size=1, max_size=120), st.builds(lambda s: "x" * 70 + s, st.text(max_size=5)))
+_ALIKE = st.sampled_from(
+    ["spiffe://example.org/agents/A", "spiffe://example.org/agents/a", "ci:agents-a", "x" * 70]
+)
+_workloads = st.one_of(
+    _ALIKE, st.text(min_size=1, max_size=120), st.builds(lambda s: "x" * 70 + s, st.text(max_size=5))
+)
 
 
 @given(_workloads, _workloads)
