@@ -60,6 +60,8 @@ def main() -> None:
                 Path(directory),
                 name=f"bench-{algorithm.lower()}",
                 kind="spiffe",
+                # One trust domain per issuer: the verifier refuses two that share one.
+                trust_domain=f"{algorithm.lower()}.example.org",
                 algorithm=algorithm,
                 max_token_lifetime_seconds=3600,
             )
