@@ -22,11 +22,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check broker tests migrations bench
-	$(BIN)/ruff format --check broker migrations
+	$(BIN)/ruff format --check broker tests migrations bench
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff format broker migrations
+	$(BIN)/ruff format broker tests migrations bench
 	$(BIN)/ruff check --fix broker tests migrations bench
 
 bench: $(STAMP)

@@ -339,9 +339,9 @@ def query_plans(stack: BenchStack, rows: int, busiest: str | None) -> dict[str, 
                 if busiest is None:
                     continue
                 sql = query.replace("__WORKLOAD__", busiest.replace("'", "''"))
-                (result["usage_busiest_rows"],) = conn.execute(
-                    "SELECT count(*) FROM tasks WHERE workload = %s", (busiest,)
-                ).fetchone()
+                row = conn.execute("SELECT count(*) FROM tasks WHERE workload = %s", (busiest,)).fetchone()
+                assert row is not None  # count(*) always returns a row
+                (result["usage_busiest_rows"],) = row
                 conn.rollback()
             result["plans"][name] = explain(conn, sql, repeats=7)
     return result

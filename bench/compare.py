@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import subprocess
 import sys
@@ -95,16 +96,20 @@ def storm(stack: BenchStack, pool: ClientPool, database: str, count: int) -> flo
     ids = pool.start_many(count, 3600)
     dsn = stack.stack.postgres.url(database).replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(dsn, autocommit=True) as conn:
-        (deadline,) = conn.execute(
+        row = conn.execute(
             "UPDATE tasks SET expires_at = date_trunc('second', now()) + interval '3 seconds'"
             " WHERE id = ANY(%s::uuid[]) RETURNING extract(epoch FROM expires_at)",
             (ids,),
         ).fetchone()
+        assert row is not None, "no task updated"
+        (deadline,) = row
         until = time.monotonic() + 120
         while time.monotonic() < until:
-            (left,) = conn.execute(
+            row = conn.execute(
                 "SELECT count(*) FROM leases WHERE task_id = ANY(%s::uuid[]) AND state <> 'revoked'", (ids,)
             ).fetchone()
+            assert row is not None  # count(*) always returns a row
+            (left,) = row
             if left == 0:
                 break
             time.sleep(0.1)
@@ -138,9 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pools[side] = ClientPool(servers[side].url, stack.vault_addr, tokens)
             seqs[side] = Flows(servers[side].url, stack.vault_addr, stack.issuer.mint(spiffe(f"cmp-{side}")))
             master, pids, db = servers[side].pid, pools[side].pids, databases[side]
-            meters[side] = CpuMeter(
-                lambda master=master, pids=pids, db=db: process_groups(stack, master, pids, broker_db=db)
-            )
+            meters[side] = CpuMeter(functools.partial(process_groups, stack, master, pids, broker_db=db))
             progress(f"{side}: {trees[side]} at {servers[side].url}, database {databases[side]}")
         peer = seqs["new"]
         try:

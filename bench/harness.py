@@ -135,6 +135,7 @@ class Http:
 
     def __init__(self, base: str, maxsize: int = 4) -> None:
         parts = urllib3.util.parse_url(base)
+        assert parts.host is not None, f"no host in {base}"
         self._host, self._port, self._maxsize = parts.host, parts.port, maxsize
         self._pool = self._new_pool()
         self._last_use = time.monotonic()
@@ -484,7 +485,8 @@ def cpu_seconds(pid: int) -> float:
 
 def gunicorn_workers(master: int) -> tuple[list[int], list[int]]:
     """(worker pids, scheduler pids) among the master's children."""
-    workers, schedulers = [], []
+    workers: list[int] = []
+    schedulers: list[int] = []
     for child in children_of(master):
         (schedulers if " scheduler" in cmdline(child) else workers).append(child)
     return workers, schedulers

@@ -418,7 +418,8 @@ def storm_profile(
     _, schedulers = gunicorn_workers(master)
     groups = process_groups(stack, master, pool.pids)
     before = {pid: cpu_seconds(pid) for pids in groups.values() for pid in pids}
-    procs, outputs = ([], [])
+    procs: list[subprocess.Popen[bytes]] = []
+    outputs: list[Path] = []
     if spy is not None:
         procs, outputs = record(spy, schedulers, out_dir, 120, args.rate, True, "storm")
         time.sleep(1.0)
@@ -502,7 +503,7 @@ def main() -> int:
                 for flow in flows:
                     mine = [w for w in windows if w["flow"] == flow]
                     names = sorted({n for w in mine for n in w["cpu_ms_per_op"]})
-                    one = {
+                    one: dict[str, Any] = {
                         "ops_per_s": [w["ops_per_s"] for w in mine],
                         "cpu_ms_per_op": {
                             n: round(sum(w["cpu_ms_per_op"].get(n, 0) for w in mine) / len(mine), 2)

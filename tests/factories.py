@@ -22,9 +22,13 @@ def start_body(task: str = "analytics-read", **overrides: Any) -> dict[str, Any]
     return body
 
 
-def start_task(client: Any, issuers: Any, task: str = "analytics-read", sub: str = AGENT, **overrides: Any) -> Any:
+def start_task(
+    client: Any, issuers: Any, task: str = "analytics-read", sub: str = AGENT, **overrides: Any
+) -> Any:
     """POST /task/start as the SPIFFE workload `sub`; the response, whatever its status."""
-    return client.post("/task/start", json=start_body(task, **overrides), headers=issuers["spire"].bearer(sub))
+    return client.post(
+        "/task/start", json=start_body(task, **overrides), headers=issuers["spire"].bearer(sub)
+    )
 
 
 def started_task(

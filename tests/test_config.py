@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from broker.config import ConfigError, load_settings, settings_from_mapping
 
-BASE = {
+BASE: dict[str, Any] = {
     "database_url": "postgresql://broker@127.0.0.1:5432/broker",
     "vault": {"addr": "http://127.0.0.1:8200", "auth": {"method": "token", "token": "t"}},
     "policy_file": "/etc/broker/policy.yaml",
@@ -59,7 +60,10 @@ def test_a_good_config_loads_with_defaults():
         ({"issuers__0__algorithms": ["HS256"]}, "only asymmetric algorithms are allowed"),
         ({"issuers__0__jwks_uri": "https://x"}, "exactly one of 'jwks_file' or 'jwks_uri'"),
         ({"limits": {"max_body_bytes": 0}}, "config: bad value for 'limits.max_body_bytes'"),
-        ({"vault__addr": "vault.internal:8200"}, "config: bad value for 'vault.addr': must be an http:// or https://"),
+        (
+            {"vault__addr": "vault.internal:8200"},
+            "config: bad value for 'vault.addr': must be an http:// or https://",
+        ),
         ({"vault__addr": ""}, "config: bad value for 'vault.addr'"),
         ({"vault__addr": "https://"}, "config: bad value for 'vault.addr'"),
         ({"issuers__0__use": []}, "config: bad value for 'issuers.0.use'"),
@@ -139,8 +143,8 @@ def _scalar_fields(model, prefix=()):
 
     for name, field in model.model_fields.items():
         annotation = field.annotation
-        options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-        options = [option for option in options if option is not type(None)]
+        union = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        options = [option for option in union if option is not type(None)]
         inner = typing.get_args(options[0]) if typing.get_origin(options[0]) is list else ()
         if inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
             yield from _scalar_fields(inner[0], (*prefix, name, 0))
@@ -167,8 +171,14 @@ def _wrong_types():
 
     found = list(_scalar_fields(Settings))
     assert len(found) > 30  # the walk reached the nested sections
+    wrong_values: dict[type, list[object]] = {
+        int: ["5"],
+        float: ["5", "5.0"],
+        bool: ["yes", "true"],
+        str: [5, True],
+    }
     for path, kind in found:
-        wrong = {int: ["5"], float: ["5", "5.0"], bool: ["yes", "true"], str: [5, True]}[kind]
+        wrong = wrong_values[kind]
         for value in wrong:
             yield pytest.param(path, value, id=f"{'.'.join(map(str, path))}={value!r}")
 
@@ -215,7 +225,10 @@ def test_no_repr_str_or_dump_of_the_settings_shows_a_secret():
 
 @pytest.mark.parametrize(
     ("changes", "key"),
-    [({"audit": {"key": "in-the-file"}}, "audit.key"), ({"notify": {**FULL["notify"], "secret": "x"}}, "notify.secret")],
+    [
+        ({"audit": {"key": "in-the-file"}}, "audit.key"),
+        ({"notify": {**FULL["notify"], "secret": "x"}}, "notify.secret"),
+    ],
 )
 def test_a_secret_written_in_the_file_is_an_unknown_key(changes, key):
     with pytest.raises(ConfigError) as raised:

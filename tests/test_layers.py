@@ -61,7 +61,7 @@ def _imports(tree: ast.Module) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skipped.update(id(child) for stmt in node.body for child in ast.walk(stmt))
-    found = []
+    found: list[str] = []
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue
@@ -109,7 +109,9 @@ def _loops(edges: set[tuple[str, str]]) -> list[str]:
     graph: dict[str, set[str]] = {}
     for source, target in edges:
         graph.setdefault(source, set()).add(target)
-    loops, done, path = [], set(), []
+    loops: list[str] = []
+    done: set[str] = set()
+    path: list[str] = []
 
     def visit(unit: str) -> None:
         if unit in path:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Table
 
 from broker import lifecycle
 from broker.leases import revoker as revoker_module
@@ -117,10 +118,12 @@ def test_every_state_has_its_moves_and_only_open_states_move_on():
 
 
 def test_the_database_holds_the_same_states():
-    checks = [str(getattr(c, "sqltext", "")) for c in Task.__table__.constraints]
+    tasks_table, leases_table = Task.__table__, Lease.__table__
+    assert isinstance(tasks_table, Table) and isinstance(leases_table, Table)  # typed FromClause
+    checks = [str(getattr(c, "sqltext", "")) for c in tasks_table.constraints]
     (states,) = [check for check in checks if check.startswith("state IN")]
     assert states == "state IN ({})".format(", ".join(map(repr, TASK_STATES)))
-    leases = [str(getattr(c, "sqltext", "")) for c in Lease.__table__.constraints]
+    leases = [str(getattr(c, "sqltext", "")) for c in leases_table.constraints]
     assert "state IN ({})".format(", ".join(map(repr, LEASE_STATES))) in leases
 
 
@@ -169,7 +172,9 @@ def test_a_move_happens_exactly_when_the_table_allows_it(source, target):
         assert task.state == source
 
 
-@pytest.mark.parametrize(("source", "target"), list(itertools.product(LEASE_STATES, ["revoked", "revoke_pending"])))
+@pytest.mark.parametrize(
+    ("source", "target"), list(itertools.product(LEASE_STATES, ["revoked", "revoke_pending"]))
+)
 def test_a_lease_moves_exactly_when_the_table_allows_it(source, target):
     lease = _lease(source)
     move = {

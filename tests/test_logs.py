@@ -24,9 +24,13 @@ def json_lines():
     root.setLevel(saved[1])
 
 
-def test_each_request_logs_one_json_line_with_its_id_route_status_task_and_workload(client, issuers, json_lines):
+def test_each_request_logs_one_json_line_with_its_id_route_status_task_and_workload(
+    client, issuers, json_lines
+):
     answer = client.post(
-        "/task/start", json=start_body(), headers={**issuers["spire"].bearer(AGENT), "X-Request-Id": "req-42.a:b"}
+        "/task/start",
+        json=start_body(),
+        headers={**issuers["spire"].bearer(AGENT), "X-Request-Id": "req-42.a:b"},
     )
     assert answer.status_code == 201
     assert answer.headers["X-Request-Id"] == "req-42.a:b"
@@ -51,7 +55,7 @@ def test_each_request_logs_one_json_line_with_its_id_route_status_task_and_workl
 
 
 @pytest.mark.parametrize(
-    "given", ["", "x" * 129, "has space", "new\nline", "quote\"d", "ünïcode", "a;b"], ids=repr
+    "given", ["", "x" * 129, "has space", "new\nline", 'quote"d', "ünïcode", "a;b"], ids=repr
 )
 def test_a_request_id_that_is_not_a_plain_token_is_replaced(client, given):
     answer = client.get("/healthz", headers={"X-Request-Id": given} if "\n" not in given else {})

@@ -37,15 +37,21 @@ def test_a_spiffe_agent_sees_every_type_granted_to_it_with_its_shape(client, iss
 
 
 def test_a_ci_workload_sees_only_the_types_its_claims_match(client, issuers):
-    main = client.get("/task-types", headers=issuers["ci"].bearer(CI_MAIN, extra_claims={"ref": "refs/heads/main"}))
+    main = client.get(
+        "/task-types", headers=issuers["ci"].bearer(CI_MAIN, extra_claims={"ref": "refs/heads/main"})
+    )
     assert names(main) == ["analytics-read"]
-    branch = client.get("/task-types", headers=issuers["ci"].bearer(CI_MAIN, extra_claims={"ref": "refs/heads/dev"}))
+    branch = client.get(
+        "/task-types", headers=issuers["ci"].bearer(CI_MAIN, extra_claims={"ref": "refs/heads/dev"})
+    )
     assert branch.status_code == 200
     assert names(branch) == []
 
 
 def test_a_subject_outside_every_glob_gets_an_empty_list(client, issuers):
-    response = client.get("/task-types", headers=issuers["spire"].bearer("spiffe://example.org/agents/team/x"))
+    response = client.get(
+        "/task-types", headers=issuers["spire"].bearer("spiffe://example.org/agents/team/x")
+    )
     assert response.status_code == 200
     assert response.get_json() == {"items": []}
 
@@ -78,7 +84,9 @@ def test_without_a_token_it_is_401(client):
 
 
 def test_an_approver_only_token_is_403(client, issuers):
-    response = client.get("/task-types", headers=issuers["sso"].bearer("dba-dana@example.com", groups=["dba"]))
+    response = client.get(
+        "/task-types", headers=issuers["sso"].bearer("dba-dana@example.com", groups=["dba"])
+    )
     assert response.status_code == 403
     assert response.get_json()["code"] == "forbidden"
 

@@ -46,7 +46,11 @@ def test_every_answer_of_every_route_and_method_is_json_or_empty(app, client, is
     for who, headers in _callers(issuers).items():
         for path in paths:
             for method in METHODS:
-                body = {"data": b"{}", "content_type": "application/json"} if method in ("POST", "PUT", "PATCH") else {}
+                body = (
+                    {"data": b"{}", "content_type": "application/json"}
+                    if method in ("POST", "PUT", "PATCH")
+                    else {}
+                )
                 response = client.open(path, method=method, headers=headers, **body)
                 where = f"{who} {method} {path} -> {response.status_code} {response.content_type}"
                 seen.add(response.status_code)
@@ -111,14 +115,20 @@ def _limits_sent(engine):
 
     def spy(_conn, _cursor, statement, parameters, _context, _many):
         if " LIMIT " in statement and isinstance(parameters, dict):
-            sent.extend(value for key, value in parameters.items() if key.startswith("param_") and isinstance(value, int))
+            sent.extend(
+                value
+                for key, value in parameters.items()
+                if key.startswith("param_") and isinstance(value, int)
+            )
 
     event.listen(engine, "before_cursor_execute", spy)
     return sent, lambda: event.remove(engine, "before_cursor_execute", spy)
 
 
 @pytest.mark.parametrize("path", ["/leases", "/tasks", "/audit"])
-@pytest.mark.parametrize(("limit", "page"), [("1", 1), ("500", 500), ("501", 500), (str(10**6), 500), (None, 100)])
+@pytest.mark.parametrize(
+    ("limit", "page"), [("1", 1), ("500", 500), ("501", 500), (str(10**6), 500), (None, 100)]
+)
 def test_the_page_size_reaching_the_database_is_capped(client, issuers, services, path, limit, page):
     # One row more than the page is read, to know whether there is a next page.
     sent, stop = _limits_sent(services.engine)

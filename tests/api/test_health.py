@@ -116,7 +116,9 @@ def test_the_scheduler_waits_for_the_migration_with_one_error_not_a_traceback_pe
     stack, issuers, policy_file, empty_database, tmp_path
 ):
     config_path = tmp_path / "broker.yaml"
-    config_path.write_text(yaml.safe_dump(broker_config(stack, issuers, policy_file, database_url=empty_database)))
+    config_path.write_text(
+        yaml.safe_dump(broker_config(stack, issuers, policy_file, database_url=empty_database))
+    )
     scheduler = BrokerProcess(["scheduler"], config_path, tmp_path / "scheduler.log")
 
     def log():
@@ -147,10 +149,21 @@ def test_the_api_document_lists_every_endpoint_of_the_contract(client):
     assert document["openapi"].startswith("3.1")
     paths = document["paths"]
     for path, method in [
-        ("/task/start", "post"), ("/task/finish", "post"), ("/task/claim", "post"), ("/task/{id}", "get"),
-        ("/approvals/{id}", "post"), ("/approvals", "get"), ("/leases", "get"), ("/leases/{id}", "get"),
-        ("/leases/{id}/revoke", "post"), ("/leases/revoke", "post"), ("/tasks", "get"), ("/audit", "get"),
-        ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"),
+        ("/task/start", "post"),
+        ("/task/finish", "post"),
+        ("/task/claim", "post"),
+        ("/task/{id}", "get"),
+        ("/approvals/{id}", "post"),
+        ("/approvals", "get"),
+        ("/leases", "get"),
+        ("/leases/{id}", "get"),
+        ("/leases/{id}/revoke", "post"),
+        ("/leases/revoke", "post"),
+        ("/tasks", "get"),
+        ("/audit", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
     ]:
         assert method in paths[path], path
     start = document["components"]["schemas"]["StartTask"]
@@ -173,7 +186,9 @@ def test_an_unreachable_jwks_endpoint_fails_closed_with_503(stack, issuers, poli
     spire = next(entry for entry in config["issuers"] if entry["name"] == "spire")
     del spire["jwks_file"]
     spire["jwks_uri"] = f"http://127.0.0.1:{free_port()}/jwks.json"
-    response = _client_for(config).post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
+    response = _client_for(config).post(
+        "/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT)
+    )
     assert response.status_code == 503
     assert response.get_json()["code"] == "identity_unavailable"
     assert response.headers["Retry-After"]

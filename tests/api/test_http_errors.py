@@ -118,13 +118,21 @@ def test_a_body_without_content_type_is_read_as_json(client, issuers):
         b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"x": NaN}}',
         b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"x": Infinity}}',
         b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"x": 1e999}}',
-        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001,
-        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"a": ' + b"[" * 1500 + b"]" * 1500 + b"}}",
+        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": '
+        + b'{"a":' * 5000
+        + b"1"
+        + b"}" * 5001,
+        b'{"task": "analytics-read", "owner": "a@example.com", "purpose": "long enough", "context": {"a": '
+        + b"[" * 1500
+        + b"]" * 1500
+        + b"}}",
     ],
     ids=["nul-in-key", "nul-in-value", "nan", "infinity", "overflow", "deep-objects", "deep-arrays"],
 )
 def test_hostile_context_is_400_not_500(client, issuers, body):
-    response = client.post("/task/start", data=body, content_type="application/json", headers=issuers["spire"].bearer(AGENT))
+    response = client.post(
+        "/task/start", data=body, content_type="application/json", headers=issuers["spire"].bearer(AGENT)
+    )
     assert_problem(response, 400, "validation_error")
 
 
@@ -135,7 +143,9 @@ def test_a_chunked_body_over_the_limit_is_413(client, issuers):
     body = json.dumps({"task": "analytics-read", "owner": "a@example.com", "purpose": "x" * 200_000}).encode()
 
     response = client.post(
-        "/task/start", input_stream=io.BytesIO(body), content_type="application/json",
+        "/task/start",
+        input_stream=io.BytesIO(body),
+        content_type="application/json",
         headers={**issuers["spire"].bearer(AGENT), "Transfer-Encoding": "chunked"},
         environ_overrides={"wsgi.input_terminated": True},
     )
@@ -148,7 +158,9 @@ def test_nul_in_a_query_is_400(client, issuers, path):
     assert_problem(client.get(path, headers=operator), 400, "validation_error")
 
 
-@pytest.mark.parametrize(("method", "path"), [("get", "/task/start"), ("get", "/task/finish"), ("get", "/leases/revoke")])
+@pytest.mark.parametrize(
+    ("method", "path"), [("get", "/task/start"), ("get", "/task/finish"), ("get", "/leases/revoke")]
+)
 def test_fixed_paths_are_not_mistaken_for_ids(client, method, path):
     response = getattr(client, method)(path)
     assert_problem(response, 405, "method_not_allowed")
@@ -168,7 +180,11 @@ class _FailingStream:
 def _chunked_post(client, issuers, stream):
     return client.post(
         "/task/start",
-        headers={**issuers["spire"].bearer(AGENT), "Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        headers={
+            **issuers["spire"].bearer(AGENT),
+            "Content-Type": "application/json",
+            "Transfer-Encoding": "chunked",
+        },
         environ_overrides={"wsgi.input": stream, "wsgi.input_terminated": True},
     )
 
@@ -206,5 +222,7 @@ def test_a_chunked_body_werkzeugs_decoder_refuses_is_400_bad_request(client, iss
 
     from werkzeug.serving import DechunkedInput
 
-    stream = io.BufferedReader(DechunkedInput(io.BytesIO(raw)))
+    # As its base class: werkzeug types DechunkedInput.readinto narrower than BufferedReader asks.
+    dechunked: io.RawIOBase = DechunkedInput(io.BytesIO(raw))
+    stream = io.BufferedReader(dechunked)
     assert_problem(_chunked_post(client, issuers, stream), 400, "bad_request")

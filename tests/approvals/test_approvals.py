@@ -22,7 +22,9 @@ def approver(issuers, sub="dba-dana@example.com", groups=("dba",)):
 
 
 def decide(client, headers, task_id, decision="approve", reason="change ticket CHG-42"):
-    return client.post(f"/approvals/{task_id}", json={"decision": decision, "reason": reason}, headers=headers)
+    return client.post(
+        f"/approvals/{task_id}", json={"decision": decision, "reason": reason}, headers=headers
+    )
 
 
 def claim(client, issuers, task_id, sub=AGENT):
@@ -122,11 +124,16 @@ def _pending_page(client, headers, query=""):
 
 
 @pytest.mark.parametrize("scan_batch", [2, 200])
-def test_tasks_an_approver_may_not_decide_never_hide_the_ones_they_may(client, issuers, monkeypatch, scan_batch):
+def test_tasks_an_approver_may_not_decide_never_hide_the_ones_they_may(
+    client, issuers, monkeypatch, scan_batch
+):
     monkeypatch.setattr("broker.approvals.service._SCAN_BATCH", scan_batch)
     dana_owns = {**PROD, "owner": "dba-dana@example.com"}
     for _ in range(5):  # separation of duties: dana may not decide these
-        assert client.post("/task/start", json=dana_owns, headers=issuers["spire"].bearer(AGENT)).status_code == 202
+        assert (
+            client.post("/task/start", json=dana_owns, headers=issuers["spire"].bearer(AGENT)).status_code
+            == 202
+        )
     alices = request_prod(client, issuers)["task_id"]
     assert _pending_page(client, approver(issuers), "&limit=1") == ([alices], None)
 
@@ -140,7 +147,17 @@ def test_the_pending_list_pages_oldest_first(client, issuers, monkeypatch):
     assert second == ids[2:] and last is None
 
 
-@pytest.mark.parametrize("query", ["?state=approved", "?limit=0", "?limit=x", "?cursor=bogus", "?colour=red", "?state=pending&state=pending"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?state=approved",
+        "?limit=0",
+        "?limit=x",
+        "?cursor=bogus",
+        "?colour=red",
+        "?state=pending&state=pending",
+    ],
+)
 def test_a_bad_pending_query_is_a_validation_error(client, issuers, query):
     response = client.get(f"/approvals{query}", headers=approver(issuers))
     assert response.status_code == 400
@@ -184,12 +201,19 @@ def test_concurrent_claims_issue_exactly_once(app, issuers, stack):
     assert len(dynamic_roles(stack) - before) == 1
 
 
-def test_a_policy_change_between_approval_and_claim_voids_the_approval(client, issuers, services, policy_file):
+def test_a_policy_change_between_approval_and_claim_voids_the_approval(
+    client, issuers, services, policy_file
+):
     """§6.5 single-use approvals: an approval covers its exact request; a changed one needs a new task."""
     task_id = request_prod(client, issuers)["task_id"]
     decide(client, approver(issuers), task_id)
     text = policy_file.read_text()
-    policy_file.write_text(text.replace("      db: {kind: database, mount: database, role: analytics-ro}\n", "      db: {kind: database, mount: database, role: app-rw}\n"))
+    policy_file.write_text(
+        text.replace(
+            "      db: {kind: database, mount: database, role: analytics-ro}\n",
+            "      db: {kind: database, mount: database, role: app-rw}\n",
+        )
+    )
     assert services.policies.reload()
     response = claim(client, issuers, task_id)
     assert response.status_code == 409

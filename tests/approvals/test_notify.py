@@ -35,16 +35,22 @@ def webhook():
     server.server_close()
 
 
-def test_an_approval_request_is_sent_signed_with_the_request_data(stack, issuers, policy_file, clean_db, webhook):
+def test_an_approval_request_is_sent_signed_with_the_request_data(
+    stack, issuers, policy_file, clean_db, webhook
+):
     from broker.app import create_app
     from broker.services import build_services
 
     url, received = webhook
-    config = broker_config(stack, issuers, policy_file, notify={"webhook_url": url, "secret_env": "TEST_WEBHOOK_SECRET"})
+    config = broker_config(
+        stack, issuers, policy_file, notify={"webhook_url": url, "secret_env": "TEST_WEBHOOK_SECRET"}
+    )
     services = build_services(settings_from_mapping(config, env={"TEST_WEBHOOK_SECRET": "s3cret"}))
     client = create_app(services=services).test_client()
     body = start_body("deploy-prod", purpose="release 1.4 to production", context={"environment": "prod"})
-    task_id = client.post("/task/start", json=body, headers=issuers["spire"].bearer(AGENT)).get_json()["task_id"]
+    task_id = client.post("/task/start", json=body, headers=issuers["spire"].bearer(AGENT)).get_json()[
+        "task_id"
+    ]
     services.notifier.drain()
     services.close()
 
@@ -72,7 +78,9 @@ def _start_with_notify(stack, issuers, policy_file, url, **notify):
     return answer, answer.get_json()["task_id"], hostile
 
 
-def test_slack_gets_the_full_request_a_review_link_and_escaped_text(stack, issuers, policy_file, clean_db, webhook):
+def test_slack_gets_the_full_request_a_review_link_and_escaped_text(
+    stack, issuers, policy_file, clean_db, webhook
+):
     url, received = webhook
     answer, task_id, _ = _start_with_notify(
         stack, issuers, policy_file, url, format="slack", console_url="https://broker.example.com"
@@ -83,7 +91,13 @@ def test_slack_gets_the_full_request_a_review_link_and_escaped_text(stack, issue
     text = json.dumps(message)
     assert "<!channel>" not in text and "<https://evil" not in text  # no ping, no disguised link
     section = message["blocks"][1]["text"]["text"]
-    for fact in ("*Owner:* alice@example.com", "*Workload:* " + AGENT, '"environment": "prod"', "db (database)", "dba"):
+    for fact in (
+        "*Owner:* alice@example.com",
+        "*Workload:* " + AGENT,
+        '"environment": "prod"',
+        "db (database)",
+        "dba",
+    ):
         assert fact in section
     assert "&lt;!channel&gt;" in section
     [button] = message["blocks"][2]["elements"]
@@ -91,7 +105,9 @@ def test_slack_gets_the_full_request_a_review_link_and_escaped_text(stack, issue
     assert "X-Broker-Signature" not in headers  # no secret configured
 
 
-def test_teams_gets_an_adaptive_card_with_the_request_and_a_review_action(stack, issuers, policy_file, clean_db, webhook):
+def test_teams_gets_an_adaptive_card_with_the_request_and_a_review_action(
+    stack, issuers, policy_file, clean_db, webhook
+):
     url, received = webhook
     _, task_id, _ = _start_with_notify(
         stack, issuers, policy_file, url, format="teams", console_url="https://broker.example.com/"
@@ -106,11 +122,17 @@ def test_teams_gets_an_adaptive_card_with_the_request_and_a_review_action(stack,
     assert facts["Owner"] == "alice@example.com" and facts["Task id"] == task_id
     assert "[click](https" not in facts["Purpose"] and "\\[click\\]" in facts["Purpose"]
     assert card["actions"] == [
-        {"type": "Action.OpenUrl", "title": "Review", "url": f"https://broker.example.com/console/approvals/{task_id}"}
+        {
+            "type": "Action.OpenUrl",
+            "title": "Review",
+            "url": f"https://broker.example.com/console/approvals/{task_id}",
+        }
     ]
 
 
-def test_a_failing_receiver_is_retried_with_backoff_and_never_blocks_a_start(stack, issuers, policy_file, clean_db):
+def test_a_failing_receiver_is_retried_with_backoff_and_never_blocks_a_start(
+    stack, issuers, policy_file, clean_db
+):
     from broker.app import create_app
     from broker.services import build_services
 
@@ -130,13 +152,21 @@ def test_a_failing_receiver_is_retried_with_backoff_and_never_blocks_a_start(sta
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         config = broker_config(
-            stack, issuers, policy_file,
-            notify={"webhook_url": f"http://127.0.0.1:{server.server_port}/", "retries": 3, "retry_base_seconds": 0.05},
+            stack,
+            issuers,
+            policy_file,
+            notify={
+                "webhook_url": f"http://127.0.0.1:{server.server_port}/",
+                "retries": 3,
+                "retry_base_seconds": 0.05,
+            },
         )
         services = build_services(settings_from_mapping(config, env={}))
         client = create_app(services=services).test_client()
         body = start_body("deploy-prod", purpose="release 1.4 to production", context={"environment": "prod"})
-        assert client.post("/task/start", json=body, headers=issuers["spire"].bearer(AGENT)).status_code == 202
+        assert (
+            client.post("/task/start", json=body, headers=issuers["spire"].bearer(AGENT)).status_code == 202
+        )
         services.notifier.drain()
         services.close()
     finally:
@@ -151,7 +181,9 @@ def test_a_dead_receiver_does_not_fail_the_start(stack, issuers, policy_file, cl
     from broker.services import build_services
 
     config = broker_config(
-        stack, issuers, policy_file,
+        stack,
+        issuers,
+        policy_file,
         notify={"webhook_url": f"http://127.0.0.1:{free_port()}/", "retries": 1, "retry_base_seconds": 0.05},
     )
     services = build_services(settings_from_mapping(config, env={}))

@@ -70,8 +70,12 @@ def pending(app: Any, **overrides: Any) -> str:
     return str(response.get_json()["task_id"])
 
 
-def decide(app: Any, headers: dict[str, str], task_id: str, decision: str = "approve", reason: str = "CHG-42") -> Any:
-    return app.client.post(f"/approvals/{task_id}", json={"decision": decision, "reason": reason}, headers=headers)
+def decide(
+    app: Any, headers: dict[str, str], task_id: str, decision: str = "approve", reason: str = "CHG-42"
+) -> Any:
+    return app.client.post(
+        f"/approvals/{task_id}", json={"decision": decision, "reason": reason}, headers=headers
+    )
 
 
 def person(issuer: TestIssuer, sub: str, email: str | None = None, **claims: Any) -> dict[str, str]:
@@ -129,7 +133,9 @@ def test_an_owner_mixing_look_alike_scripts_is_a_validation_error(stack_app, own
 def test_the_owner_is_kept_in_its_normal_form(stack_app):
     response = start(stack_app, {**PROD, "owner": " Alice@\uff25xample.com\u3000"})
     assert response.status_code == 202, response.get_json()
-    task = stack_app.client.get(f"/task/{response.get_json()['task_id']}", headers=stack_app.spire.bearer(AGENT))
+    task = stack_app.client.get(
+        f"/task/{response.get_json()['task_id']}", headers=stack_app.spire.bearer(AGENT)
+    )
     assert task.get_json()["owner"] == "alice@example.com"
 
 
@@ -183,7 +189,12 @@ def test_one_verified_email_is_one_approver_across_issuers(stack_app):
 
 def test_an_unverified_email_does_not_join_accounts(stack_app):
     task_id = pending(stack_app, task="deploy-two")
-    assert decide(stack_app, person(stack_app.sso, "00u1dana", email="dba-dana@example.com"), task_id).status_code == 200
+    assert (
+        decide(
+            stack_app, person(stack_app.sso, "00u1dana", email="dba-dana@example.com"), task_id
+        ).status_code
+        == 200
+    )
     # Anyone can type an email into an unverifying IdP: it counts under its subject.
     unverified = person(stack_app.partner, "p-99", email="dba-dana@example.com", email_verified=False)
     response = decide(stack_app, unverified, task_id)

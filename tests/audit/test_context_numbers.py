@@ -66,7 +66,7 @@ def same_numbers(sent_text: str, shown) -> bool:
     """Every number shown back has the value sent (1E2 and 100.0 alike), exactly."""
     as_sent = json.loads(sent_text, parse_float=Decimal, parse_int=Decimal)
     as_shown = json.loads(json.dumps(shown), parse_float=Decimal, parse_int=Decimal)
-    return as_sent == as_shown
+    return bool(as_sent == as_shown)
 
 
 @EXAMPLES

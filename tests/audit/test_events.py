@@ -30,7 +30,9 @@ def _names(node: ast.expr, where: str) -> Iterator[str]:
     elif isinstance(node, ast.JoinedStr):
         # One placeholder naming a variable PLACEHOLDERS knows, around constant text.
         [hole] = [part for part in node.values if isinstance(part, ast.FormattedValue)]
-        assert isinstance(hole.value, ast.Name) and hole.value.id in PLACEHOLDERS, f"{where}: {ast.unparse(node)}"
+        assert isinstance(hole.value, ast.Name) and hole.value.id in PLACEHOLDERS, (
+            f"{where}: {ast.unparse(node)}"
+        )
         for value in PLACEHOLDERS[hole.value.id]:
             yield "".join(value if part is hole else str(ast.literal_eval(part)) for part in node.values)
     else:

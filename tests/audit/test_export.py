@@ -58,14 +58,22 @@ def test_export_prints_every_sealed_event_since_a_time_in_chain_order(client, is
 
 
 def test_export_refuses_a_time_without_an_offset(config_file):
-    result = CliRunner().invoke(main, ["audit", "export", "--config", str(config_file), "--since", "2026-12-01"])
+    result = CliRunner().invoke(
+        main, ["audit", "export", "--config", str(config_file), "--since", "2026-12-01"]
+    )
     assert result.exit_code == 2 and "offset" in result.output
 
 
-def test_tail_prints_the_newest_and_follow_prints_what_is_sealed_later(client, issuers, services, config_file):
+def test_tail_prints_the_newest_and_follow_prints_what_is_sealed_later(
+    client, issuers, services, config_file
+):
     for _ in range(2):
-        started = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT)).get_json()
-        client.post("/task/finish", json={"task_id": started["task_id"]}, headers=issuers["spire"].bearer(AGENT))
+        started = client.post(
+            "/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT)
+        ).get_json()
+        client.post(
+            "/task/finish", json={"task_id": started["task_id"]}, headers=issuers["spire"].bearer(AGENT)
+        )
     _seal(services)
     newest = CliRunner().invoke(main, ["audit", "tail", "--config", str(config_file), "-n", "2"])
     assert newest.exit_code == 0, newest.output
@@ -77,10 +85,13 @@ def test_tail_prints_the_newest_and_follow_prints_what_is_sealed_later(client, i
          "--interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
     )  # fmt: skip
+    assert follower.stderr is not None
     try:
         ready, _, _ = select.select([follower.stderr], [], [], 60)
         assert ready and "following the audit chain" in follower.stderr.readline()
-        task = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT)).get_json()
+        task = client.post(
+            "/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT)
+        ).get_json()
         assert "task_id" in task, task
         _seal(services)
         time.sleep(1.5)

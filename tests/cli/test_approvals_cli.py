@@ -33,7 +33,9 @@ def _cli(url, token, *args):
 
 
 def _approver_token(issuers):
-    return issuers["sso"].mint("dba-dana@example.com", groups=["dba"], extra_claims={"email": "dba-dana@example.com"})
+    return issuers["sso"].mint(
+        "dba-dana@example.com", groups=["dba"], extra_claims={"email": "dba-dana@example.com"}
+    )
 
 
 def test_list_show_and_approve_then_the_workload_claims(client, issuers, broker_url):
@@ -71,7 +73,9 @@ def test_deny_ends_the_task_and_the_reason_is_required(client, issuers, broker_u
 
 def test_an_approver_outside_the_group_is_refused_with_the_problem_code(client, issuers, broker_url):
     task_id = _pending(client, issuers)
-    token = issuers["sso"].mint("dev-dave@example.com", groups=["dev"], extra_claims={"email": "dev-dave@example.com"})
+    token = issuers["sso"].mint(
+        "dev-dave@example.com", groups=["dev"], extra_claims={"email": "dev-dave@example.com"}
+    )
     refused = _cli(broker_url, token, "approve", task_id, "--reason", "looks fine to me")
     assert refused.exit_code == 1
     assert "HTTP 403" in refused.output

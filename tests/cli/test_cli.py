@@ -35,7 +35,9 @@ def test_serve_refuses_an_unreadable_jwks_file(tmp_path):
 def test_scheduler_refuses_a_bad_policy_file(tmp_path):
     bad = tmp_path / "policy.yaml"
     bad.write_text("tasks:\n  x: {ttl: {default: 5, max: 1}}\n")
-    result = CliRunner().invoke(main, ["scheduler", "--config", str(write_config(tmp_path, policy_file=str(bad)))])
+    result = CliRunner().invoke(
+        main, ["scheduler", "--config", str(write_config(tmp_path, policy_file=str(bad)))]
+    )
     assert result.exit_code == 2
     assert result.output.startswith("policy_file: ")
 
@@ -43,13 +45,29 @@ def test_scheduler_refuses_a_bad_policy_file(tmp_path):
 def test_help_teaches_with_examples():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("serve", "scheduler", "migrate", "dev", "policy", "audit", "leases", "tasks", "approvals"):
+    for command in (
+        "serve",
+        "scheduler",
+        "migrate",
+        "dev",
+        "policy",
+        "audit",
+        "leases",
+        "tasks",
+        "approvals",
+    ):
         assert command in result.output
     assert "broker policy check" in result.output
 
 
 def test_without_any_config_the_error_says_where_one_is_looked_for(monkeypatch):
-    for name in ("BROKER_CONFIG", "BROKER_DATABASE_URL", "BROKER_VAULT_ADDR", "BROKER_VAULT_TOKEN", "BROKER_POLICY_FILE"):
+    for name in (
+        "BROKER_CONFIG",
+        "BROKER_DATABASE_URL",
+        "BROKER_VAULT_ADDR",
+        "BROKER_VAULT_TOKEN",
+        "BROKER_POLICY_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     result = CliRunner().invoke(main, ["migrate"])
     assert result.exit_code == 2
@@ -57,7 +75,9 @@ def test_without_any_config_the_error_says_where_one_is_looked_for(monkeypatch):
 
 
 def test_a_bad_metrics_bind_is_a_usage_error_not_a_traceback(tmp_path):
-    result = CliRunner().invoke(main, ["scheduler", "--config", str(write_config(tmp_path)), "--metrics-bind", "abc"])
+    result = CliRunner().invoke(
+        main, ["scheduler", "--config", str(write_config(tmp_path)), "--metrics-bind", "abc"]
+    )
     assert result.exit_code == 2
     assert "Invalid value for '--metrics-bind'" in result.output
     assert "Traceback" not in result.output
@@ -84,13 +104,18 @@ def test_every_command_has_an_example_in_its_help():
 
 @pytest.mark.parametrize(
     ("group", "states"),
-    [("leases", ("active", "revoke_pending", "revoked")), ("tasks", ("pending_approval", "approval_expired"))],
+    [
+        ("leases", ("active", "revoke_pending", "revoked")),
+        ("tasks", ("pending_approval", "approval_expired")),
+    ],
 )
 def test_state_lists_its_values_and_refuses_others(group, states):
     helped = CliRunner().invoke(main, [group, "list", "--help"])
     for state in states:
         assert state in helped.output
-    refused = CliRunner().invoke(main, [group, "list", "--url", "http://127.0.0.1:1", "--token", "t", "--state", "actve"])
+    refused = CliRunner().invoke(
+        main, [group, "list", "--url", "http://127.0.0.1:1", "--token", "t", "--state", "actve"]
+    )
     assert refused.exit_code == 2 and "Invalid value for '--state'" in refused.output
 
 
@@ -110,7 +135,9 @@ def test_reload_checks_the_policy_before_signalling(tmp_path):
     bad = tmp_path / "policy.yaml"
     bad.write_text("tasks:\n  x: {ttl: {default: 5, max: 1}}\n")
     config = write_config(tmp_path, policy_file=str(bad))
-    result = CliRunner().invoke(main, ["reload", "--config", str(config), "--pid-file", str(tmp_path / "x.pid")])
+    result = CliRunner().invoke(
+        main, ["reload", "--config", str(config), "--pid-file", str(tmp_path / "x.pid")]
+    )
     assert result.exit_code == 2 and result.output.startswith("policy_file: ")
 
 

@@ -34,7 +34,9 @@ def _operator(issuers):
 
 def test_the_table_shows_purpose_and_time_left(client, issuers, broker_url):
     started = client.post(
-        "/task/start", json=start_body(purpose="weekly revenue report"), headers=issuers["spire"].bearer(AGENT)
+        "/task/start",
+        json=start_body(purpose="weekly revenue report"),
+        headers=issuers["spire"].bearer(AGENT),
     ).get_json()
     result = CliRunner().invoke(
         main, ["leases", "list", "--state", "active", "--url", broker_url, "--token", _operator(issuers)]
@@ -73,7 +75,9 @@ def test_watch_redraws_until_interrupted(client, issuers, broker_url):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TERM": "dumb"},
     )  # fmt: skip
     seen: list[str] = []
-    reader = threading.Thread(target=lambda: seen.extend(iter(watcher.stdout.readline, "")), daemon=True)
+    output = watcher.stdout
+    assert output is not None
+    reader = threading.Thread(target=lambda: seen.extend(iter(output.readline, "")), daemon=True)
     reader.start()
 
     def shown(text: str, times: int = 1) -> bool:
@@ -86,7 +90,11 @@ def test_watch_redraws_until_interrupted(client, issuers, broker_url):
 
     try:
         assert shown("(Ctrl-C stops)")  # the first frame is up
-        client.post("/task/start", json=start_body(purpose="appears while watching"), headers=issuers["spire"].bearer(AGENT))
+        client.post(
+            "/task/start",
+            json=start_body(purpose="appears while watching"),
+            headers=issuers["spire"].bearer(AGENT),
+        )
         assert shown("appears while watching")  # a later frame has it
         frames = "".join(seen).count("(Ctrl-C stops)")
         assert shown("(Ctrl-C stops)", frames + 1)  # and it keeps redrawing

@@ -17,7 +17,9 @@ def test_the_operator_and_approver_commands_import_none_of_the_servers_packages(
         "import broker.cli.ops, broker.cli.approvals\n"
         "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stderr
     loaded = set(json.loads(done.stdout))
     assert {"broker", "click", "urllib3"} <= loaded  # what was imported is what was seen

@@ -20,6 +20,7 @@ import yaml
 
 from tests.conftest import TEST_POLICY, broker_config
 from tests.support.broker_procs import BrokerProcess
+from tests.support.tokens import TestIssuer
 
 APPROVER = "dba-dana@example.com"
 # Added to the shared test policy: the CI issuer's counterpart of deploy-prod.
@@ -36,7 +37,9 @@ CI_TASKS = {
 
 
 @pytest.fixture(scope="module")
-def broker(stack: Any, issuers: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+def broker(
+    stack: Any, issuers: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerProcess]:
     directory = tmp_path_factory.mktemp("client-broker")
     policy = directory / "policy.yaml"
     document = yaml.safe_load(TEST_POLICY.read_text())
@@ -53,7 +56,7 @@ def broker(stack: Any, issuers: dict[str, Any], tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture
-def workload(issuers: dict[str, Any]) -> str:
+def workload(issuers: dict[str, TestIssuer]) -> str:
     """A SPIFFE ID of this test's own, allowed by the test policy's `agents/*` matchers."""
     return issuers["spire"].spiffe_id(f"agents/client-{uuid.uuid4().hex[:10]}")
 

@@ -14,7 +14,11 @@ from broker.client.sdk import approver_groups
 ROOT = Path(__file__).resolve().parents[2]
 CREDENTIALS = {
     "db": {"kind": "database", "data": {"username": "v-user", "password": "p@ss"}, "expires_at": "x"},
-    "my-token.x": {"kind": "vault_token", "data": {"token": "hvs.1", "policies": ["a", "b"]}, "expires_at": "x"},
+    "my-token.x": {
+        "kind": "vault_token",
+        "data": {"token": "hvs.1", "policies": ["a", "b"]},
+        "expires_at": "x",
+    },
 }
 
 
@@ -38,7 +42,7 @@ def test_two_fields_on_one_name_are_an_error():
 
 def test_templates():
     env = {"DB_USERNAME": "user-xyz", "DB_PASSWORD": "secret-xyz"}
-    rendered = render_templates(["URL=postgresql://{DB_USERNAME}:{DB_PASSWORD}@h/db", "J={{\"a\": 1}}"], env)
+    rendered = render_templates(["URL=postgresql://{DB_USERNAME}:{DB_PASSWORD}@h/db", 'J={{"a": 1}}'], env)
     assert rendered == {"URL": "postgresql://user-xyz:secret-xyz@h/db", "J": '{"a": 1}'}
     with pytest.raises(ValueError, match=r"\{DB_PASS\}") as unknown:
         render_templates(["URL={DB_PASSWORD}{DB_PASS}"], env)
@@ -72,6 +76,8 @@ def test_the_client_imports_without_the_servers_packages():
         "import runpy; sys.argv = ['broker exec', '--help']\n"
         "runpy.run_module('broker.client.cli', run_name='__main__')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert "--token-source" in done.stdout

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,9 @@ def child(tmp_path: Path) -> Path:
     return path
 
 
-def exec_argv(broker, token_file: Path, *extra: str, task: str = "analytics-read", env: str = "staging") -> list[str]:
+def exec_argv(
+    broker, token_file: Path, *extra: str, task: str = "analytics-read", env: str = "staging"
+) -> list[str]:
     return [
         sys.executable, "-m", "broker.client.cli",
         "--url", broker.url,
@@ -75,16 +78,20 @@ def exec_argv(broker, token_file: Path, *extra: str, task: str = "analytics-read
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "ACTIONS_ID_TOKEN", "SPIFFE_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "ACTIONS_ID_TOKEN", "SPIFFE_"))
+    }
     env.update(extra)
     return env
 
 
 def run_exec(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, check=False, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        argv, check=False, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=120
+    )
 
 
-def assert_nothing_secret(facts: dict, *outputs: str) -> None:
+def assert_nothing_secret(facts: dict[str, Any], *outputs: str) -> None:
     for output in outputs:
         assert facts["password"] not in output
         assert facts["username"] not in output
@@ -95,9 +102,15 @@ def token_file(tmp_path: Path, agent_token: str) -> Path:
     return write_token(tmp_path / "token", agent_token)
 
 
-def test_success_revokes_the_credentials_the_command_used(broker, issuers, stack, child, token_file, tmp_path):
+def test_success_revokes_the_credentials_the_command_used(
+    broker, issuers, stack, child, token_file, tmp_path
+):
     loot = tmp_path / "loot.json"
-    done = run_exec(exec_argv(broker, token_file, "--", sys.executable, str(child), str(stack.postgres.port), str(loot), "0"))
+    done = run_exec(
+        exec_argv(
+            broker, token_file, "--", sys.executable, str(child), str(stack.postgres.port), str(loot), "0"
+        )
+    )
     assert done.returncode == 0, done.stderr
     assert "child: logged in" in done.stdout
     facts = json.loads(loot.read_text())
@@ -111,9 +124,15 @@ def test_success_revokes_the_credentials_the_command_used(broker, issuers, stack
 
 
 @pytest.mark.parametrize(("action", "status"), [("3", 3), ("kill9", 137)], ids=["exit-3", "sigkill"])
-def test_a_failing_command_keeps_its_status_and_is_revoked(broker, issuers, stack, child, token_file, tmp_path, action, status):
+def test_a_failing_command_keeps_its_status_and_is_revoked(
+    broker, issuers, stack, child, token_file, tmp_path, action, status
+):
     loot = tmp_path / "loot.json"
-    done = run_exec(exec_argv(broker, token_file, "--", sys.executable, str(child), str(stack.postgres.port), str(loot), action))
+    done = run_exec(
+        exec_argv(
+            broker, token_file, "--", sys.executable, str(child), str(stack.postgres.port), str(loot), action
+        )
+    )
     assert done.returncode == status, done.stderr
     facts = json.loads(loot.read_text())
     assert not can_log_in(stack, facts)
@@ -122,10 +141,16 @@ def test_a_failing_command_keeps_its_status_and_is_revoked(broker, issuers, stac
     assert_nothing_secret(facts, done.stdout, done.stderr)
 
 
-def test_sigterm_to_the_wrapper_stops_the_command_and_still_revokes(broker, issuers, stack, child, token_file, tmp_path):
+def test_sigterm_to_the_wrapper_stops_the_command_and_still_revokes(
+    broker, issuers, stack, child, token_file, tmp_path
+):
     loot = tmp_path / "loot.json"
-    argv = exec_argv(broker, token_file, "--", sys.executable, str(child), str(stack.postgres.port), str(loot), "sleep")
-    wrapper = subprocess.Popen(argv, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = exec_argv(
+        broker, token_file, "--", sys.executable, str(child), str(stack.postgres.port), str(loot), "sleep"
+    )
+    wrapper = subprocess.Popen(
+        argv, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 60
     while not loot.exists() and time.monotonic() < deadline and wrapper.poll() is None:
         time.sleep(0.1)
@@ -142,9 +167,13 @@ def test_sigterm_to_the_wrapper_stops_the_command_and_still_revokes(broker, issu
     assert_nothing_secret(facts, stdout, stderr)
 
 
-def test_env_templates_and_an_env_file_that_is_private_and_removed(broker, issuers, stack, child, token_file, tmp_path):
+def test_env_templates_and_an_env_file_that_is_private_and_removed(
+    broker, issuers, stack, child, token_file, tmp_path
+):
     loot, env_file = tmp_path / "loot.json", tmp_path / "task.env"
-    url = f"DATABASE_URL=postgresql://{{DB_USERNAME}}:{{DB_PASSWORD}}@127.0.0.1:{stack.postgres.port}/analytics"
+    url = (
+        f"DATABASE_URL=postgresql://{{DB_USERNAME}}:{{DB_PASSWORD}}@127.0.0.1:{stack.postgres.port}/analytics"
+    )
     done = run_exec(
         exec_argv(
             broker, token_file, "--env", url, "--env-file", str(env_file),
@@ -198,7 +227,20 @@ def test_wait_for_an_approval_then_run(broker, issuers, stack, child, token_file
     purpose = "exec waits for a DBA"
     thread = approve_in_background(broker, issuers, purpose)
     loot = tmp_path / "loot.json"
-    argv = exec_argv(broker, token_file, "--wait", "60", "--", sys.executable, str(child), str(stack.postgres.port), str(loot), "0", task="deploy-prod", env="prod")
+    argv = exec_argv(
+        broker,
+        token_file,
+        "--wait",
+        "60",
+        "--",
+        sys.executable,
+        str(child),
+        str(stack.postgres.port),
+        str(loot),
+        "0",
+        task="deploy-prod",
+        env="prod",
+    )
     argv[argv.index("client exec test")] = purpose
     done = run_exec(argv)
     thread.join(5)

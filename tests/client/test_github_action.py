@@ -22,7 +22,9 @@ from tests.factories import can_log_in
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (the action runs on node20)"),
+    pytest.mark.skipif(
+        shutil.which("node") is None, reason="node is not installed (the action runs on node20)"
+    ),
 ]
 
 ACTION = Path(__file__).resolve().parents[2] / "deploy" / "github-action"
@@ -79,7 +81,12 @@ def runner(tmp_path, issuers, subject):
         def run(script: str, inputs: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
             env = {**base, **{f"INPUT_{name.upper()}": value for name, value in inputs.items()}, **extra}
             return subprocess.run(
-                ["node", str(ACTION / script)], env=env, capture_output=True, text=True, timeout=120, check=False
+                ["node", str(ACTION / script)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
             )
 
         run.files = files  # type: ignore[attr-defined]
@@ -103,7 +110,9 @@ def inputs(broker, **overrides: str) -> dict[str, str]:
 
 
 def post_env(runner) -> dict[str, str]:
-    return {f"STATE_{name}": value for name, value in read_file_commands(runner.files["GITHUB_STATE"]).items()}
+    return {
+        f"STATE_{name}": value for name, value in read_file_commands(runner.files["GITHUB_STATE"]).items()
+    }
 
 
 def test_main_masks_exports_and_post_revokes(broker, issuers, stack, runner, subject):
@@ -162,7 +171,9 @@ def test_an_approval_is_waited_for_and_an_unapproved_one_withdrawn(broker, issue
         path.write_text("")
     purpose = "github action waits for a DBA"
     thread = approve_in_background(broker, issuers, purpose)
-    main = runner("main.js", inputs(broker, task="ci-deploy", context="environment=prod", purpose=purpose, wait="60"))
+    main = runner(
+        "main.js", inputs(broker, task="ci-deploy", context="environment=prod", purpose=purpose, wait="60")
+    )
     thread.join(5)
     assert main.returncode == 0, main.stdout + main.stderr
     env = read_file_commands(runner.files["GITHUB_ENV"])

@@ -3,6 +3,8 @@ retries against a scripted fake."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from broker.client import BrokerClient, BrokerUnreachable, OperatorClient
@@ -27,10 +29,12 @@ def operator(broker, issuers) -> OperatorClient:
 
 @pytest.fixture
 def approver(broker, issuers) -> OperatorClient:
-    return OperatorClient(broker.url, issuers["sso"].mint(APPROVER, groups=["dba"], extra_claims={"email": APPROVER}))
+    return OperatorClient(
+        broker.url, issuers["sso"].mint(APPROVER, groups=["dba"], extra_claims={"email": APPROVER})
+    )
 
 
-def start(agent: BrokerClient, task: str = "analytics-read") -> dict:
+def start(agent: BrokerClient, task: str = "analytics-read") -> dict[str, Any]:
     environment = "prod" if task == "deploy-prod" else "dev"
     return agent.start(task, owner="alice@example.com", purpose=PURPOSE, context={"environment": environment})
 
@@ -92,7 +96,10 @@ def test_what_a_token_may_not_do_is_forbidden(approver, operator, agent):
 
 
 def test_finding_a_pending_task_follows_every_page():
-    pages = {None: {"items": [{"task_id": "a"}], "next_cursor": "c1"}, "c1": {"items": [{"task_id": "b"}], "next_cursor": None}}
+    pages = {
+        None: {"items": [{"task_id": "a"}], "next_cursor": "c1"},
+        "c1": {"items": [{"task_id": "b"}], "next_cursor": None},
+    }
 
     def respond(request):
         return Reply(200, pages[request.query.get("cursor", [None])[0]])

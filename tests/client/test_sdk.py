@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 import requests
@@ -31,7 +32,9 @@ def client(broker, issuers, workload) -> BrokerClient:
     return BrokerClient(broker.url, Minting())
 
 
-def approve_when_pending(broker, issuers, client: BrokerClient, task_id: str, decision: str = "approve") -> threading.Thread:
+def approve_when_pending(
+    broker, issuers, client: BrokerClient, task_id: str, decision: str = "approve"
+) -> threading.Thread:
     """An approver acting from another thread, once the workload has had to wait a little."""
 
     def act() -> None:
@@ -44,7 +47,9 @@ def approve_when_pending(broker, issuers, client: BrokerClient, task_id: str, de
 
 
 def test_start_and_finish_revoke_the_database_user(client, stack):
-    answer = client.start("analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"})
+    answer = client.start(
+        "analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"}
+    )
     assert answer["state"] == "active"
     creds = answer["credentials"]["db"]["data"]
     assert can_log_in(stack, creds)
@@ -55,7 +60,9 @@ def test_start_and_finish_revoke_the_database_user(client, stack):
 
 
 def test_the_approval_wait_claims_once_an_approver_approves(broker, issuers, client, stack):
-    answer = client.start("deploy-prod", owner="alice@example.com", purpose=PURPOSE, context={"environment": "prod"})
+    answer = client.start(
+        "deploy-prod", owner="alice@example.com", purpose=PURPOSE, context={"environment": "prod"}
+    )
     assert answer["state"] == "pending_approval"
     approver = approve_when_pending(broker, issuers, client, answer["task_id"])
     claimed = client.wait_for_approval(answer["task_id"], timeout=30, poll=0.2)
@@ -68,7 +75,9 @@ def test_the_approval_wait_claims_once_an_approver_approves(broker, issuers, cli
 
 
 def test_a_denial_ends_the_wait(broker, issuers, client):
-    answer = client.start("deploy-prod", owner="alice@example.com", purpose=PURPOSE, context={"environment": "prod"})
+    answer = client.start(
+        "deploy-prod", owner="alice@example.com", purpose=PURPOSE, context={"environment": "prod"}
+    )
     approve_when_pending(broker, issuers, client, answer["task_id"], decision="deny")
     with pytest.raises(ApprovalDenied) as denied:
         client.wait_for_approval(answer["task_id"], timeout=30, poll=0.2)
@@ -77,7 +86,9 @@ def test_a_denial_ends_the_wait(broker, issuers, client):
 
 
 def test_a_wait_without_decision_times_out_naming_the_task(client):
-    answer = client.start("deploy-prod", owner="alice@example.com", purpose=PURPOSE, context={"environment": "prod"})
+    answer = client.start(
+        "deploy-prod", owner="alice@example.com", purpose=PURPOSE, context={"environment": "prod"}
+    )
     began = time.monotonic()
     with pytest.raises(ApprovalTimeout) as timeout:
         client.wait_for_approval(answer["task_id"], timeout=0.6, poll=0.2)
@@ -92,7 +103,9 @@ def test_the_context_manager_waits_for_approval_and_finishes(broker, issuers, cl
         headers = issuers["sso"].bearer("dba-dana@example.com", groups=["dba"])
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            items = requests.get(f"{broker.url}/approvals?state=pending", headers=headers, timeout=10).json()["items"]
+            items = requests.get(f"{broker.url}/approvals?state=pending", headers=headers, timeout=10).json()[
+                "items"
+            ]
             mine = [item for item in items if item["purpose"] == "context manager approval"]
             if mine:
                 approve(broker, issuers, mine[0]["task_id"])
@@ -101,7 +114,11 @@ def test_the_context_manager_waits_for_approval_and_finishes(broker, issuers, cl
 
     threading.Thread(target=approve_pending, daemon=True).start()
     with client.task(
-        "deploy-prod", owner="alice@example.com", purpose="context manager approval", context={"environment": "prod"}, wait=30
+        "deploy-prod",
+        owner="alice@example.com",
+        purpose="context manager approval",
+        context={"environment": "prod"},
+        wait=30,
     ) as task:
         creds = task.credentials["db"].data
         assert can_log_in(stack, creds)
@@ -110,13 +127,20 @@ def test_the_context_manager_waits_for_approval_and_finishes(broker, issuers, cl
 
 
 @pytest.mark.parametrize(
-    ("raised", "outcome"), [(RuntimeError, "failed"), (KeyboardInterrupt, "cancelled")], ids=["error", "ctrl-c"]
+    ("raised", "outcome"),
+    [(RuntimeError, "failed"), (KeyboardInterrupt, "cancelled")],
+    ids=["error", "ctrl-c"],
 )
-def test_the_context_manager_finishes_with_the_outcome_and_reraises(broker, issuers, client, stack, raised, outcome):
+def test_the_context_manager_finishes_with_the_outcome_and_reraises(
+    broker, issuers, client, stack, raised, outcome
+):
     """§6.10 clients always clean up: the SDK's task context finishes on failure and on Ctrl-C."""
-    with pytest.raises(raised), client.task(
-        "analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"}
-    ) as task:
+    with (
+        pytest.raises(raised),
+        client.task(
+            "analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"}
+        ) as task,
+    ):
         creds = task.credentials["db"].data
         raise raised()
     assert not can_log_in(stack, creds)
@@ -124,8 +148,11 @@ def test_the_context_manager_finishes_with_the_outcome_and_reraises(broker, issu
 
 
 def test_a_pending_task_without_wait_is_withdrawn(broker, issuers, client):
-    with pytest.raises(ApprovalTimeout) as pending, client.task(
-        "deploy-prod", owner="alice@example.com", purpose=PURPOSE, context={"environment": "prod"}
+    with (
+        pytest.raises(ApprovalTimeout) as pending,
+        client.task(
+            "deploy-prod", owner="alice@example.com", purpose=PURPOSE, context={"environment": "prod"}
+        ),
     ):
         pytest.fail("must not run without an approval")
     task = operator_task(broker, issuers, pending.value.task_id)
@@ -141,7 +168,12 @@ def test_a_pending_task_without_wait_is_withdrawn(broker, issuers, client):
     ],
 )
 def test_refusals_raise_the_class_of_their_code(client, overrides, error, code):
-    request = {"task": "analytics-read", "owner": "alice@example.com", "context": {"environment": "dev"}, **overrides}
+    request = {
+        "task": "analytics-read",
+        "owner": "alice@example.com",
+        "context": {"environment": "dev"},
+        **overrides,
+    }
     with pytest.raises(error) as refused:
         client.start(request.pop("task"), purpose=PURPOSE, **request)
     assert refused.value.code == code
@@ -156,7 +188,9 @@ def test_a_bad_token_and_an_unknown_task_id(broker, client):
 
 
 def test_credentials_never_show_secret_values_in_repr(client):
-    answer = client.start("analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"})
+    answer = client.start(
+        "analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"}
+    )
     task = ActiveTask.from_answer(answer)
     client.finish(task.id)
     password = answer["credentials"]["db"]["data"]["password"]
@@ -170,13 +204,27 @@ def test_a_retried_start_with_the_same_key_never_leaves_two_live_tasks(broker, i
     from broker.client.errors import Conflict
 
     key = str(uuid.uuid4())
-    first = client.start("analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"}, idempotency_key=key)
+    first = client.start(
+        "analytics-read",
+        owner="alice@example.com",
+        purpose=PURPOSE,
+        context={"environment": "dev"},
+        idempotency_key=key,
+    )
     # The retry a client makes after losing the first answer: the broker names the task it
     # already started under that key, and sends no second set of credentials.
     with pytest.raises(Conflict) as retried:
-        client.start("analytics-read", owner="alice@example.com", purpose=PURPOSE, context={"environment": "dev"}, idempotency_key=key)
+        client.start(
+            "analytics-read",
+            owner="alice@example.com",
+            purpose=PURPOSE,
+            context={"environment": "dev"},
+            idempotency_key=key,
+        )
     operator = issuers["sso"].bearer("sre-sam@example.com", groups=["sre"])
-    live = requests.get(f"{broker.url}/tasks", params={"workload": workload, "state": "active"}, headers=operator, timeout=10)
+    live = requests.get(
+        f"{broker.url}/tasks", params={"workload": workload, "state": "active"}, headers=operator, timeout=10
+    )
     try:
         assert retried.value.body["task_id"] == first["task_id"]
         assert [item["task_id"] for item in live.json()["items"]] == [first["task_id"]]
@@ -196,8 +244,13 @@ class CountingTokens:
         return f"token-{self.calls}"
 
 
-def active_answer(task_id: str = "0c6c92e4-d127-4b7d-9569-2b2c373b029f") -> dict:
-    return {"task_id": task_id, "state": "active", "expires_at": "2030-01-01T00:00:00.000Z", "credentials": {}}
+def active_answer(task_id: str = "0c6c92e4-d127-4b7d-9569-2b2c373b029f") -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "state": "active",
+        "expires_at": "2030-01-01T00:00:00.000Z",
+        "credentials": {},
+    }
 
 
 def test_a_start_is_retried_on_503_with_the_same_key_and_a_fresh_token():
@@ -260,7 +313,9 @@ def test_a_start_whose_answer_was_lost_finishes_the_task_it_made_and_says_so():
         if request.path == "/task/start" and sum(1 for s in seen if s.path == "/task/start") == 1:
             return Reply(201, active_answer(lost), delay=1.0)  # the client gives up before this
         if request.path == "/task/start":
-            return Reply(409, {"code": "conflict", "detail": "already started", "task_id": lost, "state": "active"})
+            return Reply(
+                409, {"code": "conflict", "detail": "already started", "task_id": lost, "state": "active"}
+            )
         return Reply(200, {"task_id": lost, "state": "finished"})
 
     with fake_server(respond) as (url, seen), pytest.raises(StartAnswerLost) as raised:
@@ -275,7 +330,11 @@ def test_a_start_whose_answer_was_lost_finishes_the_task_it_made_and_says_so():
 def test_with_a_key_of_its_own_the_caller_gets_the_conflict_and_decides():
     from broker.client.errors import Conflict, StartAnswerLost
 
-    answer = {"code": "conflict", "detail": "already started", "task_id": "5b0cf1f4-6d3c-4f43-8f4c-4f7b7cf4d2a1"}
+    answer = {
+        "code": "conflict",
+        "detail": "already started",
+        "task_id": "5b0cf1f4-6d3c-4f43-8f4c-4f7b7cf4d2a1",
+    }
     with fake_server(lambda request: Reply(409, answer)) as (url, seen), pytest.raises(Conflict) as raised:
         BrokerClient(url, "t").start("t", owner="o", purpose=PURPOSE, idempotency_key="build-42")
     assert not isinstance(raised.value, StartAnswerLost)

@@ -48,9 +48,21 @@ def test_env_and_gitlab_sources_name_the_variable_not_its_value():
     [
         ({"BROKER_WORKLOAD_TOKEN": "x", "SPIFFE_ENDPOINT_SOCKET": "unix:///s"}, "/tok", FileTokenSource),
         ({"BROKER_TOKEN_FILE": "/tok", "BROKER_WORKLOAD_TOKEN": "x"}, None, FileTokenSource),
-        ({"BROKER_WORKLOAD_TOKEN": "x", "SPIFFE_ENDPOINT_SOCKET": "unix:///s", "BROKER_ID_TOKEN": "y"}, None, EnvTokenSource),
-        ({"SPIFFE_ENDPOINT_SOCKET": "unix:///s", "ACTIONS_ID_TOKEN_REQUEST_URL": "u", **GITHUB_ENV}, None, SpiffeTokenSource),
-        ({"ACTIONS_ID_TOKEN_REQUEST_URL": "u", **GITHUB_ENV, "BROKER_ID_TOKEN": "y"}, None, GitHubActionsTokenSource),
+        (
+            {"BROKER_WORKLOAD_TOKEN": "x", "SPIFFE_ENDPOINT_SOCKET": "unix:///s", "BROKER_ID_TOKEN": "y"},
+            None,
+            EnvTokenSource,
+        ),
+        (
+            {"SPIFFE_ENDPOINT_SOCKET": "unix:///s", "ACTIONS_ID_TOKEN_REQUEST_URL": "u", **GITHUB_ENV},
+            None,
+            SpiffeTokenSource,
+        ),
+        (
+            {"ACTIONS_ID_TOKEN_REQUEST_URL": "u", **GITHUB_ENV, "BROKER_ID_TOKEN": "y"},
+            None,
+            GitHubActionsTokenSource,
+        ),
         ({"ACTIONS_ID_TOKEN_REQUEST_URL": "u", "BROKER_ID_TOKEN": "y"}, None, GitLabTokenSource),
     ],
     ids=["file-option", "file-env", "env", "spiffe", "github", "gitlab"],
@@ -67,7 +79,9 @@ def test_nothing_to_detect_and_bad_names_are_clear_errors():
         resolve_token_source("file", environ={})
     with pytest.raises(TokenSourceError, match="unknown token source"):
         resolve_token_source("vault", environ={})
-    assert resolve_token_source("github", audience="aud-x", environ={}).audience == "aud-x"
+    github = resolve_token_source("github", audience="aud-x", environ={})
+    assert isinstance(github, GitHubActionsTokenSource)  # narrows the TokenSource protocol
+    assert github.audience == "aud-x"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("spiffe") is not None, reason="the spiffe package is installed")
@@ -78,7 +92,9 @@ def test_spiffe_without_its_package_says_what_to_install():
 
 def test_github_source_asks_for_the_audience_with_the_runner_token(issuers):
     ci = issuers["ci"]
-    with fake_server(github_oidc(lambda audience: ci.mint("repo:acme/app:ref:refs/heads/main", aud=audience))) as (
+    with fake_server(
+        github_oidc(lambda audience: ci.mint("repo:acme/app:ref:refs/heads/main", aud=audience))
+    ) as (
         url,
         seen,
     ):

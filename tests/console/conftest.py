@@ -103,7 +103,8 @@ def watched(browser: Any, request: pytest.FixtureRequest, tmp_path: Path) -> Ite
         yield seen
     finally:
         failed = any(
-            getattr(getattr(request.node, f"report_{when}", None), "failed", False) for when in ("setup", "call")
+            getattr(getattr(request.node, f"report_{when}", None), "failed", False)
+            for when in ("setup", "call")
         )
         if failed:
             shot = tmp_path / "failure.png"
@@ -138,9 +139,14 @@ class Api:
     def operator(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.issuers['sso'].mint(OPERATOR, groups=['sre'])}"}
 
-    def start(self, task: str = "analytics-read", sub: str = AGENT, status: int = 201, **overrides: Any) -> Any:
+    def start(
+        self, task: str = "analytics-read", sub: str = AGENT, status: int = 201, **overrides: Any
+    ) -> Any:
         response = requests.post(
-            f"{self.url}/task/start", json=start_body(task, **overrides), headers=self.workload(sub), timeout=30
+            f"{self.url}/task/start",
+            json=start_body(task, **overrides),
+            headers=self.workload(sub),
+            timeout=30,
         )
         assert response.status_code == status, response.text
         return response.json()

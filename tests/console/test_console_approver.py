@@ -45,7 +45,12 @@ def test_approve_from_a_direct_link_with_a_reason(watched, live_server, api, app
     read = api.get(f"/task/{task['task_id']}")
     assert read["approval"]["state"] == "approved"
     [decision] = read["approval"]["decisions"]
-    assert decision == {**decision, "approver": f"corp-sso:{APPROVER}", "decision": "approve", "reason": "change ticket CHG-42 reviewed"}
+    assert decision == {
+        **decision,
+        "approver": f"corp-sso:{APPROVER}",
+        "decision": "approve",
+        "reason": "change ticket CHG-42 reviewed",
+    }
 
 
 def test_deny_from_the_list(watched, live_server, api, approver_token):

@@ -68,7 +68,10 @@ def test_pages_hold_no_data_and_name_only_same_origin_files(client):
     page = client.get(f"/console/tasks/{SOME_ID}").get_data(as_text=True)
     assert f'data-subject="{SOME_ID}"' in page
     assert re.findall(r'<script[^>]*src="([^"]+)"', page) == ["/console/static/console.js"]
-    assert re.findall(r'<link[^>]*href="([^"]+)"', page) == ["/console/static/favicon.svg", "/console/static/console.css"]
+    assert re.findall(r'<link[^>]*href="([^"]+)"', page) == [
+        "/console/static/favicon.svg",
+        "/console/static/console.css",
+    ]
     assert "Bearer ey" not in page
 
 
@@ -102,5 +105,12 @@ def test_scripts_never_parse_markup_from_strings():
     static = TEMPLATES.parent / "static"
     for script in static.glob("*.js"):
         text = script.read_text()
-        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+        for sink in (
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+            "new Function",
+        ):
             assert sink not in text, f"{script.name} uses {sink}"

@@ -10,7 +10,9 @@ from tests.factories import AGENT, can_log_in
 OTHER = "spiffe://example.org/agents/builder"
 
 
-def test_operator_sees_an_active_lease_and_revokes_it(watched, live_server, api, operator_token, stack, tmp_path: Path):
+def test_operator_sees_an_active_lease_and_revokes_it(
+    watched, live_server, api, operator_token, stack, tmp_path: Path
+):
     task = api.start(owner="alice@example.com", purpose="weekly revenue report")
     lease = task["leases"][0]
     page = sign_in(watched, live_server, operator_token)
@@ -72,7 +74,9 @@ def test_task_detail_shows_the_task_its_leases_and_its_audit(watched, live_serve
     page.get_by_role("table", name="Audit events, newest first").get_by_text("task.started").wait_for()
 
 
-def test_kill_switch_by_workload_with_confirmation(watched, live_server, api, operator_token, stack, tmp_path: Path):
+def test_kill_switch_by_workload_with_confirmation(
+    watched, live_server, api, operator_token, stack, tmp_path: Path
+):
     mine = [api.start(), api.start(owner="bob@example.com")]
     theirs = api.start(sub=OTHER)
     page = sign_in(watched, live_server, operator_token, "/console/kill-switch")

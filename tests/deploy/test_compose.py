@@ -25,7 +25,8 @@ ONE_SHOT_CONDITION = "service_completed_successfully"
 
 
 def services() -> dict[str, dict[str, Any]]:
-    return yaml.safe_load(COMPOSE.read_text())["services"]
+    found: dict[str, dict[str, Any]] = yaml.safe_load(COMPOSE.read_text())["services"]
+    return found
 
 
 def is_one_shot(name: str, service: dict[str, Any]) -> bool:
@@ -252,6 +253,7 @@ def test_the_demo_script_makes_keys_the_compose_config_trusts(tmp_path):
             text=True,
         ).stdout.strip()
         issuer = trusted[issuer_name]
+        assert issuer.jwks_file is not None  # the demo's issuers trust key files
         keys = jwt.PyJWKSet.from_json(Path(issuer.jwks_file).read_text())
         claims = jwt.decode(
             token,

@@ -69,7 +69,12 @@ def test_a_start_whose_answer_was_lost_is_retried_without_a_second_task(
 def test_a_retry_while_the_first_start_is_still_issuing_is_told_to_wait(
     issuers, vault_proxy, fault_config, processes, ledger
 ):
-    server = processes(fault_config(vault_addr=vault_proxy.addr, timeout=10, orphan_grace_seconds=15), "serve", workers=2, threads=2)
+    server = processes(
+        fault_config(vault_addr=vault_proxy.addr, timeout=10, orphan_grace_seconds=15),
+        "serve",
+        workers=2,
+        threads=2,
+    )
     server.wait_healthy()
     slow = vault_proxy.add_rule(r"^/v1/database/creds/", action="forward", delay_seconds=3, times=1)
     headers = issuers["spire"].bearer(AGENT, exp_in=600)
@@ -96,5 +101,7 @@ def test_parallel_retries_against_two_workers_make_one_task(issuers, fault_confi
     codes = sorted(answer.status_code for answer in answers)
     assert codes == [201] + [409] * 7, [answer.text for answer in answers]
     [created] = [answer.json() for answer in answers if answer.status_code == 201]
-    assert all(answer.json()["task_id"] == created["task_id"] for answer in answers if answer.status_code == 409)
+    assert all(
+        answer.json()["task_id"] == created["task_id"] for answer in answers if answer.status_code == 409
+    )
     assert len(open_tasks(ledger)) == 1 and len(ledger.leases()) == 1

@@ -16,6 +16,7 @@ import threading
 
 import pytest
 from sqlalchemy import text
+from werkzeug.test import TestResponse
 
 from tests.factories import AGENT, can_log_in, start_body
 from tests.faults.faultkit import lease_alive
@@ -41,7 +42,7 @@ def test_kill_switch_waiting_behind_a_start_commit_revokes_the_committed_leases(
         assert go_on.wait(30)
 
     vault_proxy.add_rule(r"^/v1/database/creds/", before=hold_the_start)
-    answers: dict[str, object] = {}
+    answers: dict[str, TestResponse] = {}
 
     def start():
         answers["start"] = client.post("/task/start", json=start_body(), headers=workload)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from werkzeug.test import TestResponse
 
 from tests.factories import AGENT, start_body
 from tests.support.waiting import wait_for
@@ -41,7 +42,7 @@ def test_operator_revoke_during_finish_both_succeed(
         wait_for(lock_waiters, timeout=15, interval=0.02, what="the operator waits for a row lock")
 
     vault_proxy.add_rule(r"^/v1/sys/leases/revoke$", before=hold_until_operator_waits)
-    answers: dict[str, object] = {}
+    answers: dict[str, TestResponse] = {}
 
     def finish():
         answers["finish"] = client.post("/task/finish", json={"task_id": task_id}, headers=workload)
@@ -94,7 +95,7 @@ def test_finish_waiting_behind_an_operator_revoke_does_not_revoke_the_lease_agai
         wait_for(lock_waiters, timeout=15, interval=0.02, what="the finish waits for the task row")
 
     vault_proxy.add_rule(r"^/v1/sys/leases/revoke$", before=hold_until_finish_waits)
-    answers: dict[str, object] = {}
+    answers: dict[str, TestResponse] = {}
 
     def revoke():
         answers["operator"] = client.post(

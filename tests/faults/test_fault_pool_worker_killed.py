@@ -34,7 +34,9 @@ def start(server, headers, task="analytics-read"):
 
 
 def finish(server, headers, task_id):
-    answer = requests.post(f"{server.url}/task/finish", json={"task_id": task_id}, headers=headers, timeout=30)
+    answer = requests.post(
+        f"{server.url}/task/finish", json={"task_id": task_id}, headers=headers, timeout=30
+    )
     assert answer.status_code == 200, answer.text
 
 
@@ -44,7 +46,9 @@ def pool_rows(ledger, pids):
     return {row["accessor"]: row["holder"] for row in rows if int(row["holder"].split(":")[1]) in pids}
 
 
-def test_sigkill_with_full_pools_leaves_no_pooled_token_alive(stack, issuers, fault_config, processes, ledger):
+def test_sigkill_with_full_pools_leaves_no_pooled_token_alive(
+    stack, issuers, fault_config, processes, ledger
+):
     config = fault_config(vault_options={"task_token_pool": DEPTH, "task_token_lease_seconds": LEASE})
     victim = processes(config, "serve", workers=2, threads=2, scheduler=False)
     survivor = processes(config, "serve", workers=1, threads=2)

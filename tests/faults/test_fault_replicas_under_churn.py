@@ -25,6 +25,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -33,6 +34,7 @@ import yaml
 from tests.factories import dynamic_roles, start_body
 from tests.faults.faultkit import all_live_leases, lease_alive, token_alive
 from tests.support.broker_procs import ROOT
+from tests.support.tokens import TestIssuer
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -43,7 +45,7 @@ TERMINAL = {"finished", "expired", "revoked", "failed"}
 
 
 class Churn:
-    def __init__(self, urls: list[str], issuers) -> None:
+    def __init__(self, urls: list[str], issuers: dict[str, TestIssuer]) -> None:
         self.urls = urls
         self.spire = issuers["spire"]
         self.operator = {
@@ -253,7 +255,9 @@ def test_two_replicas_and_two_schedulers_never_revoke_twice_nor_miss_a_lease(
             assert not token_alive(stack, row["revoke_ref"]), row
     # A task token outlives its tasks only pooled for the next one: its last task
     # released it (and nothing it made is alive, as checked above).
-    last_holder = {row["token_accessor"]: row for row in sorted(tasks.values(), key=lambda r: r["created_at"])}
+    last_holder = {
+        row["token_accessor"]: row for row in sorted(tasks.values(), key=lambda r: r["created_at"])
+    }
     for accessor, row in last_holder.items():
         if accessor and token_alive(stack, accessor):
             assert row["token_released_at"] is not None, row
@@ -284,10 +288,10 @@ def test_two_replicas_and_two_schedulers_never_revoke_twice_nor_miss_a_lease(
         assert process.proc.poll() is None, process.log_tail()
 
 
-def assert_no_token_served_two_tasks_at_once(tasks: list[dict]) -> None:
+def assert_no_token_served_two_tasks_at_once(tasks: list[dict[str, Any]]) -> None:
     """A reused task token passes from one task to the next, never to two at a time:
     revoking it for one (the reconciler, a retirement) would kill the other's leases."""
-    by_token: dict[str, list[dict]] = {}
+    by_token: dict[str, list[dict[str, Any]]] = {}
     for row in tasks:
         if row["token_accessor"]:
             by_token.setdefault(row["token_accessor"], []).append(row)

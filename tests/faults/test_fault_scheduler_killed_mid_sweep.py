@@ -15,6 +15,7 @@ import pytest
 
 from tests.factories import AGENT, can_log_in, start_body
 from tests.faults.faultkit import lease_alive, token_alive
+from tests.support.broker_procs import BrokerProcess
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,7 @@ def test_a_sweeper_killed_between_vault_and_commit_is_taken_over_without_double_
     creds = started.get_json()["credentials"]["db"]["data"]
 
     config = fault_config(vault_addr=vault_proxy.addr)
-    sweepers = []
+    sweepers: list[BrokerProcess] = []
 
     def kill_the_sweeper(_exchange):
         os.kill(sweepers[0].pid, signal.SIGKILL)

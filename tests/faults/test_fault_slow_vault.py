@@ -20,9 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from werkzeug.test import TestResponse
 
 from broker.config import VaultSettings
 from tests.factories import AGENT, start_body
+from tests.support.tokens import TestIssuer
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -34,7 +36,7 @@ OPEN = {"issuing", "active", "pending_approval"}
 NO_POOL = {"task_token_pool": 0} if "task_token_pool" in VaultSettings.model_fields else {}
 
 
-def agent(issuers, i: int) -> dict[str, str]:
+def agent(issuers: dict[str, TestIssuer], i: int) -> dict[str, str]:
     spire = issuers["spire"]
     return spire.bearer(spire.spiffe_id(f"agents/slow-{i}"))
 
@@ -171,7 +173,7 @@ def test_concurrent_starts_of_one_workload_against_a_slow_vault_say_vault_unavai
     _, client = in_process(fault_config(vault_addr=vault_proxy.addr, timeout=timeout))
     headers = issuers["spire"].bearer(AGENT)
     vault_proxy.add_rule(r"", action="hang", times=None, hang_seconds=120)
-    answers: list[tuple[object, float]] = []
+    answers: list[tuple[TestResponse, float]] = []
     lock = threading.Lock()
 
     def start():
@@ -195,17 +197,23 @@ def test_concurrent_starts_of_one_workload_against_a_slow_vault_say_vault_unavai
     assert not [row for row in ledger.tasks() if row["state"] in OPEN]
 
 
-def test_a_finish_tries_vault_once_when_it_does_not_answer(issuers, vault_proxy, fault_config, processes, ledger):
+def test_a_finish_tries_vault_once_when_it_does_not_answer(
+    issuers, vault_proxy, fault_config, processes, ledger
+):
     """Four leases, Vault silent: the first revoke waits out the timeout, a one-second health
     probe gets no answer either, the other three are parked without a call (each would wait
     out its own timeout), and the retry revokes all four once Vault answers again."""
     server, headers, _ = launch(processes, fault_config, vault_proxy, issuers, workers=1, threads=2, warm=0)
-    started = requests.post(f"{server.url}/task/start", json=start_body("everything"), headers=headers, timeout=30)
+    started = requests.post(
+        f"{server.url}/task/start", json=start_body("everything"), headers=headers, timeout=30
+    )
     assert started.status_code == 201, started.text
     task_id = started.json()["task_id"]
     hang = vault_proxy.add_rule(r"", action="hang", times=None, hang_seconds=120)
 
-    finished = requests.post(f"{server.url}/task/finish", json={"task_id": task_id}, headers=headers, timeout=60)
+    finished = requests.post(
+        f"{server.url}/task/finish", json={"task_id": task_id}, headers=headers, timeout=60
+    )
 
     assert finished.status_code == 200, finished.text
     leases = finished.json()["leases"]
@@ -221,16 +229,22 @@ def test_a_finish_tries_vault_once_when_it_does_not_answer(issuers, vault_proxy,
     )
 
 
-def test_one_slow_revoke_does_not_keep_the_others_from_being_tried(issuers, vault_proxy, fault_config, processes, ledger):
+def test_one_slow_revoke_does_not_keep_the_others_from_being_tried(
+    issuers, vault_proxy, fault_config, processes, ledger
+):
     """Vault answers but one revoke times out (its engine's backend is slow): the health
     probe answers, so the task's other leases are still revoked at once."""
     server, headers, _ = launch(processes, fault_config, vault_proxy, issuers, workers=1, threads=2, warm=0)
-    started = requests.post(f"{server.url}/task/start", json=start_body("everything"), headers=headers, timeout=30)
+    started = requests.post(
+        f"{server.url}/task/start", json=start_body("everything"), headers=headers, timeout=30
+    )
     assert started.status_code == 201, started.text
     task_id = started.json()["task_id"]
     slow = vault_proxy.add_rule(r"^/v1/sys/leases/revoke", action="hang", times=1, hang_seconds=120)
 
-    finished = requests.post(f"{server.url}/task/finish", json={"task_id": task_id}, headers=headers, timeout=60)
+    finished = requests.post(
+        f"{server.url}/task/finish", json={"task_id": task_id}, headers=headers, timeout=60
+    )
 
     assert finished.status_code == 200, finished.text
     states = sorted(lease["state"] for lease in finished.json()["leases"])

@@ -51,7 +51,7 @@ class JwksServer:
         self.requests: list[str] = []
         self.release = threading.Event()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._http.handle_error = lambda request, address: None  # type: ignore[method-assign]
+        self._http.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
         self.port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ def per_request(tmp_path: Path, clock: FakeClock) -> TestIssuer:
 
 
 @pytest.fixture
-def verifier(make_verifier: Any, per_request: TestIssuer) -> Verifier:
+def verifier(make_verifier: Callable[..., Verifier], per_request: TestIssuer) -> Verifier:
     return make_verifier(per_request, skew=30)
 
 

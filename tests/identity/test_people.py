@@ -79,7 +79,11 @@ def test_the_normal_form(value, normal):
 
 @pytest.mark.parametrize(
     "value",
-    ["\u0438\u0432\u0430\u043d@\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444", "\u7530\u4e2d@example.jp", "Zo\u00eb"],
+    [
+        "\u0438\u0432\u0430\u043d@\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444",
+        "\u7530\u4e2d@example.jp",
+        "Zo\u00eb",
+    ],
     ids=["all-cyrillic", "cjk-with-latin", "latin-with-diaeresis"],
 )
 def test_names_in_one_script_or_with_non_look_alike_scripts_are_accepted(value):
@@ -115,6 +119,12 @@ def test_ascii_takes_a_shortcut_to_the_same_answers(value):
     else:
         check_text(value)
     visible = "".join(char for char in value if refused_character(char) is None)
-    assert fold_person(value) == unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", visible).casefold())
-    letters = {unicodedata.name(char).partition(" ")[0] for char in value if unicodedata.category(char).startswith("L")}
+    assert fold_person(value) == unicodedata.normalize(
+        "NFKC", unicodedata.normalize("NFKC", visible).casefold()
+    )
+    letters = {
+        unicodedata.name(char).partition(" ")[0]
+        for char in value
+        if unicodedata.category(char).startswith("L")
+    }
     assert scripts_of(value) == letters

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def claims_for(issuer: TestIssuer, clock: FakeClock, **overrides: Any) -> dict[s
 
 
 @pytest.fixture
-def verifier(make_verifier: Any, spire: TestIssuer, sso: TestIssuer) -> Verifier:
+def verifier(make_verifier: Callable[..., Verifier], spire: TestIssuer, sso: TestIssuer) -> Verifier:
     return make_verifier(spire, sso)
 
 

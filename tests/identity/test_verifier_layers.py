@@ -60,7 +60,9 @@ def test_decode_refuses_an_algorithm_the_issuer_does_not_allow(idp, issuer, cloc
 @pytest.mark.parametrize("iss", ["https://evil.test", "https://IDP.test", None])
 def test_decode_refuses_another_or_missing_issuer(idp, issuer, clock, iss):
     """§3 iss equals the configured issuer exactly, and is required."""
-    claims = _claims(idp, clock, iss=iss) if iss else {k: v for k, v in _claims(idp, clock).items() if k != "iss"}
+    claims = (
+        _claims(idp, clock, iss=iss) if iss else {k: v for k, v in _claims(idp, clock).items() if k != "iss"}
+    )
     token = encode_token({"alg": "ES256", "kid": idp.key.kid}, claims, key=idp.key)
     with pytest.raises(InvalidToken):
         _decoded(token, idp.key, issuer)

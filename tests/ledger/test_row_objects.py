@@ -21,6 +21,8 @@ print(task.state, task.owner, len(task.leases))
 def test_a_row_object_works_as_the_first_orm_use_of_a_process():
     # A fresh gunicorn worker whose first request is a finish builds its first mapped
     # objects this way, before any query or constructor has configured the mappers.
-    ran = subprocess.run([sys.executable, "-c", FIRST_USE], capture_output=True, text=True, timeout=60, check=False)
+    ran = subprocess.run(
+        [sys.executable, "-c", FIRST_USE], capture_output=True, text=True, timeout=60, check=False
+    )
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.split() == ["finished", "alice@example.com", "1"]

@@ -101,11 +101,22 @@ class McpRun:
 async def mcp_server(workload: Workload, errlog: Path, *extra_args: str) -> AsyncIterator[McpRun]:
     parameters = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "broker.mcp", "--url", workload.url, "--token-file", str(workload.token_file), *extra_args],
+        args=[
+            "-m",
+            "broker.mcp",
+            "--url",
+            workload.url,
+            "--token-file",
+            str(workload.token_file),
+            *extra_args,
+        ],
         cwd=str(ROOT),
         env={"PYTHONUNBUFFERED": "1"},
     )
     with errlog.open("w") as log:
-        async with stdio_client(parameters, errlog=log) as (read, write), ClientSession(read, write) as session:
+        async with (
+            stdio_client(parameters, errlog=log) as (read, write),
+            ClientSession(read, write) as session,
+        ):
             await session.initialize()
             yield McpRun(session, errlog)

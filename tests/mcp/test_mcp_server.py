@@ -74,7 +74,13 @@ def test_the_tools_and_their_input_schemas(workload: Workload, tmp_path: Path) -
             schema = {name: tool.input_schema for name, tool in tools.items()}
             assert schema["list_task_types"]["properties"] == {}
             assert set(schema["start_task"]["required"]) == {"task", "owner", "purpose"}
-            assert set(schema["start_task"]["properties"]) == {"task", "owner", "purpose", "context", "ttl_seconds"}
+            assert set(schema["start_task"]["properties"]) == {
+                "task",
+                "owner",
+                "purpose",
+                "context",
+                "ttl_seconds",
+            }
             assert schema["start_task"]["properties"]["purpose"]["minLength"] == 8
             assert schema["task_status"]["required"] == ["task_id"]
             run_schema = schema["run_with_credentials"]
@@ -82,7 +88,11 @@ def test_the_tools_and_their_input_schemas(workload: Workload, tmp_path: Path) -
             assert run_schema["properties"]["command"]["type"] == "array"
             assert run_schema["properties"]["command"]["items"] == {"type": "string"}
             assert run_schema["properties"]["timeout_seconds"]["maximum"] == 3600
-            assert schema["finish_task"]["properties"]["outcome"]["enum"] == ["succeeded", "failed", "cancelled"]
+            assert schema["finish_task"]["properties"]["outcome"]["enum"] == [
+                "succeeded",
+                "failed",
+                "cancelled",
+            ]
             assert not any("approve" in name for name in tools)
 
             listed = await run.ok("list_task_types")
@@ -100,7 +110,12 @@ def test_start_run_finish_and_the_credentials_die(workload: Workload, tmp_path: 
             started = await run.ok("start_task", STAGING)
             assert started["state"] == "active"
             assert started["credentials"] == [
-                {"name": "db", "kind": "database", "state": "active", "expires_at": started["credentials"][0]["expires_at"]}
+                {
+                    "name": "db",
+                    "kind": "database",
+                    "state": "active",
+                    "expires_at": started["credentials"][0]["expires_at"],
+                }
             ]
             task_id = started["task_id"]
             ran = await run.ok("run_with_credentials", run_db_read(task_id, handout, stack))
@@ -122,7 +137,9 @@ def test_start_run_finish_and_the_credentials_die(workload: Workload, tmp_path: 
     anyio.run(scenario)
 
 
-def test_printed_secrets_are_redacted_in_every_encoding(workload: Workload, tmp_path: Path, stack: Any) -> None:
+def test_printed_secrets_are_redacted_in_every_encoding(
+    workload: Workload, tmp_path: Path, stack: Any
+) -> None:
     handout = tmp_path / "handout.json"
 
     async def scenario() -> None:
@@ -132,7 +149,8 @@ def test_printed_secrets_are_redacted_in_every_encoding(workload: Workload, tmp_
             password = json.loads(handout.read_text())["password"]
             username = json.loads(handout.read_text())["username"]
             printed = await run.ok(
-                "run_with_credentials", {"task_id": task_id, "command": [sys.executable, "-c", PRINT_PASSWORD]}
+                "run_with_credentials",
+                {"task_id": task_id, "command": [sys.executable, "-c", PRINT_PASSWORD]},
             )
             assert printed["exit_status"] == 0
             lines = dict(line.split(" ", 1) for line in printed["stdout"].splitlines())
@@ -143,7 +161,13 @@ def test_printed_secrets_are_redacted_in_every_encoding(workload: Workload, tmp_
             assert printed["stderr"] == "stderr [REDACTED:db]\n"
             output = printed["stdout"] + printed["stderr"]
             basic = base64.b64encode(f"{username}:{password}".encode()).decode()
-            for form in (password, quote(password, safe=""), quote_plus(password), basic, password.encode().hex()):
+            for form in (
+                password,
+                quote(password, safe=""),
+                quote_plus(password),
+                basic,
+                password.encode().hex(),
+            ):
                 assert form not in output
             await run.ok("finish_task", {"task_id": task_id})
 
@@ -213,7 +237,10 @@ def test_a_timeout_kills_the_whole_process_group(workload: Workload, tmp_path: P
             assert result["timed_out"] is True and result["exit_status"] is None
             assert result["stdout"] == "started\n"
             grandchild = int(pid_file.read_text())
-            assert not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
+            assert (
+                not Path(f"/proc/{grandchild}").exists()
+                or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
+            )
             await run.ok("finish_task", {"task_id": task_id})
 
     anyio.run(scenario)
@@ -239,7 +266,9 @@ def test_an_approval_granted_from_another_thread_is_claimed_by_the_server(
 
     async def scenario() -> None:
         async with mcp_server(workload, tmp_path / "mcp.log") as run:
-            pending = await run.ok("start_task", {**START, "task": "deploy-prod", "context": {"environment": "prod"}})
+            pending = await run.ok(
+                "start_task", {**START, "task": "deploy-prod", "context": {"environment": "prod"}}
+            )
             task_id = pending["task_id"]
             assert pending["state"] == "pending_approval"
             assert pending["approval"]["approver_groups"] == ["dba"]
@@ -267,7 +296,9 @@ def test_an_approval_granted_from_another_thread_is_claimed_by_the_server(
     anyio.run(scenario)
 
 
-def test_no_secret_reaches_a_result_an_error_or_the_log(workload: Workload, tmp_path: Path, stack: Any) -> None:
+def test_no_secret_reaches_a_result_an_error_or_the_log(
+    workload: Workload, tmp_path: Path, stack: Any
+) -> None:
     handouts = [tmp_path / "first.json", tmp_path / "second.json"]
     errors: list[str] = []
 
@@ -278,16 +309,32 @@ def test_no_secret_reaches_a_result_an_error_or_the_log(workload: Workload, tmp_
             second = (await run.ok("start_task", {**STAGING, "ttl_seconds": 120}))["task_id"]
             for task_id, handout in zip((first, second), handouts, strict=True):
                 await run.ok("run_with_credentials", run_db_read(task_id, handout, stack))
-                await run.ok("run_with_credentials", {"task_id": task_id, "command": [sys.executable, "-c", PRINT_PASSWORD]})
+                await run.ok(
+                    "run_with_credentials",
+                    {"task_id": task_id, "command": [sys.executable, "-c", PRINT_PASSWORD]},
+                )
                 await run.ok("task_status", {"task_id": task_id})
             failing = [
                 ("run_with_credentials", {"task_id": first, "command": ["/no/such/program"]}),
-                ("run_with_credentials", {"task_id": first, "command": [sys.executable, "-c", "import os; raise SystemExit(os.environ['DB_PASSWORD'])"]}),
+                (
+                    "run_with_credentials",
+                    {
+                        "task_id": first,
+                        "command": [
+                            sys.executable,
+                            "-c",
+                            "import os; raise SystemExit(os.environ['DB_PASSWORD'])",
+                        ],
+                    },
+                ),
                 ("start_task", {**STAGING, "owner": "mallory@evil.example"}),
                 ("start_task", {**STAGING, "task": "no-such-task"}),
                 ("start_task", {**STAGING, "ttl_seconds": 100000}),
                 ("task_status", {"task_id": "00000000-0000-4000-8000-000000000000"}),
-                ("run_with_credentials", {"task_id": "00000000-0000-4000-8000-000000000000", "command": ["true"]}),
+                (
+                    "run_with_credentials",
+                    {"task_id": "00000000-0000-4000-8000-000000000000", "command": ["true"]},
+                ),
             ]
             for name, arguments in failing:
                 result = await run.call(name, arguments)

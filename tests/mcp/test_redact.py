@@ -49,6 +49,8 @@ def test_the_start_of_a_secret_left_by_truncation_is_cut() -> None:
 
 
 def test_values_too_short_to_be_secrets_are_left_alone() -> None:
-    redactor = Redactor([{"cert": {"kind": "pki", "data": {"private_key_type": "ec", "serial_number": "12:ab:cd:ef"}}}])
+    redactor = Redactor(
+        [{"cert": {"kind": "pki", "data": {"private_key_type": "ec", "serial_number": "12:ab:cd:ef"}}}]
+    )
     assert redactor("ec key 12:ab:cd:ef") == "ec key [REDACTED:cert]"
     assert Redactor()("nothing to hide") == "nothing to hide"

@@ -49,7 +49,9 @@ def load_mutations() -> list[dict[str, Any]]:
     for mutation in mutations:
         count = (ROOT / mutation["file"]).read_text().count(mutation["find"])
         if count != 1:
-            sys.exit(f"mutation {mutation['id']}: `find` occurs {count} times in {mutation['file']}, not once")
+            sys.exit(
+                f"mutation {mutation['id']}: `find` occurs {count} times in {mutation['file']}, not once"
+            )
     return mutations
 
 
@@ -72,7 +74,12 @@ def run_tests(tree: Path, tests: list[str], stack_file: Path, log: Path) -> tupl
     with log.open("w") as out:
         try:
             code = subprocess.run(
-                command, check=False, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
+                command,
+                check=False,
+                cwd=tree,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 timeout=TIMEOUT_SECONDS,
             ).returncode
         except subprocess.TimeoutExpired:

@@ -51,12 +51,13 @@ def load(path: Path) -> Stack:
     pg = data["postgres"]
     vault: dict[str, Any] = data["vault"]
     tuples = {f.name for f in fields(VaultSetup) if "tuple" in str(f.type)}
+    setup: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in vault.items()}
     return Stack(
         postgres=PostgresHandle(
             Path(pg["workdir"]), pg["port"], Path(pg["socket_dir"]), Path(pg["bin_dir"]), pg["run_as"]
         ),
         openbao=OpenBaoHandle(addr=data["openbao"]["addr"], root_token=data["openbao"]["root_token"]),
-        vault=VaultSetup(**{k: tuple(v) if k in tuples else v for k, v in vault.items()}),
+        vault=VaultSetup(**setup),
     )
 
 
@@ -66,4 +67,4 @@ if os.environ.get(ENV):
     def _start_stack(workdir: Path, **_: Any) -> Stack:
         return _shared
 
-    stack_module.start_stack = _start_stack  # type: ignore[assignment]
+    stack_module.start_stack = _start_stack

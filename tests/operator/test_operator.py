@@ -56,7 +56,9 @@ def test_leases_filter_and_page(client, issuers):
     assert len(set(seen)) == 4
 
 
-@pytest.mark.parametrize("query", ["state=bogus", "limit=0", "limit=x", "task_id=nope", "cursor=%%%", "colour=red"])
+@pytest.mark.parametrize(
+    "query", ["state=bogus", "limit=0", "limit=x", "task_id=nope", "cursor=%%%", "colour=red"]
+)
 def test_bad_list_queries_are_400(client, issuers, query):
     response = client.get(f"/leases?{query}", headers=sre(issuers))
     assert response.status_code == 400
@@ -72,7 +74,9 @@ def test_revoke_one_lease(client, issuers, stack):
     task = start(client, issuers)
     lease_id = task["leases"][0]["id"]
     creds = task["credentials"]["db"]["data"]
-    response = client.post(f"/leases/{lease_id}/revoke", json={"reason": "suspicious queries"}, headers=sre(issuers))
+    response = client.post(
+        f"/leases/{lease_id}/revoke", json={"reason": "suspicious queries"}, headers=sre(issuers)
+    )
     assert response.status_code == 200
     assert response.get_json()["state"] == "revoked"
     assert not can_log_in(stack, creds)
@@ -89,7 +93,9 @@ def test_unknown_lease_is_404(client, issuers):
 def test_kill_switch_revokes_everything_of_one_workload(client, issuers, stack):
     mine = [start(client, issuers) for _ in range(2)]
     theirs = start(client, issuers, sub=OTHER)
-    response = client.post("/leases/revoke", json={"reason": "agent compromised", "workload": AGENT}, headers=sre(issuers))
+    response = client.post(
+        "/leases/revoke", json={"reason": "agent compromised", "workload": AGENT}, headers=sre(issuers)
+    )
     assert response.status_code == 200
     assert sorted(response.get_json()["tasks"]) == sorted(task["task_id"] for task in mine)
     for task in mine:
@@ -110,7 +116,9 @@ def test_audit_names_actor_owner_purpose_and_filters_by_task(client, issuers):
     client.post("/task/finish", json={"task_id": task["task_id"]}, headers=issuers["spire"].bearer(AGENT))
     events = client.get(f"/audit?task_id={task['task_id']}", headers=sre(issuers)).get_json()["items"]
     names = [event["event"] for event in events]
-    assert {"task.start_requested", "lease.issued", "task.started", "lease.revoked", "task.finished"} <= set(names)
+    assert {"task.start_requested", "lease.issued", "task.started", "lease.revoked", "task.finished"} <= set(
+        names
+    )
     for event in events:
         assert event["actor"] == AGENT
         assert event["owner"] == "alice@example.com"
@@ -144,11 +152,15 @@ def test_audit_verify_detects_changed_inserted_and_deleted_rows(client, issuers,
     assert verify().exit_code == 0, verify().output
     with services.engine.begin() as connection:
         seqs = [row[0] for row in connection.execute(text("SELECT seq FROM audit_events ORDER BY seq"))]
-        connection.execute(text("UPDATE audit_events SET purpose = 'innocent' WHERE seq = :s"), {"s": seqs[2]})
+        connection.execute(
+            text("UPDATE audit_events SET purpose = 'innocent' WHERE seq = :s"), {"s": seqs[2]}
+        )
     changed = verify()
     assert changed.exit_code == 1 and f"seq {seqs[2]}" in changed.output
     with services.engine.begin() as connection:
-        connection.execute(text("UPDATE audit_events SET purpose = 'weekly revenue report' WHERE seq = :s"), {"s": seqs[2]})
+        connection.execute(
+            text("UPDATE audit_events SET purpose = 'weekly revenue report' WHERE seq = :s"), {"s": seqs[2]}
+        )
     assert verify().exit_code == 0
     with services.engine.begin() as connection:
         connection.execute(text("DELETE FROM audit_events WHERE seq = :s"), {"s": seqs[4]})
@@ -179,7 +191,9 @@ def test_audit_verify_without_the_database_says_so_in_one_line_and_exits_3(confi
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_with_an_audit_key_a_forged_event_is_never_sealed(stack, issuers, policy_file, clean_db, monkeypatch, tmp_path):
+def test_with_an_audit_key_a_forged_event_is_never_sealed(
+    stack, issuers, policy_file, clean_db, monkeypatch, tmp_path
+):
     import yaml
 
     from broker.app import create_app
@@ -194,10 +208,12 @@ def test_with_an_audit_key_a_forged_event_is_never_sealed(stack, issuers, policy
     client = create_app(services=services).test_client()
     start(client, issuers)
     with services.engine.begin() as connection:
-        connection.execute(text(
-            "INSERT INTO audit_events (id, at, event, actor, detail, row_mac)"
-            " VALUES (gen_random_uuid(), now(), 'lease.revoked', 'sre-sam', '{}', repeat('a', 64))"
-        ))
+        connection.execute(
+            text(
+                "INSERT INTO audit_events (id, at, event, actor, detail, row_mac)"
+                " VALUES (gen_random_uuid(), now(), 'lease.revoked', 'sre-sam', '{}', repeat('a', 64))"
+            )
+        )
     sealed = seal(services)
     path = tmp_path / "broker.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -213,12 +229,14 @@ def test_sealing_in_batches_links_every_good_event_in_order_around_a_forged_one(
 
     start(client, issuers)
     with services.engine.begin() as connection:
-        connection.execute(text(
-            "INSERT INTO audit_events (id, at, event, actor, detail, row_mac)"
-            " VALUES (gen_random_uuid(), now(), 'lease.revoked', 'sre-sam', '{}', repeat('a', 64))"
-        ))
+        connection.execute(
+            text(
+                "INSERT INTO audit_events (id, at, event, actor, detail, row_mac)"
+                " VALUES (gen_random_uuid(), now(), 'lease.revoked', 'sre-sam', '{}', repeat('a', 64))"
+            )
+        )
     start(client, issuers, sub=OTHER)
-    sealed = []
+    sealed: list[int] = []
     while not sealed or sealed[-1]:
         with unit_of_work(services.sessions) as session:
             sealed.append(seal_pending(session, services.audit_key, limit=2))
@@ -235,24 +253,32 @@ def test_sealing_in_batches_links_every_good_event_in_order_around_a_forged_one(
     assert [problem.problem.split(":")[0] for problem in report.problems] == ["content changed or forged"]
 
 
-def test_an_anchor_kept_outside_catches_a_deleted_tail_with_a_rewound_head(client, issuers, config_file, services, tmp_path):
+def test_an_anchor_kept_outside_catches_a_deleted_tail_with_a_rewound_head(
+    client, issuers, config_file, services, tmp_path
+):
     anchor = tmp_path / "anchor.json"
     for _ in range(2):
         start(client, issuers)
     seal(services)
 
     def verify():
-        return CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file), "--anchor", str(anchor)])
+        return CliRunner().invoke(
+            main, ["audit", "verify", "--config", str(config_file), "--anchor", str(anchor)]
+        )
 
     assert verify().exit_code == 0 and anchor.exists()
     with services.engine.begin() as connection:
         last = connection.execute(text("SELECT max(chain_seq) FROM audit_events")).scalar_one()
         connection.execute(text("DELETE FROM audit_events WHERE chain_seq > :s"), {"s": last - 2})
         connection.execute(
-            text("UPDATE audit_head SET seq = e.chain_seq, hash = e.hash FROM audit_events e WHERE e.chain_seq = :s"),
+            text(
+                "UPDATE audit_head SET seq = e.chain_seq, hash = e.hash FROM audit_events e WHERE e.chain_seq = :s"
+            ),
             {"s": last - 2},
         )
-    assert CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file)]).exit_code == 0  # fooled
+    assert (
+        CliRunner().invoke(main, ["audit", "verify", "--config", str(config_file)]).exit_code == 0
+    )  # fooled
     caught = verify()
     assert caught.exit_code == 1 and "anchor missing" in caught.output
 
@@ -268,7 +294,9 @@ def test_a_deleted_chain_head_stops_sealing_and_is_reported(client, issuers, con
     assert result.exit_code == 1 and "head" in result.output
 
 
-def test_an_anchor_taken_before_anything_was_sealed_is_not_a_false_alarm(client, issuers, config_file, services, tmp_path):
+def test_an_anchor_taken_before_anything_was_sealed_is_not_a_false_alarm(
+    client, issuers, config_file, services, tmp_path
+):
     anchor = tmp_path / "anchor.json"
     args = ["audit", "verify", "--config", str(config_file), "--anchor", str(anchor)]
     start(client, issuers)
@@ -280,7 +308,9 @@ def test_an_anchor_taken_before_anything_was_sealed_is_not_a_false_alarm(client,
 def test_audit_takes_the_same_task_and_state_filters(client, issuers):
     analytics = start(client, issuers)
     everything = start(client, issuers, task="everything")
-    client.post("/task/finish", json={"task_id": everything["task_id"]}, headers=issuers["spire"].bearer(AGENT))
+    client.post(
+        "/task/finish", json={"task_id": everything["task_id"]}, headers=issuers["spire"].bearer(AGENT)
+    )
     by_task = client.get("/audit?task=analytics-read", headers=sre(issuers)).get_json()["items"]
     assert by_task and {event["task_id"] for event in by_task} == {analytics["task_id"]}
     by_state = client.get("/audit?state=finished", headers=sre(issuers)).get_json()["items"]
@@ -289,7 +319,9 @@ def test_audit_takes_the_same_task_and_state_filters(client, issuers):
 
 def test_audit_by_workload_includes_what_others_did_to_its_tasks(client, issuers):
     task = start(client, issuers)
-    revoked = client.post(f"/leases/{task['leases'][0]['id']}/revoke", json={"reason": "rotating"}, headers=sre(issuers))
+    revoked = client.post(
+        f"/leases/{task['leases'][0]['id']}/revoke", json={"reason": "rotating"}, headers=sre(issuers)
+    )
     assert revoked.status_code == 200
     events = client.get(f"/audit?workload={AGENT}", headers=sre(issuers)).get_json()["items"]
     by_actor = {(event["event"], event["actor"] == AGENT) for event in events}
@@ -298,11 +330,17 @@ def test_audit_by_workload_includes_what_others_did_to_its_tasks(client, issuers
 
 
 def test_audit_by_task_type_includes_refused_starts(client, issuers):
-    refused = client.post("/task/start", json=start_body(owner="mallory@evil.test"), headers=issuers["spire"].bearer(AGENT))
+    refused = client.post(
+        "/task/start", json=start_body(owner="mallory@evil.test"), headers=issuers["spire"].bearer(AGENT)
+    )
     assert refused.status_code == 403
-    denied = client.get("/audit?task=analytics-read&event=task.denied", headers=sre(issuers)).get_json()["items"]
+    denied = client.get("/audit?task=analytics-read&event=task.denied", headers=sre(issuers)).get_json()[
+        "items"
+    ]
     assert [event["detail"]["task"] for event in denied] == ["analytics-read"]
-    assert client.get("/audit?task=everything&event=task.denied", headers=sre(issuers)).get_json()["items"] == []
+    assert (
+        client.get("/audit?task=everything&event=task.denied", headers=sre(issuers)).get_json()["items"] == []
+    )
 
 
 @pytest.mark.parametrize(
@@ -331,5 +369,9 @@ def test_the_kill_switch_event_names_its_target_owner_and_reason(client, issuers
     body = {"reason": "laptop stolen", "owner": "alice@example.com"}
     assert client.post("/leases/revoke", json=body, headers=sre(issuers)).status_code == 200
     [event] = client.get("/audit?event=operator.kill_switch", headers=sre(issuers)).get_json()["items"]
-    assert (event["owner"], event["purpose"], event["detail"]["owner"]) == ("alice@example.com", "laptop stolen", "alice@example.com")
+    assert (event["owner"], event["purpose"], event["detail"]["owner"]) == (
+        "alice@example.com",
+        "laptop stolen",
+        "alice@example.com",
+    )
     assert event["actor"].endswith("sre-sam@example.com")

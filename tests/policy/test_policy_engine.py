@@ -621,7 +621,11 @@ def test_the_contracts_example_policy_admits_whom_it_says(identity: Identity, al
     [
         ('request.context.environment == "prod"', {}, ("environment",)),
         ('request.context.environment == "prod"', {"environment": "dev"}, ()),
-        ('request.context["change-ticket"] != "" && request.context.env == "x"', {"env": "x"}, ("change-ticket",)),
+        (
+            'request.context["change-ticket"] != "" && request.context.env == "x"',
+            {"env": "x"},
+            ("change-ticket",),
+        ),
         ('"ticket" in request.context && has(request.context.team)', {}, ("ticket", "team")),
         ("request.context.a == request.context.a", {}, ("a",)),
         ('workload.claims.ref == "main"', {}, ()),

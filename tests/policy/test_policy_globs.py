@@ -36,7 +36,12 @@ CASES = [
         "double-star-anchored-end",
     ),
     ("repo:acme/app:*", "repo:acme/app:pull_request", True, "github-no-slash"),
-    ("repo:acme/app:*", "repo:acme/app:ref:refs/heads/main", True, "github-star-crosses-slash-SPEC-4-example"),
+    (
+        "repo:acme/app:*",
+        "repo:acme/app:ref:refs/heads/main",
+        True,
+        "github-star-crosses-slash-SPEC-4-example",
+    ),
     ("repo:acme/app:**", "repo:acme/app:ref:refs/heads/main", True, "github-double-star"),
     ("repo:org/app*", "repo:org/app-evil", True, "J36-sloppy-pattern-is-wide"),
     ("repo:org/app:*", "repo:org/app-evil:ref", False, "J36-colon-pins-repo"),

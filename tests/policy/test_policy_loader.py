@@ -175,11 +175,23 @@ def test_all_schema_errors_reported_at_once_in_line_order() -> None:
         ("request.ttl_seconds", "line 9: tasks.analytics-read.when[0]: evaluates to int, not a boolean"),
         ("null", "line 9: tasks.analytics-read.when[0]: evaluates to null, not a boolean"),
         ("request.owner + 1 == 2", "line 9: tasks.analytics-read.when[0]: CEL type error"),
-        ("nosuchfn(request.owner)", "line 9: tasks.analytics-read.when[0]: CEL error: Undefined variable or function"),
+        (
+            "nosuchfn(request.owner)",
+            "line 9: tasks.analytics-read.when[0]: CEL error: Undefined variable or function",
+        ),
     ],
     ids=[
-        "syntax", "unterminated-string", "misspelt-variable", "empty", "misspelt-request-field",
-        "misspelt-workload-field", "int-result", "field-result", "null-result", "type-error", "unknown-function",
+        "syntax",
+        "unterminated-string",
+        "misspelt-variable",
+        "empty",
+        "misspelt-request-field",
+        "misspelt-workload-field",
+        "int-result",
+        "field-result",
+        "null-result",
+        "type-error",
+        "unknown-function",
     ],
 )
 def test_cel_compile_errors_name_expression_index_and_line(expression: str, expected: str) -> None:

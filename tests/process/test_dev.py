@@ -33,8 +33,18 @@ def test_broker_dev_smoke_runs_the_example_and_tears_down(tmp_path):
     assert "its database user read 3 rows" in result.stdout
     assert "the credentials are refused, as promised" in result.stdout
     env = (tmp_path / "dev" / "env.sh").read_text()
-    for name in ("BROKER_URL", "AGENT_TOKEN", "OPERATOR_TOKEN", "APPROVER_TOKEN", "PSQL", "BROKER_TOKEN", "BROKER_AUDIT_KEY",
-                 "SECOND_AGENT_TOKEN", "CI_TOKEN", "BROKER_WORKLOAD_TOKEN"):
+    for name in (
+        "BROKER_URL",
+        "AGENT_TOKEN",
+        "OPERATOR_TOKEN",
+        "APPROVER_TOKEN",
+        "PSQL",
+        "BROKER_TOKEN",
+        "BROKER_AUDIT_KEY",
+        "SECOND_AGENT_TOKEN",
+        "CI_TOKEN",
+        "BROKER_WORKLOAD_TOKEN",
+    ):
         assert f"export {name}=" in env
 
 
@@ -103,7 +113,9 @@ def test_the_printed_example_and_the_readme_tour_run_as_pasted_and_a_second_dev_
         ways = run_script(readme_tour("Three ways to run a task"), checkout)
         output = ways.stdout + ways.stderr
         assert ways.returncode == 0, output[-3000:]
-        assert "rows: 3" in ways.stdout and "finished: its database user is gone" in ways.stdout, output[-3000:]
+        assert "rows: 3" in ways.stdout and "finished: its database user is gone" in ways.stdout, output[
+            -3000:
+        ]
         assert re.search(r"^\s+3\s*$", ways.stdout, re.MULTILINE), output[-3000:]  # psql under broker exec
         assert "the job sees ['DB_PASSWORD', 'DB_USERNAME']" in ways.stdout, output[-3000:]
         assert "password" not in ways.stdout.lower().replace("db_password", "")
@@ -114,10 +126,10 @@ def test_the_printed_example_and_the_readme_tour_run_as_pasted_and_a_second_dev_
             "ETL=$(.venv/bin/broker dev token --issuer spire --subject spiffe://example.org/agents/etl)\n"
             "curl -s -o /dev/null -w '%{http_code}\\n' -X POST \"$BROKER_URL/task/start\" "
             "-H \"Authorization: Bearer $ETL\" -H 'Content-Type: application/json' "
-            "-d '{\"task\":\"issue-cert\",\"owner\":\"alice@example.com\",\"purpose\":\"mutual TLS for a job\"}'\n"
+            '-d \'{"task":"issue-cert","owner":"alice@example.com","purpose":"mutual TLS for a job"}\'\n'
             "SRE=$(.venv/bin/broker dev token --issuer corp-sso --subject sre-sue@example.com --group sre)\n"
-            "curl -s -o /dev/null -w '%{http_code}\\n' \"$BROKER_URL/leases\" -H \"Authorization: Bearer $SRE\"\n"
-            "BROKER_WORKLOAD_TOKEN=$ETL .venv/bin/broker leases list --token \"$SRE\" --task issue-cert\n",
+            'curl -s -o /dev/null -w \'%{http_code}\\n\' "$BROKER_URL/leases" -H "Authorization: Bearer $SRE"\n'
+            'BROKER_WORKLOAD_TOKEN=$ETL .venv/bin/broker leases list --token "$SRE" --task issue-cert\n',
             checkout,
         )
         assert minted.returncode == 0, minted.stdout + minted.stderr
@@ -141,7 +153,7 @@ def test_the_printed_example_and_the_readme_tour_run_as_pasted_and_a_second_dev_
         assert f"port {port} is in use by another process" in third.stderr
         assert "starting Postgres" not in third.stdout
         assert env_file.exists() and dev.poll() is None  # the first stack is untouched
-        assert run_script(f"source {env_file}\ncurl -sf \"$BROKER_URL/readyz\"", checkout).returncode == 0
+        assert run_script(f'source {env_file}\ncurl -sf "$BROKER_URL/readyz"', checkout).returncode == 0
     finally:
         os.killpg(dev.pid, signal.SIGTERM)
         dev.wait(timeout=60)
@@ -185,4 +197,7 @@ def test_without_port_a_taken_default_port_gives_a_free_one(monkeypatch, capsys)
         monkeypatch.setattr(cli, "DEFAULT_PORT", taken.getsockname()[1])
         chosen = cli._choose_port(None, smoke=False)
     assert chosen != cli.DEFAULT_PORT
-    assert f"port {cli.DEFAULT_PORT} is in use by another process; using port {chosen}" in capsys.readouterr().out
+    assert (
+        f"port {cli.DEFAULT_PORT} is in use by another process; using port {chosen}"
+        in capsys.readouterr().out
+    )

@@ -22,7 +22,10 @@ pytestmark = pytest.mark.slow
 
 def start_status(served, issuers, owner="alice@example.com"):
     response = requests.post(
-        f"{served.url}/task/start", json=start_body(owner=owner), headers=issuers["spire"].bearer(AGENT), timeout=30
+        f"{served.url}/task/start",
+        json=start_body(owner=owner),
+        headers=issuers["spire"].bearer(AGENT),
+        timeout=30,
     )
     return response.status_code
 
@@ -66,7 +69,9 @@ def test_a_client_connection_is_kept_alive_across_a_task(served, issuers):
         body = json.loads(started.read())
         assert started.status == 201 and started.getheader("Connection", "").lower() != "close"
         socket_used = connection.sock
-        connection.request("POST", "/task/finish", body=json.dumps({"task_id": body["task_id"]}), headers=headers)
+        connection.request(
+            "POST", "/task/finish", body=json.dumps({"task_id": body["task_id"]}), headers=headers
+        )
         finished = connection.getresponse()
         assert finished.status == 200 and json.loads(finished.read())["state"] == "finished"
         assert connection.sock is socket_used  # the same TCP connection carried both
@@ -79,7 +84,11 @@ def test_a_client_connection_is_kept_alive_across_a_task(served, issuers):
     [
         (b"GET /leases?workload=" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
         (b"POST /task/start HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, "bad_request"),
-        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", 431, "headers_too_large"),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n",
+            431,
+            "headers_too_large",
+        ),
     ],
     ids=["uri-too-long", "bad-content-length", "header-too-large"],
 )
@@ -109,9 +118,9 @@ CHUNKED_START = (
     [
         b"zz\r\n{}\r\n0\r\n\r\n",  # a chunk size that is not hex
         b"2\r\n{}XX0\r\n\r\n",  # no CRLF after the chunk's data
-        b"40\r\n{\"task\": ",  # the chunk ends before its size, then the client stops sending
+        b'40\r\n{"task": ',  # the chunk ends before its size, then the client stops sending
         b"2;\x01junk\r\n{}\r\n0\r\n\r\n",  # a chunk extension with a control byte
-        b"2;a=\"open\r\n{}\r\n0\r\n\r\n",  # an unterminated quoted chunk extension
+        b'2;a="open\r\n{}\r\n0\r\n\r\n',  # an unterminated quoted chunk extension
     ],
     ids=["bad-size", "missing-crlf", "truncated", "extension-junk", "extension-open-quote"],
 )
@@ -137,10 +146,14 @@ def test_a_malformed_chunked_body_is_a_400_problem(served, issuers, body):
 def test_sighup_reloads_the_policy_in_every_worker_and_keeps_it_on_a_bad_file(served, issuers, policy_file):
     assert start_status(served, issuers, owner="bob@partner.example") == 403
     text = policy_file.read_text()
-    policy_file.write_text(text.replace('owners: ["*@example.com"]', 'owners: ["*@example.com", "*@partner.example"]', 1))
+    policy_file.write_text(
+        text.replace('owners: ["*@example.com"]', 'owners: ["*@example.com", "*@partner.example"]', 1)
+    )
     served.send_signal(signal.SIGHUP)
     # Several requests, so both workers have answered under the new policy.
-    assert eventually(lambda: all(start_status(served, issuers, "bob@partner.example") in (201, 429) for _ in range(4)))
+    assert eventually(
+        lambda: all(start_status(served, issuers, "bob@partner.example") in (201, 429) for _ in range(4))
+    )
 
     policy_file.write_text("tasks: {broken: [")
     served.send_signal(signal.SIGHUP)
@@ -160,13 +173,21 @@ def test_broker_reload_signals_this_master_through_its_pid_file(served, issuers,
     assert eventually(pid_file.exists) and pid_file.read_text().strip() == str(served.pid)
     assert start_status(served, issuers, owner="bob@partner.example") == 403
     text = policy_file.read_text()
-    policy_file.write_text(text.replace('owners: ["*@example.com"]', 'owners: ["*@example.com", "*@partner.example"]', 1))
+    policy_file.write_text(
+        text.replace('owners: ["*@example.com"]', 'owners: ["*@example.com", "*@partner.example"]', 1)
+    )
     reload = subprocess.run(
-        [sys.executable, "-m", "broker", "reload", "--port", port], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "broker", "reload", "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert reload.returncode == 0, reload.stderr
     assert f"pid {served.pid}" in reload.stdout
-    assert eventually(lambda: all(start_status(served, issuers, "bob@partner.example") in (201, 429) for _ in range(4)))
+    assert eventually(
+        lambda: all(start_status(served, issuers, "bob@partner.example") in (201, 429) for _ in range(4))
+    )
 
 
 def test_the_operator_cli_lists_and_revokes_over_rest(served, issuers):
@@ -178,7 +199,10 @@ def test_the_operator_cli_lists_and_revokes_over_rest(served, issuers):
         f"{served.url}/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT), timeout=30
     ).json()
     lease_id = started["leases"][0]["id"]
-    env = {"BROKER_URL": served.url, "BROKER_TOKEN": issuers["sso"].mint("sre-sam@example.com", groups=["sre"])}
+    env = {
+        "BROKER_URL": served.url,
+        "BROKER_TOKEN": issuers["sso"].mint("sre-sam@example.com", groups=["sre"]),
+    }
     runner = CliRunner()
     listed = runner.invoke(main, ["leases", "list", "--state", "active"], env=env)
     assert listed.exit_code == 0, listed.output
@@ -186,9 +210,13 @@ def test_the_operator_cli_lists_and_revokes_over_rest(served, issuers):
     revoked = runner.invoke(main, ["leases", "revoke", lease_id, "--reason", "INC-1 test"], env=env)
     assert revoked.exit_code == 0, revoked.output
     assert f"{lease_id}: revoked" in revoked.output
-    killed = runner.invoke(main, ["leases", "kill", "--owner", "nobody@example.com", "--reason", "drill"], env=env)
+    killed = runner.invoke(
+        main, ["leases", "kill", "--owner", "nobody@example.com", "--reason", "drill"], env=env
+    )
     assert killed.exit_code == 0 and "0 task(s) ended" in killed.output
-    denied = runner.invoke(main, ["leases", "list"], env={**env, "BROKER_TOKEN": issuers["spire"].mint(AGENT)})
+    denied = runner.invoke(
+        main, ["leases", "list"], env={**env, "BROKER_TOKEN": issuers["spire"].mint(AGENT)}
+    )
     assert denied.exit_code == 1 and "HTTP 403 forbidden" in denied.output
 
 
@@ -203,7 +231,9 @@ def test_the_master_restarts_a_scheduler_that_died_and_deadlines_are_kept(served
     assert eventually(replaced, timeout=60), "no new scheduler after the first one was killed"
 
     headers = issuers["spire"].bearer(AGENT)
-    response = requests.post(f"{served.url}/task/start", json=start_body("short"), headers=headers, timeout=30)
+    response = requests.post(
+        f"{served.url}/task/start", json=start_body("short"), headers=headers, timeout=30
+    )
     assert response.status_code == 201, response.text
     started = response.json()
     creds = started["credentials"]["db"]["data"]

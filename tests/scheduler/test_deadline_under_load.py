@@ -10,11 +10,11 @@ is a poll with a generous timeout, never a timing assertion.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Row, create_engine, text
 
 from broker.config import settings_from_mapping
 from tests.conftest import broker_config
@@ -60,7 +60,8 @@ def _churn(app: Any, issuers: Any, subject: str, stop: threading.Event, failures
 
 
 def test_revoke_at_the_deadline_within_2s_under_load(broker, issuers, stack):
-    stop, failures = threading.Event(), []
+    stop = threading.Event()
+    failures: list[str] = []
     load = [
         threading.Thread(
             target=_churn, args=(broker, issuers, f"spiffe://example.org/agents/load-{n}", stop, failures)
@@ -83,7 +84,7 @@ def test_revoke_at_the_deadline_within_2s_under_load(broker, issuers, stack):
             "WHERE t.id = ANY(CAST(:ids AS uuid[])) AND t.state = 'expired' AND l.state = 'revoked'"
         )
 
-        def all_expired() -> list[Any]:
+        def all_expired() -> Sequence[Row[Any, Any]]:  # (expires_at, revoked_at)
             with engine.connect() as connection:
                 rows = connection.execute(query, {"ids": ids}).all()
             return rows if len(rows) == DEADLINE_TASKS else []

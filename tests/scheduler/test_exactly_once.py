@@ -46,11 +46,15 @@ def test_competing_sweepers_revoke_each_lease_exactly_once(client, issuers, sett
     assert sum(counts) == 30
     with services.engine.connect() as connection:
         per_lease = connection.execute(
-            text("SELECT lease_id, count(*) FROM audit_events WHERE event = 'lease.revoked' GROUP BY lease_id")
+            text(
+                "SELECT lease_id, count(*) FROM audit_events WHERE event = 'lease.revoked' GROUP BY lease_id"
+            )
         ).all()
         states = connection.execute(text("SELECT state, count(*) FROM leases GROUP BY state")).all()
         attempts = connection.execute(text("SELECT max(revoke_attempts) FROM leases")).scalar_one()
-        vault_ids = {row[0].rsplit("/", 1)[-1] for row in connection.execute(text("SELECT vault_lease_id FROM leases"))}
+        vault_ids = {
+            row[0].rsplit("/", 1)[-1] for row in connection.execute(text("SELECT vault_lease_id FROM leases"))
+        }
     assert len(per_lease) == 30 and {count for _, count in per_lease} == {1}
     assert states == [("revoked", 30)]
     assert attempts == 1

@@ -69,7 +69,8 @@ def fill(client, issuers, pool: TaskTokenPool) -> set[str]:
     headers = issuers["spire"].bearer(AGENT)
     started = client.post("/task/start", json=start_body(), headers=headers)
     assert started.status_code == 201, started.get_json()
-    return wait_for(lambda: len(pooled(pool)) >= 2 and pooled(pool))
+    tokens: set[str] = wait_for(lambda: len(pooled(pool)) >= 2 and pooled(pool))
+    return tokens
 
 
 def test_a_dead_processs_pooled_tokens_are_revoked_and_a_live_ones_are_not(
@@ -99,9 +100,7 @@ def test_a_dead_processs_pooled_tokens_are_revoked_and_a_live_ones_are_not(
         dead_services.close()
 
 
-def test_a_pool_whose_lease_lapsed_lends_nothing_the_scheduler_may_revoke(
-    client, services, issuers, stack
-):
+def test_a_pool_whose_lease_lapsed_lends_nothing_the_scheduler_may_revoke(client, services, issuers, stack):
     pool = services.token_pool
     headers = issuers["spire"].bearer(AGENT)
     lapsed = fill(client, issuers, pool)

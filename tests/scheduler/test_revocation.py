@@ -30,7 +30,9 @@ def parse(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def test_a_task_is_revoked_at_its_deadline_with_nobody_calling_finish(client, issuers, stack, running_scheduler):
+def test_a_task_is_revoked_at_its_deadline_with_nobody_calling_finish(
+    client, issuers, stack, running_scheduler
+):
     headers = issuers["spire"].bearer(AGENT)
     started = client.post("/task/start", json=start_body("short"), headers=headers).get_json()
     creds = started["credentials"]["db"]["data"]
@@ -129,7 +131,9 @@ def test_a_crash_between_vault_and_commit_leaves_nothing_alive(stack, config_fil
     script = tmp_path / "crash.py"
     script.write_text(CRASH_SCRIPT)
     before = dynamic_roles(stack)
-    result = subprocess.run([sys.executable, str(script), str(config_file), AGENT], capture_output=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, str(script), str(config_file), AGENT], capture_output=True, timeout=60, check=False
+    )
     assert result.returncode == -9, result.stderr.decode()[-2000:]
     orphans = dynamic_roles(stack) - before
     assert len(orphans) == 1  # Vault issued a database user the broker never recorded
@@ -203,7 +207,9 @@ def test_a_token_vault_refuses_stays_for_the_next_run_while_the_rest_of_its_batc
         task_id = client.post("/task/start", json=start_body(), headers=headers).get_json()["task_id"]
         assert client.post("/task/finish", json={"task_id": task_id}, headers=headers).status_code == 200
     with services.engine.connect() as connection:
-        oldest, *others = connection.execute(text("SELECT token_accessor FROM tasks ORDER BY finished_at")).scalars()
+        oldest, *others = connection.execute(
+            text("SELECT token_accessor FROM tasks ORDER BY finished_at")
+        ).scalars()
     failure: dict[str, Exception] = {}
     calls: list[str] = []
     revoke = services.vault.revoke_task_token
@@ -236,7 +242,10 @@ def test_a_token_vault_refuses_stays_for_the_next_run_while_the_rest_of_its_batc
         assert jobs.retire_tokens() == 2
         assert calls.count(oldest) == 1 and unretired() == [oldest]
         for accessor in others:
-            assert vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": accessor}).status_code == 400
+            assert (
+                vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": accessor}).status_code
+                == 400
+            )
 
         failure.clear()
         assert jobs.retire_tokens() == 1
@@ -258,7 +267,9 @@ def test_a_deadline_before_the_next_sweep_gets_a_run_at_that_instant(stack, issu
     runner = SchedulerRunner(services)
     try:
         runner.start()  # its first interval sweep is a minute away
-        started = client.post("/task/start", json=start_body("short", ttl_seconds=2), headers=issuers["spire"].bearer(AGENT))
+        started = client.post(
+            "/task/start", json=start_body("short", ttl_seconds=2), headers=issuers["spire"].bearer(AGENT)
+        )
         assert started.status_code == 201, started.get_json()
         runner._expire()  # one sweep, as the interval would run it, while the task is active
         task_id = started.get_json()["task_id"]

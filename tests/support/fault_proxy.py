@@ -275,7 +275,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._proxy()
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_LIST = do_GET  # type: ignore[assignment]
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_LIST = do_GET
 
     def _proxy(self) -> None:
         exchange = Exchange(self.command, self.path, int(self.client_address[1]), self._read_body())
@@ -339,7 +339,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:

@@ -50,7 +50,9 @@ _local = st.from_regex(r"[a-z][a-z0-9._-]{0,12}", fullmatch=True)
 
 def owners(domain: str | None = None) -> st.SearchStrategy[str]:
     """Plain Latin email-like names, in their normal form."""
-    domains = st.just(domain) if domain else st.from_regex(r"[a-z][a-z0-9-]{0,8}\.(com|org|net)", fullmatch=True)
+    domains = (
+        st.just(domain) if domain else st.from_regex(r"[a-z][a-z0-9-]{0,8}\.(com|org|net)", fullmatch=True)
+    )
     return st.builds(lambda local, dom: f"{local}@{dom}", _local, domains)
 
 

@@ -55,7 +55,11 @@ class _Omit:
 OMIT: Any = _Omit()
 """Use as a value in `extra_claims` or `headers` (or for `aud`/`iat`/`jti`) to drop it."""
 
-_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
+_CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {
+    "ES256": ec.SECP256R1,
+    "ES384": ec.SECP384R1,
+    "ES512": ec.SECP521R1,
+}
 
 
 class FakeClock:

@@ -90,7 +90,7 @@ def test_without_a_key_every_start_is_a_new_task(client, issuers, services):
 
 
 def test_a_retry_of_a_start_waiting_for_approval_gets_the_same_answer(client, issuers, services):
-    body = {"task": "deploy-prod", "context": {"environment": "prod"}}
+    body: dict[str, Any] = {"task": "deploy-prod", "context": {"environment": "prod"}}
     first = start(client, issuers, **body)
     assert first.status_code == 202
     retry = start(client, issuers, **body)

@@ -19,7 +19,9 @@ from tests.factories import start_task as start
 
 
 def finish(client, issuers, task_id, sub=AGENT, **extra):
-    return client.post("/task/finish", json={"task_id": task_id, **extra}, headers=issuers["spire"].bearer(sub))
+    return client.post(
+        "/task/finish", json={"task_id": task_id, **extra}, headers=issuers["spire"].bearer(sub)
+    )
 
 
 def test_start_answers_the_documented_shape(client, issuers):
@@ -64,7 +66,9 @@ def test_every_credential_kind_works_until_finish(client, issuers, stack):
     assert not can_log_in(stack, creds["rw"])
     assert vault(stack, "GET", "secret/data/reports/q3", token=token).status_code == 403
     assert not set(live_leases(stack, "pki/issue/agents/")) & {
-        lease["vault_lease_id"].rsplit("/", 1)[-1] for lease in ended.get_json()["leases"] if lease["vault_lease_id"]
+        lease["vault_lease_id"].rsplit("/", 1)[-1]
+        for lease in ended.get_json()["leases"]
+        if lease["vault_lease_id"]
     }
 
 
@@ -154,7 +158,10 @@ def test_a_when_denial_quotes_the_condition_and_names_the_missing_context_keys(c
     assert unmet["detail"] == f"when[0]: the condition `{condition}` is not met"
     assert unmet["rule"] == "when[0]"
     missing = start(client, issuers, context={"env": "prod"}).get_json()
-    assert missing["detail"] == f"when[0]: the condition `{condition}` is not met; the request's context has no 'environment'"
+    assert (
+        missing["detail"]
+        == f"when[0]: the condition `{condition}` is not met; the request's context has no 'environment'"
+    )
     # The patterns of the other rules stay hidden.
     other = start(client, issuers, sub="spiffe://example.org/robots/x").get_json()
     assert "spiffe://example.org/agents" not in other["detail"]
@@ -252,7 +259,9 @@ def test_vault_ttls_never_exceed_the_task(client, issuers, stack):
     lease = vault(stack, "PUT", "sys/leases/lookup", json={"lease_id": lease_id}).json()["data"]
     assert lease["ttl"] <= 900  # the task type's maximum
     with psycopg.connect(stack.database_url.replace("+psycopg", "")) as conn:
-        (accessor,) = conn.execute("SELECT token_accessor FROM tasks WHERE id = %s", (body["task_id"],)).fetchone()
+        row = conn.execute("SELECT token_accessor FROM tasks WHERE id = %s", (body["task_id"],)).fetchone()
+        assert row is not None
+        (accessor,) = row
     token = vault(stack, "POST", "auth/token/lookup-accessor", json={"accessor": accessor}).json()["data"]
     assert 0 < token["ttl"] <= 900  # the task type's maximum: pooled tokens are minted for it
     assert token["orphan"] is True

@@ -21,7 +21,9 @@ def test_database_credentials_work_until_finish(client, issuers, stack):
     creds = body["credentials"]["db"]["data"]
     dsn = f"postgresql://{creds['username']}:{creds['password']}@127.0.0.1:{stack.postgres.port}/analytics"
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM analytics.events").fetchone()[0] >= 1
+        row = conn.execute("SELECT count(*) FROM analytics.events").fetchone()
+        assert row is not None
+        assert row[0] >= 1
 
     finished = client.post("/task/finish", json={"task_id": body["task_id"]}, headers=headers)
     assert finished.status_code == 200, finished.get_json()

@@ -37,7 +37,9 @@ def proxy(stack: Any) -> Iterator[HttpFaultProxy]:
 
 
 @pytest.fixture
-def client(stack: Any, issuers: Any, policy_file: Any, clean_db: None, proxy: HttpFaultProxy) -> Iterator[Any]:
+def client(
+    stack: Any, issuers: Any, policy_file: Any, clean_db: None, proxy: HttpFaultProxy
+) -> Iterator[Any]:
     from broker.app import create_app
     from broker.services import build_services
 
@@ -64,7 +66,9 @@ def _issued(proxy: HttpFaultProxy, path: str) -> list[dict[str, Any]]:
 
 def test_all_or_nothing_the_first_credential_is_dead_when_the_error_arrives(client, issuers, stack, proxy):
     """§6.1 all or nothing: a failed 2nd credential means the 1st is revoked *before* the 5xx."""
-    answer = client.post("/task/start", json=start_body("half-broken"), headers=issuers["spire"].bearer(AGENT))
+    answer = client.post(
+        "/task/start", json=start_body("half-broken"), headers=issuers["spire"].bearer(AGENT)
+    )
 
     assert answer.status_code == 502, answer.get_json()
     [first] = _issued(proxy, r"^/v1/database/creds/analytics-ro")

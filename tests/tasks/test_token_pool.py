@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -11,7 +12,7 @@ from sqlalchemy import text
 from broker.credentials import DatabaseCredential
 from broker.db import make_engine, make_session_factory
 from broker.tasks.token_pool import RecordedToken, TaskTokenPool
-from broker.vault import VaultGateway
+from broker.vault import TaskToken, VaultGateway
 
 SPECS = {"db": DatabaseCredential(kind="database", role="analytics-ro")}
 
@@ -47,7 +48,7 @@ def rows(sessions, holder=None):
     return {row.accessor: float(row.left) for row in found if holder is None or row.holder == holder}
 
 
-def alive(gateway, token) -> bool:
+def alive(gateway: VaultGateway, token: TaskToken) -> bool:
     return gateway.token_alive(token.accessor)
 
 
@@ -111,7 +112,7 @@ def test_a_lent_token_is_forgotten_after_its_tasks_deadline_and_never_pooled_twi
     try:
         token = pool.take(task="pool-lend", specs=SPECS, ttl_max=300, ttl_needed=60)
         ended_elsewhere, finished_here = uuid.uuid4(), uuid.uuid4()
-        lend = {"task": "pool-lend", "specs": SPECS, "ttl_max": 300}
+        lend: dict[str, Any] = {"task": "pool-lend", "specs": SPECS, "ttl_max": 300}
         pool.lend(ended_elsewhere, token, until=clock.now() + timedelta(seconds=60), **lend)
         clock.offset = timedelta(seconds=61)
         # The next lend forgets the first: its task ended elsewhere, by its deadline at the latest.
@@ -120,10 +121,14 @@ def test_a_lent_token_is_forgotten_after_its_tasks_deadline_and_never_pooled_twi
         pool.give_back_used(ended_elsewhere)
         assert pool.take_ready(ttl_needed=60, **lend) is None
         assert pool.holds(finished_here, token.accessor)
-        assert pool.pool_record(finished_here).accessor == token.accessor  # the finish records it
+        record = pool.pool_record(finished_here)
+        assert record is not None
+        assert record.accessor == token.accessor  # the finish records it
         pool.give_back_used(finished_here)
         pool.give_back_used(finished_here)
-        assert pool.take_ready(ttl_needed=60, **lend).accessor == token.accessor
+        again = pool.take_ready(ttl_needed=60, **lend)
+        assert again is not None
+        assert again.accessor == token.accessor
         assert pool.take_ready(ttl_needed=60, **lend) is None
     finally:
         pool.close()
@@ -151,9 +156,14 @@ def test_a_token_that_cannot_be_recorded_is_revoked_not_pooled(gateway):
     # A database that refuses every connection: nothing can be recorded, so nothing is pooled.
     engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:9/none", connect_timeout=1)
     pool = TaskTokenPool(gateway, sessions=make_session_factory(engine), depth=1)
-    minted = []
+    minted: list[TaskToken] = []
     mint = pool._mint
-    pool._mint = lambda key, specs: minted.append(mint(key, specs)) or minted[-1]
+
+    def mint_and_keep(key, specs):
+        minted.append(mint(key, specs))
+        return minted[-1]
+
+    pool._mint = mint_and_keep  # type: ignore[method-assign]  # a spy on the pool's own mints
     try:
         taken = pool.take(task="pool-norecord", specs=SPECS, ttl_max=300, ttl_needed=60)
         deadline = time.monotonic() + 10

@@ -47,7 +47,7 @@ def pg_target(vault_pg: PostgresHandle) -> PostgresTarget:
         info = psycopg.conninfo.conninfo_to_dict(vault_pg.url().replace("+psycopg", ""))
         return PostgresTarget(
             host=str(info.get("host", "127.0.0.1")),
-            port=int(info.get("port", 5432)),
+            port=int(str(info.get("port", 5432))),
             superuser=str(info.get("user", "postgres")),
             password=str(info["password"]) if info.get("password") else None,
         )

@@ -54,13 +54,19 @@ def test_a_database_lease_gets_the_tasks_ttl_not_the_roles_default(
     vault_ttl = root.call("PUT", "sys/leases/lookup", {"lease_id": secret.vault_lease_id})["data"]["ttl"]
     assert task_ttl - (after - before).total_seconds() - 2 <= vault_ttl <= task_ttl
     t = pg.target
-    with psycopg.connect(host=t.host, port=t.port, user=t.superuser, password=t.password, dbname="postgres") as conn:
-        (valid_until,) = conn.execute(
+    with psycopg.connect(
+        host=t.host, port=t.port, user=t.superuser, password=t.password, dbname="postgres"
+    ) as conn:
+        row = conn.execute(
             "SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s", (secret.data["username"],)
         ).fetchone()
+        assert row is not None
+        (valid_until,) = row
     # Within [issue began, issue returned] + the task's TTL (whole seconds in Postgres, where
     # Vault pads VALID UNTIL by 5 s so a password never dies before its lease).
-    assert before + timedelta(seconds=task_ttl - 1) <= secret.expires_at <= after + timedelta(seconds=task_ttl)
+    assert (
+        before + timedelta(seconds=task_ttl - 1) <= secret.expires_at <= after + timedelta(seconds=task_ttl)
+    )
     assert before + timedelta(seconds=task_ttl - 1) <= valid_until <= after + timedelta(seconds=task_ttl + 6)
     gateway.revoke(secret.handle)
 
@@ -236,27 +242,40 @@ def test_revoke_while_the_target_database_is_down_fails_then_succeeds(
         root.call("DELETE", "database/config/flaky")
 
 
-def test_a_broker_policy_without_lease_renew_still_issues_with_the_roles_ttl(vault_setup, root, start_task, caplog):
+def test_a_broker_policy_without_lease_renew_still_issues_with_the_roles_ttl(
+    vault_setup, root, start_task, caplog
+):
     """An upgrade that kept the old broker policy: starts still work, the lease keeps its
     role's TTL (bounded by the task token), and the refusal is logged once, not per lease."""
     import logging
 
     from broker.dev.stack.vault_setup import render_broker_policy
 
-    old_policy = render_broker_policy().replace('path "sys/leases/renew"', 'path "sys/leases/renew-not-granted"')
+    old_policy = render_broker_policy().replace(
+        'path "sys/leases/renew"', 'path "sys/leases/renew-not-granted"'
+    )
     root.call("PUT", "sys/policies/acl/broker-without-renew", {"policy": old_policy})
     made = root.call(
-        "POST", "auth/token/create", {"policies": ["broker-without-renew"], "no_default_policy": True, "ttl": "10m"}
+        "POST",
+        "auth/token/create",
+        {"policies": ["broker-without-renew"], "no_default_policy": True, "ttl": "10m"},
     )  # Vault's default policy grants sys/leases/renew itself
     settings = vault_setup.vault_settings(timeout_seconds=5)
-    settings = settings.model_copy(update={"auth": settings.auth.model_copy(update={"token": made["auth"]["client_token"]})})
+    settings = settings.model_copy(
+        update={"auth": settings.auth.model_copy(update={"token": made["auth"]["client_token"]})}
+    )
     old = VaultGateway(settings)
     try:
         task = start_task({"db": RO}, ttl=600)
         with caplog.at_level(logging.WARNING, logger="broker.vault.gateway"):
-            secrets = [old.issue(task.token, RO, ttl_seconds=60, task_id=task.task_id, workload=WORKLOAD) for _ in range(2)]
+            secrets = [
+                old.issue(task.token, RO, ttl_seconds=60, task_id=task.task_id, workload=WORKLOAD)
+                for _ in range(2)
+            ]
         for secret in secrets:
-            assert root.call("PUT", "sys/leases/lookup", {"lease_id": secret.vault_lease_id})["data"]["ttl"] > 60
+            assert (
+                root.call("PUT", "sys/leases/lookup", {"lease_id": secret.vault_lease_id})["data"]["ttl"] > 60
+            )
             old.revoke(secret.handle)
         assert sum("sys/leases/renew" in record.getMessage() for record in caplog.records) == 1
     finally:

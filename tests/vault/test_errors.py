@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,7 +24,7 @@ def gateway_for(addr: str, token: str = "dev-nothing", timeout: float = 2) -> Va
     )
 
 
-def every_call(gw: VaultGateway) -> list:
+def every_call(gw: VaultGateway) -> list[Callable[[], object]]:
     token = TaskToken("s.fake", "acc", datetime.now(UTC) + timedelta(minutes=1))
     return [
         gw.health,

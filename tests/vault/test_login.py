@@ -18,6 +18,7 @@ import pytest
 from broker.config import VaultAuth, VaultSettings
 from broker.credentials import DatabaseCredential
 from broker.dev.stack.openbao import free_port
+from broker.dev.stack.vault_setup import VaultSetup
 from broker.vault import VaultGateway, VaultRejected, VaultUnavailable, task_token_policies
 from broker.vault.login import BrokerLogin
 
@@ -58,10 +59,11 @@ def approle(admin: hvac.Client, vault_setup, name: str, **token: Any) -> VaultAu
 
 
 def lookup(admin: hvac.Client, token: str) -> dict[str, Any]:
-    return admin.auth.token.lookup(token)["data"]
+    data: dict[str, Any] = admin.auth.token.lookup(token)["data"]  # hvac is untyped
+    return data
 
 
-def settings_for(vault_setup, auth: VaultAuth) -> VaultSettings:
+def settings_for(vault_setup: VaultSetup, auth: VaultAuth) -> VaultSettings:
     return vault_setup.vault_settings(auth=auth, timeout_seconds=5)
 
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.credentials import (
+    CredentialSpec,
     DatabaseCredential,
     LeaseCredential,
     PkiCredential,
@@ -17,7 +18,7 @@ from broker.credentials import (
 from broker.vault import VaultRejected, policy_name, render_task_policy, task_token_policies
 from broker.vault.policies import dns_label, render_template, workload_label
 
-CREDENTIALS = {
+CREDENTIALS: dict[str, CredentialSpec] = {
     "db": DatabaseCredential(kind="database", role="analytics-ro"),
     "cert": PkiCredential(kind="pki", role="agents", common_name="{task_id}.agents.example.org"),
     "token": VaultTokenCredential(kind="vault_token", policies=["reports-read"]),
@@ -75,8 +76,12 @@ def test_a_workload_label_is_a_readable_prefix_and_a_hash(workload, prefix):
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # Ids that fold to one DNS label: case, punctuation, and a common 63-character head.
-_ALIKE = st.sampled_from(["spiffe://example.org/agents/A", "spiffe://example.org/agents/a", "ci:agents-a", "x" * 70])
-_workloads = st.one_of(_ALIKE, st.text(min_size=1, max_size=120), st.builds(lambda s: "x" * 70 + s, st.text(max_size=5)))
+_ALIKE = st.sampled_from(
+    ["spiffe://example.org/agents/A", "spiffe://example.org/agents/a", "ci:agents-a", "x" * 70]
+)
+_workloads = st.one_of(
+    _ALIKE, st.text(min_size=1, max_size=120), st.builds(lambda s: "x" * 70 + s, st.text(max_size=5))
+)
 
 
 @given(_workloads, _workloads)

@@ -47,7 +47,9 @@ def tls_bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     handle = OpenBaoHandle(f"https://127.0.0.1:{port}", token, _stopper=lambda: _stop(proc))
     try:
         ca = workdir / "vault-ca.pem"
-        wait_for(lambda: ca.exists() and _answers(handle.addr, ca), timeout=30, what="the TLS dev server answers")
+        wait_for(
+            lambda: ca.exists() and _answers(handle.addr, ca), timeout=30, what="the TLS dev server answers"
+        )
         yield handle.addr, token, ca
     finally:
         handle.stop()
