@@ -272,6 +272,10 @@ class AuditSettings(_Strict):
     key_env: str = "BROKER_AUDIT_KEY"
     key: EnvSecret = None
 
+    @property
+    def key_bytes(self) -> bytes | None:
+        return self.key.get_secret_value() if self.key is not None else None
+
 
 def _host_port(value: str) -> str:
     host, _, port = value.rpartition(":")
@@ -304,6 +308,14 @@ class GatewaySettings(_Strict):
     audit_flush_seconds: float = Field(default=0.5, gt=0, le=10)
     # How often live sessions are checked against the ledger, besides the notifications.
     recheck_seconds: float = Field(default=1.0, gt=0, le=30)
+
+    @property
+    def postgres_host(self) -> str:
+        return self.postgres_bind.rpartition(":")[0].strip("[]")
+
+    @property
+    def postgres_port(self) -> int:
+        return int(self.postgres_bind.rpartition(":")[2])
 
     @model_validator(mode="after")
     def _tls_pair(self) -> GatewaySettings:

@@ -1,4 +1,5 @@
-"""`broker serve`: gunicorn with the app, plus one scheduler process per replica.
+"""`broker serve`: gunicorn with the app, plus one scheduler process per replica (and one
+gateway process when `gateway:` is configured).
 
 The scheduler never runs inside a request worker: with N workers it would sweep N times
 (flask-apscheduler#51). It runs as a sibling process that `broker serve` starts and stops,
@@ -134,60 +135,101 @@ class BrokerThreadWorker(ThreadWorker):  # type: ignore[misc]
         return keep_alive
 
 
-# A scheduler that dies is started again; one that dies soon after each start (its database
-# unreachable, say) waits longer every time, so the master doesn't spin on it.
-SCHEDULER_BACKOFF_SECONDS = 1.0
-SCHEDULER_BACKOFF_MAX_SECONDS = 30.0
-SCHEDULER_STABLE_SECONDS = 60.0
+# A sibling (the scheduler, the gateway) that dies is started again; one that dies soon
+# after each start (its database unreachable, say) waits longer every time, so the master
+# doesn't spin on it.
+SIBLING_BACKOFF_SECONDS = 1.0
+SIBLING_BACKOFF_MAX_SECONDS = 30.0
+SIBLING_STABLE_SECONDS = 60.0
+
+
+class Sibling:
+    """A process `broker serve` runs beside its workers (`broker scheduler`, `broker gateway`)."""
+
+    def __init__(self, command: str, config_path: str | None) -> None:
+        self.command = command
+        self._config_path = config_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
+        self._backoff = SIBLING_BACKOFF_SECONDS
+        self._restart_at: float | None = None
+
+    def start(self) -> Sibling:
+        argv = [sys.executable, "-m", "broker", self.command]
+        if self._config_path:
+            argv += ["--config", str(Path(self._config_path).resolve())]
+        self.process = subprocess.Popen(argv)
+        self._started = time.monotonic()
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signum)
+
+    def poll(self) -> None:
+        if self.process is not None:
+            self.process.poll()
+
+    def restart_if_dead(self) -> None:
+        if self.process is None or self.process.poll() is None:
+            return
+        now = time.monotonic()
+        if self._restart_at is None:
+            if now - self._started >= SIBLING_STABLE_SECONDS:
+                self._backoff = SIBLING_BACKOFF_SECONDS
+            code = self.process.returncode
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            log.error(
+                "the %s (pid %d) %s; starting a new one in %.0f s",
+                self.command,
+                self.process.pid,
+                how,
+                self._backoff,
+            )
+            self._restart_at = now + self._backoff
+            self._backoff = min(2 * self._backoff, SIBLING_BACKOFF_MAX_SECONDS)
+        elif now >= self._restart_at:
+            self._restart_at = None
+            self.start()
+            assert self.process is not None
+            log.warning("started a new %s (pid %d)", self.command, self.process.pid)
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 class BrokerArbiter(Arbiter):  # type: ignore[misc]
-    scheduler: subprocess.Popen[bytes] | None = None
-    scheduler_config: str | None = None
-    _scheduler_started = 0.0
-    _scheduler_backoff = SCHEDULER_BACKOFF_SECONDS
-    _scheduler_restart_at: float | None = None
+    siblings: tuple[Sibling, ...] = ()
 
     def handle_hup(self) -> None:
         log.info("SIGHUP: reloading the policy in %d workers", len(self.WORKERS))
         for pid in list(self.WORKERS):
             os.kill(pid, signal.SIGHUP)
-        if self.scheduler is not None and self.scheduler.poll() is None:
-            self.scheduler.send_signal(signal.SIGHUP)
+        for sibling in self.siblings:
+            sibling.signal(signal.SIGHUP)
 
     def reap_workers(self) -> None:
-        # gunicorn reaps every child with waitpid(-1), which would take the scheduler's exit
+        # gunicorn reaps every child with waitpid(-1), which would take a sibling's exit
         # status from Popen (it then reports 0); waiting for its pid first keeps it.
-        if self.scheduler is not None:
-            self.scheduler.poll()
+        for sibling in self.siblings:
+            sibling.poll()
         super().reap_workers()
 
     def manage_workers(self) -> None:
         # Runs about once a second in the master's loop, and never once it is stopping.
         super().manage_workers()
-        if self.scheduler is not None and self.scheduler.poll() is not None:
-            self._restart_scheduler(self.scheduler)
-
-    def _restart_scheduler(self, dead: subprocess.Popen[bytes]) -> None:
-        now = time.monotonic()
-        if self._scheduler_restart_at is None:
-            if now - self._scheduler_started >= SCHEDULER_STABLE_SECONDS:
-                self._scheduler_backoff = SCHEDULER_BACKOFF_SECONDS
-            code = dead.returncode
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-            log.error(
-                "the scheduler (pid %d) %s; starting a new one in %.0f s",
-                dead.pid,
-                how,
-                self._scheduler_backoff,
-            )
-            self._scheduler_restart_at = now + self._scheduler_backoff
-            self._scheduler_backoff = min(2 * self._scheduler_backoff, SCHEDULER_BACKOFF_MAX_SECONDS)
-        elif now >= self._scheduler_restart_at:
-            self._scheduler_restart_at = None
-            self._scheduler_started = now
-            self.scheduler = _start_scheduler(self.scheduler_config)
-            log.warning("started a new scheduler (pid %d)", self.scheduler.pid)
+        for sibling in self.siblings:
+            sibling.restart_if_dead()
 
 
 def default_pid_file(bind: str) -> Path:
@@ -297,15 +339,10 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
 
         return create_app(self._settings)
 
-    def run_with(self, scheduler: subprocess.Popen[bytes] | None, config_path: str | None) -> None:
+    def run_with(self, siblings: tuple[Sibling, ...]) -> None:
         arbiter = BrokerArbiter(self)
-        arbiter.scheduler = scheduler
-        arbiter.scheduler_config = config_path
-        try:
-            arbiter.run()
-        finally:
-            # Not necessarily the one it was given: it may have restarted it.
-            _stop_scheduler(arbiter.scheduler)
+        arbiter.siblings = siblings
+        arbiter.run()
 
 
 def serve(
@@ -316,6 +353,7 @@ def serve(
     workers: int,
     threads: int,
     with_scheduler: bool,
+    with_gateway: bool = True,
     pid_file: Path | None = None,
 ) -> None:
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -325,7 +363,11 @@ def serve(
     os.environ.setdefault(
         LAST_GOOD_POLICY_ENV, str(Path(tempfile.mkdtemp(prefix="broker-policy-")) / "policy.yaml")
     )
-    scheduler = _start_scheduler(config_path) if with_scheduler else None
+    siblings = tuple(
+        Sibling(command, config_path).start()
+        for command, wanted in (("scheduler", with_scheduler), ("gateway", with_gateway and settings.gateway))
+        if wanted
+    )
     options = {
         "bind": bind,
         "workers": workers,
@@ -345,22 +387,8 @@ def serve(
         "proc_name": "credential-broker",
     }
     try:
-        BrokerApplication(settings, options, pid_file).run_with(scheduler, config_path)
+        BrokerApplication(settings, options, pid_file).run_with(siblings)
     finally:
-        _stop_scheduler(scheduler)
-
-
-def _start_scheduler(config_path: str | None) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "broker", "scheduler"]
-    if config_path:
-        command += ["--config", str(Path(config_path).resolve())]
-    return subprocess.Popen(command)
-
-
-def _stop_scheduler(scheduler: subprocess.Popen[bytes] | None) -> None:
-    if scheduler is not None and scheduler.poll() is None:
-        scheduler.terminate()
-        try:
-            scheduler.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            scheduler.kill()
+        # Not necessarily the ones started here: the master may have restarted them.
+        for sibling in siblings:
+            sibling.stop()

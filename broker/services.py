@@ -63,8 +63,9 @@ def gateway_address(settings: Settings) -> GatewayAddress | None:
     gateway = settings.gateway
     if gateway is None:
         return None
-    port = gateway.advertise_port or int(gateway.postgres_bind.rpartition(":")[2])
-    return GatewayAddress(gateway.advertise_host, port, gateway.require_tls)
+    return GatewayAddress(
+        gateway.advertise_host, gateway.advertise_port or gateway.postgres_port, gateway.require_tls
+    )
 
 
 def build_services(settings: Settings, *, clock: Clock | None = None, pool_size: int = 10) -> Services:
@@ -72,7 +73,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None, pool_size:
     tracing.configure(settings.tracing)
     engine = make_engine(settings.sqlalchemy_url, pool_size=pool_size)
     sessions = make_session_factory(engine)
-    audit_key = settings.audit.key.get_secret_value() if settings.audit.key else None
+    audit_key = settings.audit.key_bytes
     AuditRecorder(audit_key).install(sessions)
     verifier = Verifier(
         settings.issuers,

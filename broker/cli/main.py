@@ -75,15 +75,27 @@ PID_FILE_HELP = (
     help="Don't run the revocation scheduler here (run `broker scheduler` elsewhere).",
 )
 @click.option(
+    "--no-gateway",
+    is_flag=True,
+    help="Don't run the gateway here even when `gateway:` is configured (run `broker gateway` elsewhere).",
+)
+@click.option(
     "--pid-file",
     type=click.Path(dir_okay=False, path_type=Path),
     envvar="BROKER_PID_FILE",
     help=PID_FILE_HELP,
 )
 def serve(
-    config: str | None, bind: str, workers: int, threads: int, no_scheduler: bool, pid_file: Path | None
+    config: str | None,
+    bind: str,
+    workers: int,
+    threads: int,
+    no_scheduler: bool,
+    no_gateway: bool,
+    pid_file: Path | None,
 ) -> None:
-    """Run the API under gunicorn, with the revocation scheduler beside it.
+    """Run the API under gunicorn, with the revocation scheduler beside it (and the gateway,
+    when `gateway:` is configured).
 
     Run any number of replicas against one database: the scheduler claims work with
     row locks, so no lease is revoked twice or missed. SIGHUP reloads the policy
@@ -110,6 +122,7 @@ def serve(
         workers=workers,
         threads=threads,
         with_scheduler=not no_scheduler,
+        with_gateway=not no_gateway,
         pid_file=pid_file or default_pid_file(bind),
     )
 
@@ -199,6 +212,35 @@ def scheduler(config: str | None, metrics_bind: str | None) -> None:
 
     services = build_services(settings, pool_size=settings.scheduler.revoke_workers + 4)
     SchedulerRunner(services).run_forever(hup_seen)
+
+
+@main.command()
+@click.option("--config", "config", envvar="BROKER_CONFIG", help=CONFIG_HELP)
+def gateway(config: str | None) -> None:
+    """Run the gateway alone: the Postgres wire protocol for `delivery: gateway` credentials.
+
+    Workloads connect with the handle their start answered; the gateway logs in to the
+    database with the real credential, checks every statement against the task's rules and
+    audits it, and closes the task's sessions when it ends. Run any number of replicas
+    behind one address (`gateway.advertise_host`). `broker serve` runs one itself when
+    `gateway:` is configured, unless --no-gateway. Exits 2 on a config error.
+
+    \b
+    Example:
+      broker serve --config broker.yaml --no-gateway      # on each API replica
+      broker gateway --config broker.yaml                 # on each gateway replica
+    """
+    hup_seen = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: hup_seen.set())
+    settings = settings_or_exit(config)
+    _logging(settings)
+    _check_policy(settings)
+    if settings.gateway is None:
+        click.echo("gateway: the config has no `gateway:` section (docs/gateway.md)", err=True)
+        sys.exit(2)
+    from broker.gateway.runner import run_gateway
+
+    run_gateway(settings, hup_seen)
 
 
 @main.command()

@@ -4,6 +4,10 @@ Credential `db` with `{"username": ..., "password": ...}` becomes `DB_USERNAME` 
 `DB_PASSWORD`: `<NAME>_<FIELD>` upper-cased, every character outside A-Z and 0-9 turned
 into `_`. Values that are not strings (a PKI `ca_chain` list, a token's `policies`) are
 JSON-encoded. The GitHub Action (deploy/github-action/main.js) follows the same rules.
+
+A task with exactly one gateway database credential (docs/gateway.md) also gets libpq's
+own variables for its handle (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`,
+`PGSSLMODE`), so `psql` and every libpq client connect through the gateway unasked.
 """
 
 from __future__ import annotations
@@ -45,7 +49,34 @@ def credential_env(credentials: Mapping[str, Any], task_id: str, expires_at: str
             origin[var] = f"{name}.{field}"
     env[TASK_ID_VAR] = task_id
     env[EXPIRES_AT_VAR] = expires_at
+    handles = [_data(item) for item in credentials.values() if _is_gateway_database(item)]
+    if len(handles) == 1:  # with two, which one PGHOST names would be a guess
+        env.update({var: str(handles[0][field]) for var, field in LIBPQ_VARS.items() if field in handles[0]})
     return env
+
+
+# libpq's variables, and the handle field each takes.
+LIBPQ_VARS = {
+    "PGHOST": "host",
+    "PGPORT": "port",
+    "PGUSER": "username",
+    "PGPASSWORD": "password",
+    "PGDATABASE": "dbname",
+    "PGSSLMODE": "sslmode",
+}
+
+
+def _data(credential: Any) -> Mapping[str, Any]:
+    data: Mapping[str, Any] = credential["data"] if isinstance(credential, Mapping) else credential.data
+    return data
+
+
+def _is_gateway_database(credential: Any) -> bool:
+    if isinstance(credential, Mapping):
+        return credential.get("delivery") == "gateway" and credential.get("kind") == "database"
+    return (
+        getattr(credential, "delivery", None) == "gateway" and getattr(credential, "kind", None) == "database"
+    )
 
 
 def render_templates(templates: Iterable[str], env: Mapping[str, str]) -> dict[str, str]:

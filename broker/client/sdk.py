@@ -57,13 +57,18 @@ class Credential:
     kind: str
     data: dict[str, Any] = field(repr=False)
     expires_at: datetime | None
+    # `gateway`: `data` is a handle for the broker's gateway (docs/gateway.md), used as is.
+    delivery: str = "direct"
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
 
     def __repr__(self) -> str:
         fields = ", ".join(sorted(self.data))
-        return f"Credential(kind={self.kind!r}, data=<{fields}: hidden>, expires_at={self.expires_at!r})"
+        return (
+            f"Credential(kind={self.kind!r}, delivery={self.delivery!r}, data=<{fields}: hidden>,"
+            f" expires_at={self.expires_at!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class ActiveTask:
                 kind=item["kind"],
                 data=dict(item["data"]),
                 expires_at=parse_time(item["expires_at"]) if item.get("expires_at") else None,
+                delivery=str(item.get("delivery", "direct")),
             )
             for name, item in (answer.get("credentials") or {}).items()
         }

@@ -20,6 +20,8 @@ import requests
 import yaml
 
 DEMO_POLICY = Path(__file__).parent / "data" / "policy.yaml"
+# The demo gateway task's upstream port, as the file spells it (`_config` puts the stack's in).
+DEMO_UPSTREAM = "port: 5432,"
 AGENT = "spiffe://example.org/agents/reporter"
 SECOND_AGENT = "spiffe://example.org/agents/etl"
 # A CI job of acme/app on main, as GitHub Actions would sign it: the classic `sub`, the
@@ -36,9 +38,10 @@ def _issuers(directory: Path) -> tuple[Any, Any, Any]:
     return tuple(DemoIssuer.create(directory, name) for name in KEY_NAMES.values())  # type: ignore[return-value]
 
 
-def _config(stack: Any, directory: Path, spire: Any, sso: Any, ci: Any) -> dict[str, Any]:
+def _config(stack: Any, directory: Path, spire: Any, sso: Any, ci: Any, gateway_port: int) -> dict[str, Any]:
     policy = directory / "policy.yaml"
-    shutil.copy(DEMO_POLICY, policy)
+    # The demo's gateway task names the stack's own Postgres port, which changes per run.
+    policy.write_text(DEMO_POLICY.read_text().replace(DEMO_UPSTREAM, f"port: {stack.postgres.port},"))
     return {
         "database_url": stack.database_url,
         "vault": {"addr": stack.vault.addr, "auth": {"method": "token", "token": stack.vault.broker_token}},
@@ -61,6 +64,7 @@ def _config(stack: Any, directory: Path, spire: Any, sso: Any, ci: Any) -> dict[
         ],
         "operators": {"groups": ["sre"]},
         "scheduler": {"sweep_interval_seconds": 1},
+        "gateway": {"postgres_bind": f"127.0.0.1:{gateway_port}", "advertise_host": "127.0.0.1"},
     }  # fmt: skip
 
 
@@ -304,7 +308,11 @@ def _run(workdir: Path, stack_dir: Path, env_file: Path, port: int, smoke: bool,
 def _serve(workdir: Path, stack: Any, env_file: Path, port: int, smoke: bool, keep: bool) -> None:
     spire, sso, ci = _issuers(workdir)
     config_path = workdir / "broker.yaml"
-    config_path.write_text(yaml.safe_dump(_config(stack, workdir, spire, sso, ci), sort_keys=False))
+    from broker.dev.stack.postgres import free_port
+
+    gateway_port = free_port()
+    config = _config(stack, workdir, spire, sso, ci, gateway_port)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     url = f"http://127.0.0.1:{port}"
     tokens = {
         "AGENT_TOKEN": spire.mint(AGENT),

@@ -6,7 +6,7 @@ together, in one transaction, every `audit_flush_seconds` (or sooner, once `BATC
 waiting), into the same tamper-evident chain as every other event. What a gateway that
 dies holds unwritten is at most that interval's events (docs/gateway.md, "What is lost if
 a gateway dies"). The queue is bounded: when the ledger can't take events for long enough
-to fill it, `add` says so and the gateway refuses statements instead of running them
+to fill it, `queue_event` says so and the gateway refuses statements instead of running them
 unrecorded.
 """
 
@@ -59,7 +59,7 @@ class AuditBatch:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add(
+    def queue_event(
         self,
         event: str,
         actor: str,

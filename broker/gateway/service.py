@@ -118,7 +118,7 @@ class GatewayService:
 
     def refused(self, handle_id: str, view: HandleView | None, why: str) -> None:
         """A connection whose handle was wrong, unknown or spent: audited, by handle id."""
-        self._audit.add(
+        self._audit.queue_event(
             "gateway.handle_refused",
             view.workload if view is not None else "unknown",
             task_id=view.task_id if view is not None else None,
@@ -167,7 +167,9 @@ class GatewayService:
             )  # fmt: skip
         except VaultError:
             self._issue_failed(view, "task token")
-            raise Refusal(CANNOT_CONNECT_NOW, "the gateway could not get this task's credential; retry") from None
+            raise Refusal(
+                CANNOT_CONNECT_NOW, "the gateway could not get this task's credential; retry"
+            ) from None
         self._record(view, self._token_lease(view, token))
         try:
             secret = self._vault.issue(
@@ -176,7 +178,9 @@ class GatewayService:
         except VaultError:
             self._revoke_token(token)
             self._issue_failed(view, "database credential")
-            raise Refusal(CANNOT_CONNECT_NOW, "the gateway could not get this task's credential; retry") from None
+            raise Refusal(
+                CANNOT_CONNECT_NOW, "the gateway could not get this task's credential; retry"
+            ) from None
         expires_at = self._record(view, self._credential_lease(view, secret), token=token, secret=secret)
         upstream = spec.upstream
         return UpstreamLogin(
@@ -199,17 +203,22 @@ class GatewayService:
         return spec
 
     def _record(
-        self, view: HandleView, lease: Lease, *, token: TaskToken | None = None, secret: IssuedSecret | None = None
+        self,
+        view: HandleView,
+        lease: Lease,
+        *,
+        token: TaskToken | None = None,
+        secret: IssuedSecret | None = None,
     ) -> datetime:
         """Record `lease` before anything uses it; if the task ended meanwhile, revoke."""
         try:
             with unit_of_work(self._sessions) as session:
                 recorded = hold_active(session, lease.task_id)
                 if recorded:
+                    detail = {"name": lease.name, "kind": lease.kind, "vault_lease_id": lease.vault_lease_id}
                     record(
                         session, self._clock, "lease.issued", view.workload, lease=lease,
-                        detail={"name": lease.name, "kind": lease.kind, "vault_lease_id": lease.vault_lease_id,
-                                "via": "gateway", "replica": self.replica},
+                        detail={**detail, "via": "gateway", "replica": self.replica},
                     )  # fmt: skip
                     insert_gateway_lease(session, lease)
         except DatabaseUnavailable:
@@ -225,7 +234,9 @@ class GatewayService:
     def _token_lease(self, view: HandleView, token: TaskToken) -> Lease:
         # Named after the credential's lease so it sorts after it: the task's end revokes the
         # credential (synchronously) before the token that created it.
-        return self._lease(view, f"{view.name}@{self.replica}:token", "gateway_token", "token", token.accessor, None)
+        return self._lease(
+            view, f"{view.name}@{self.replica}:token", "gateway_token", "token", token.accessor, None
+        )
 
     def _credential_lease(self, view: HandleView, secret: IssuedSecret) -> Lease:
         lease = self._lease(
@@ -247,7 +258,7 @@ class GatewayService:
         )  # fmt: skip
 
     def _issue_failed(self, view: HandleView, what: str) -> None:
-        self._audit.add(
+        self._audit.queue_event(
             "gateway.issue_failed", view.workload, task_id=view.task_id, owner=view.owner,
             purpose=view.purpose, detail={"name": view.name, "what": what, "replica": self.replica},
         )  # fmt: skip
@@ -281,14 +292,18 @@ class GatewayService:
             }
             if item.rule is not None:
                 detail["rule"] = item.rule
-            if not self._audit.add(
+            if not self._audit.queue_event(
                 "gateway.statement", view.workload, task_id=view.task_id, owner=view.owner,
                 purpose=view.purpose, detail=detail,
             ):  # fmt: skip
-                return StatementVerdict(False, "audit", "the gateway can't record statements now; nothing ran")
+                return StatementVerdict(
+                    False, "audit", "the gateway can't record statements now; nothing ran"
+                )
         if decision.allowed:
             return StatementVerdict(True, None, "")
-        return StatementVerdict(False, decision.rule, f"refused by the task's statement rule {decision.rule!r}")
+        return StatementVerdict(
+            False, decision.rule, f"refused by the task's statement rule {decision.rule!r}"
+        )
 
     def _rules_for(self, view: HandleView) -> StatementRules:
         snapshot = self._policies.snapshot()
@@ -302,10 +317,16 @@ class GatewayService:
 
     # ---- sessions ----------------------------------------------------------------------
 
-    def event(self, event: str, view: HandleView, detail: Mapping[str, Any]) -> None:
-        self._audit.add(
-            event, view.workload, task_id=view.task_id, owner=view.owner, purpose=view.purpose,
-            detail={**detail, "replica": self.replica},
+    def connected(self, view: HandleView, detail: Mapping[str, Any]) -> None:
+        self._audit.queue_event(
+            "gateway.connect", view.workload, task_id=view.task_id, owner=view.owner,
+            purpose=view.purpose, detail={**detail, "replica": self.replica},
+        )  # fmt: skip
+
+    def disconnected(self, view: HandleView, reason: str) -> None:
+        self._audit.queue_event(
+            "gateway.disconnect", view.workload, task_id=view.task_id, owner=view.owner,
+            purpose=view.purpose, detail={"reason": reason, "replica": self.replica},
         )  # fmt: skip
 
     def ended(self, task_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:

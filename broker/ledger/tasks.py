@@ -156,7 +156,9 @@ def activate_with_leases(
     with pipelined(session) as connection:
         moved = connection.execute(_ACTIVATE, {"task_id": task_id})
         if leases:
-            connection.cursor().executemany(_INSERT_LEASE, [values(lease, _LEASE_COLUMNS) for lease in leases])
+            connection.cursor().executemany(
+                _INSERT_LEASE, [values(lease, _LEASE_COLUMNS) for lease in leases]
+            )
         if handles:
             connection.cursor().executemany(
                 _INSERT_HANDLE, [values(handle, _HANDLE_COLUMNS) for handle in handles]

@@ -32,9 +32,9 @@ from broker.clock import Clock, rfc3339
 from broker.credentials import CredentialSpec, DatabaseCredential
 from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import Conflict, IssuanceFailed
+from broker.gateway.handles import GatewayAddress, NewHandle, database_handle, new_handle
 from broker.identity import Identity
 from broker.ledger import activate_with_leases, load_task
-from broker.gateway.handles import GatewayAddress, NewHandle, database_handle, new_handle
 from broker.models import GatewayHandle, Lease, Task
 from broker.policy import CompiledTask, TaskRequest
 from broker.tasks.token_pool import TaskTokenPool
@@ -156,10 +156,14 @@ class Issuer:
     def _handles(self, task: Task, specs: Mapping[str, CredentialSpec], actor: str) -> dict[str, NewHandle]:
         """A handle for each gateway credential; refused before anything is issued when this
         broker has no gateway to serve them."""
-        wanted = [name for name, spec in specs.items() if isinstance(spec, DatabaseCredential) and spec.via_gateway]
+        wanted = [
+            name for name, spec in specs.items() if isinstance(spec, DatabaseCredential) and spec.via_gateway
+        ]
         if wanted and self._gateway is None:
             self._mark_failed(task, "a gateway credential, and no gateway configured", actor)
-            raise IssuanceFailed("the task has a gateway credential and this broker has no gateway configured")
+            raise IssuanceFailed(
+                "the task has a gateway credential and this broker has no gateway configured"
+            )
         return {name: new_handle() for name in wanted}
 
     def take_token(

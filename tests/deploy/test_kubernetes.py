@@ -108,6 +108,9 @@ def test_the_expected_objects_are_rendered(name):
         ("Service", "credential-broker"),
         ("Deployment", "credential-broker-api"),
         ("Deployment", "credential-broker-scheduler"),
+        ("Deployment", "credential-broker-gateway"),
+        ("Service", "credential-broker-gateway"),
+        ("NetworkPolicy", "credential-broker-gateway"),
         ("Job", "credential-broker-migrate"),
         ("PodDisruptionBudget", "credential-broker-api"),
         ("NetworkPolicy", "credential-broker-default-deny"),
@@ -137,13 +140,15 @@ def test_every_container_runs_locked_down(name):
 
 
 @pytest.mark.parametrize("name", RENDERINGS)
-def test_commands_split_api_scheduler_and_migration(name):
+def test_commands_split_api_scheduler_gateway_and_migration(name):
     objects = rendered(name)
     deployments = by_kind(objects, "Deployment")
     [api] = deployments["credential-broker-api"]["spec"]["template"]["spec"]["containers"]
     [scheduler] = deployments["credential-broker-scheduler"]["spec"]["template"]["spec"]["containers"]
     [migrate] = by_kind(objects, "Job")["credential-broker-migrate"]["spec"]["template"]["spec"]["containers"]
-    assert api["command"][:3] == ["broker", "serve", "--no-scheduler"]
+    [gateway] = deployments["credential-broker-gateway"]["spec"]["template"]["spec"]["containers"]
+    assert api["command"][:4] == ["broker", "serve", "--no-scheduler", "--no-gateway"]
+    assert gateway["command"] == ["broker", "gateway"]
     assert "0.0.0.0:8080" in api["command"]
     assert scheduler["command"][:2] == ["broker", "scheduler"]
     assert migrate["command"] == ["broker", "migrate"]
@@ -232,3 +237,17 @@ def test_a_disruption_budget_and_network_policies_cover_the_api():
         p["port"] for rule in policies["credential-broker-api"]["spec"]["ingress"] for p in rule["ports"]
     ]
     assert ingress_ports == [8080]
+
+
+def test_the_example_database_policy_admits_only_the_gateway_and_vault():
+    [policy] = yaml.safe_load_all((OVERLAY / "database-networkpolicy.yaml").read_text())
+    assert not _schema_errors(policy)
+    [rule] = policy["spec"]["ingress"]
+    components = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert {
+        "app.kubernetes.io/name": "credential-broker",
+        "app.kubernetes.io/component": "gateway",
+    } in components
+    assert all(peer.get("podSelector") for peer in rule["from"])  # no peer admits a whole namespace
+    gateway = by_kind(rendered("base"), "Service")["credential-broker-gateway"]
+    assert gateway["spec"]["ports"][0]["port"] == 6432

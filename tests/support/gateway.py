@@ -1,0 +1,70 @@
+"""A policy and a config with the gateway, for the gateway's tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from broker.config import Settings
+from broker.dev.stack import TARGET_DB, Stack
+
+if TYPE_CHECKING:
+    from broker.gateway.runner import GatewayProcess
+
+GATEWAY_TASK = "analytics-gateway"
+READ_ONLY = 'statement.command in ["SELECT", "SHOW", "BEGIN", "COMMIT", "ROLLBACK"]'
+ANALYTICS_ONLY = 'statement.tables.all(t, t.startsWith("analytics."))'
+
+
+def gateway_policy(stack: Stack, path: Path, *, ttl: int = 300) -> Path:
+    """The demo's gateway task type, pointed at the test stack's Postgres."""
+    task: dict[str, Any] = {
+        "description": "Read the analytics database through the gateway",
+        "ttl": {"default": ttl, "max": 900},
+        "workloads": [
+            {"issuer": "spire", "subject": "spiffe://example.org/agents/*"},
+        ],
+        "owners": ["*@example.com"],
+        "credentials": {
+            "db": {
+                "kind": "database",
+                "role": "analytics-ro",
+                "delivery": "gateway",
+                "upstream": {"host": "127.0.0.1", "port": stack.postgres.port, "dbname": TARGET_DB},
+                "statements": [
+                    {"name": "read-only", "when": READ_ONLY},
+                    {"name": "analytics-only", "when": ANALYTICS_ONLY},
+                ],
+            }
+        },
+    }
+    path.write_text(yaml.safe_dump({"tasks": {GATEWAY_TASK: task}}))
+    return path
+
+
+def gateway_section(port: int, **extra: Any) -> dict[str, Any]:
+    return {"postgres_bind": f"127.0.0.1:{port}", "advertise_host": "127.0.0.1", **extra}
+
+
+@contextlib.contextmanager
+def running_gateway(settings: Settings) -> Iterator[GatewayProcess]:
+    """A gateway process's parts, served on a loop in a thread of this process."""
+    from broker.gateway.runner import GatewayProcess
+
+    process = GatewayProcess(settings)
+    ready = threading.Event()
+    thread = threading.Thread(target=lambda: asyncio.run(process.serve(ready)), daemon=True)
+    thread.start()
+    if not ready.wait(20):
+        raise AssertionError("the gateway did not start")
+    try:
+        yield process
+    finally:
+        process.stop()
+        thread.join(timeout=20)
