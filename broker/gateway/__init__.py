@@ -1,0 +1,1 @@
+"""The gateway: credentials a workload uses through the broker but never holds."""
