@@ -261,6 +261,9 @@ _RELATION_OBJECTS = frozenset(
         enums.ObjectType.OBJECT_FOREIGN_TABLE,
     }
 )
+# Statement nodes that, nested, are a clause of their statement rather than a command it
+# runs: ALTER SYSTEM / ALTER ROLE ... SET / CREATE FUNCTION ... SET x = y.
+_CLAUSES = frozenset({ast.VariableSetStmt})
 _WITH_STATEMENTS = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
 
@@ -325,7 +328,11 @@ def _walk(root: ast.Node, found: _Found) -> None:
             parts = [item.catalogname, item.schemaname, item.relname]
             found.tables.add(_relation([part for part in parts if part is not None], scope.schema))
             continue
-        if item is not root and (type(item) in _TAGS or type(item) in _VARIABLE_TAGS):
+        if (
+            item is not root
+            and type(item) not in _CLAUSES
+            and (type(item) in _TAGS or type(item) in _VARIABLE_TAGS)
+        ):
             tag = _tag(item)
             if tag != "SELECT":  # a sub-SELECT only reads
                 found.commands[tag] = None
@@ -402,24 +409,23 @@ def _normalise(text: str) -> str:
     `COMMENT`, `ALTER SYSTEM`) and keeps comments; the scanner finds what it left.
     """
     normalised = parser.normalize(text)
-    tokens = parser.scan(normalised)
+    tokens = parser.scan(normalised)  # offsets in characters, `end` inclusive
     if not any(token.name in _LITERAL_TOKENS or token.name in _COMMENT_TOKENS for token in tokens):
         return normalised.strip()
-    data = normalised.encode()  # the scanner's offsets count bytes
-    number = max((int(data[t.start + 1 : t.end + 1]) for t in tokens if t.name == "PARAM"), default=0)
+    number = max((int(normalised[t.start + 1 : t.end + 1]) for t in tokens if t.name == "PARAM"), default=0)
     pieces, done = [], 0
     for token in tokens:
         if token.name in _LITERAL_TOKENS:
             number += 1
-            replacement = f"${number}".encode()
+            replacement = f"${number}"
         elif token.name in _COMMENT_TOKENS:
-            replacement = b" "
+            replacement = " "
         else:
             continue
-        pieces += [data[done : token.start], replacement]
+        pieces += [normalised[done : token.start], replacement]
         done = token.end + 1
-    pieces.append(data[done:])
-    return b"".join(pieces).decode().strip()
+    pieces.append(normalised[done:])
+    return "".join(pieces).strip()
 
 
 # --- classifying -----------------------------------------------------------------------------
