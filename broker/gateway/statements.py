@@ -26,6 +26,8 @@ What a rule sees, as `statement`:
   `[command]` only when a statement runs others inside it (`WITH d AS (DELETE ...)
   INSERT ...`), and **each rule is checked once per entry, with `command` set to it**, so
   `statement.command in ["SELECT", "INSERT"]` refuses that statement for its DELETE.
+  Statements written inside DDL count too, though they run later if at all (`CREATE RULE
+  ... DO INSTEAD DELETE`, a `BEGIN ATOMIC` function body): refusing those errs safe.
 - `tables`: every relation the statement names anywhere (joins, subqueries, CTE bodies,
   `INSERT ... SELECT`, `SELECT ... INTO`, `DROP TABLE`, `COPY`, `LOCK`, `TRUNCATE`,
   foreign keys), except references to its own CTEs; sorted, without repeats. A name is
@@ -40,7 +42,7 @@ What a rule sees, as `statement`:
   (`f in ["pg_sleep", "pg_catalog.pg_sleep"]`), while an allow-list of bare names refuses
   a qualified call.
 
-The command of the statements that hide another (the traps of docs/gateway.md):
+The command of the statements that hide another:
 
 - `WITH d AS (DELETE ...) SELECT ...`: the modifying CTE's command (`DELETE`); a SELECT
   with several runs them all (`commands`), so no command allow-list is bypassed.
@@ -89,8 +91,8 @@ from broker.policy.schema import PathPart, PolicyError, PolicyIssue
 log = logging.getLogger(__name__)
 
 MAX_QUERY_BYTES = 1024 * 1024
-# Repeated SQL (drivers prepare and re-send the same text) is classified once. Texts above
-# the size limit are not kept, which bounds the cache at a few MiB.
+# Repeated SQL (drivers prepare and re-send the same text) is classified once. Only texts
+# up to CACHE_MAX_CHARS are kept, which bounds the cache at about 10 MiB.
 CACHE_SIZE = 1024
 CACHE_MAX_CHARS = 8192
 PARSE_RULE = "parse"  # the rule a refusal names when the SQL could not be classified
@@ -520,8 +522,9 @@ class RuleVerdict:
 class StatementRules:
     """The compiled `statements:` of one credential. Immutable and safe to share.
 
-    Rules read only the statement, so a verdict is kept per statement (bounded, like the
-    classification cache): a driver's repeated statements cost a dictionary lookup.
+    Rules read only what `_cel_value` passes them, so a verdict is kept per distinct value
+    of that (bounded, like the classification cache): a driver's repeated statements, and
+    statements that differ only in their constants, cost a dictionary lookup.
     """
 
     def __init__(self, rules: Sequence[StatementRule]) -> None:
@@ -533,29 +536,33 @@ class StatementRules:
 
     def evaluate(self, statement: Statement) -> RuleVerdict:
         """All rules against `statement`, once per command it runs; fail closed."""
-        return self._evaluate_cached(statement)
+        key = (statement.command, statement.commands, statement.tables, statement.functions)
+        return self._evaluate_cached(*key)
 
-    def _evaluate(self, statement: Statement) -> RuleVerdict:
+    def _evaluate(
+        self, main: str, commands: tuple[str, ...], tables: tuple[str, ...], functions: tuple[str, ...]
+    ) -> RuleVerdict:
         if not self.rules:
             return RuleVerdict(True, None, "no statement rules")
-        for command in statement.commands:
-            activation = CelActivation({"statement": _cel_value(statement, command)})
+        for command in commands:
+            activation = CelActivation({"statement": _cel_value(command, commands, tables, functions)})
             for rule in self.rules:
                 outcome = activation.evaluate(rule.rule)
                 if not outcome.passed:
-                    why = (
-                        outcome.detail if command == statement.command else f"{outcome.detail} for {command}"
-                    )
+                    why = outcome.detail if command == main else f"{outcome.detail} for {command}"
                     return RuleVerdict(False, rule.name, why)
         return RuleVerdict(True, None, "every rule passed")
 
 
-def _cel_value(statement: Statement, command: str) -> dict[str, Any]:
+def _cel_value(
+    command: str, commands: tuple[str, ...], tables: tuple[str, ...], functions: tuple[str, ...]
+) -> dict[str, Any]:
+    """What a rule sees as `statement` (module docstring), for one command it runs."""
     return {
         "command": command,
-        "commands": list(statement.commands),
-        "tables": list(statement.tables),
-        "functions": list(statement.functions),
+        "commands": list(commands),
+        "tables": list(tables),
+        "functions": list(functions),
     }
 
 

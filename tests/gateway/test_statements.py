@@ -23,6 +23,7 @@ from broker.policy.cel import CelCompileError, compile_rule
 from broker.policy.schema import PolicyError
 
 SELECT_ONLY = compile_statement_rules([{"name": "select-only", "when": 'statement.command == "SELECT"'}])
+SELECT_OR_INSERT = compile_statement_rules([{"name": "read-or-insert", "when": 'statement.command in ["SELECT", "INSERT"]'}])
 
 
 def only(sql: str) -> Statement:
@@ -622,3 +623,20 @@ def test_a_select_only_rule_refuses_every_non_select(sql: str) -> None:
 def test_a_select_only_rule_allows_selects(table: str, other: str, column: str) -> None:
     sql = f"WITH {column} AS (SELECT * FROM {other}) SELECT * FROM {table} JOIN {column} ON true"
     assert check(sql, SELECT_ONLY).allowed
+
+
+@given(_RELATION, _RELATION, _IDENTIFIER, st.sampled_from(["DELETE FROM {t}", "UPDATE {t} SET a = 1"]))
+def test_an_allowed_command_does_not_carry_a_refused_one(table: str, other: str, name: str, hidden: str) -> None:
+    # Every command a statement runs meets the rules, not only its outermost one.
+    sql = f"WITH {name} AS ({hidden.format(t=other)} RETURNING *) INSERT INTO {table} SELECT * FROM {name}"
+    decision = check(sql, SELECT_OR_INSERT)
+    assert (decision.allowed, decision.rule) == (False, "read-or-insert")
+    assert check(f"INSERT INTO {table} SELECT * FROM {other}", SELECT_OR_INSERT).allowed
+
+
+def test_a_statement_built_by_hand_runs_its_own_command() -> None:
+    # The wire side may build one (a Parse it already classified); `commands` defaults to it.
+    statement = Statement("DELETE", ("public.t",), "DELETE FROM t", "0")
+    assert statement.commands == ("DELETE",)
+    verdict = SELECT_ONLY.evaluate(statement)
+    assert (verdict.allowed, verdict.rule, verdict.detail) == (False, "select-only", "false")
