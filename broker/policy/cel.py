@@ -13,6 +13,9 @@ missing map key, a type mismatch, an unknown function), makes it fail with a det
 why; nothing raised inside CEL escapes `evaluate`. Reaching for an optional context key
 should be written `has(request.context.key) && ...` or `"key" in request.context && ...`.
 
+Other rule families (the gateway's statement rules) see other variables: they pass a
+`CelVariables` to `compile_rule`; without one, a rule sees the three above.
+
 Performance: converting Python values into CEL costs far more than running a compiled
 program (tens of µs for a request against about 1 µs), so an evaluation converts each
 variable once, and only the variables the task's expressions mention.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cel as cel_runtime
@@ -63,7 +66,7 @@ class CelCompileError(ValueError):
 class CelRule:
     source: str
     program: cel_runtime.Program
-    variables: frozenset[str]  # the subset of VARIABLE_NAMES the expression reads
+    variables: frozenset[str]  # the variables (of those it may read) the expression reads
 
 
 @dataclass(frozen=True)
@@ -76,22 +79,24 @@ class CelOutcome:
         return self.value is True
 
 
-def compile_rule(source: str) -> CelRule:
-    """Compile `source` once; raise `CelCompileError` on syntax errors or unknown variables."""
-    try:
-        program = cel_runtime.compile(source)
-    except BaseException as error:  # the extension raises ValueError; be robust to others
-        _reraise_control_flow(error)
-        raise CelCompileError(source, _describe_parse_error(error)) from None
-    referenced = frozenset(program.variables())
-    unknown = referenced - VARIABLE_NAMES - _macro_bound_names(source)
-    if unknown:
-        names = ", ".join(sorted(unknown))
-        raise CelCompileError(source, f"unknown variable {names} (available: workload, request, now)")
-    problem = _misspelt_field(source) or _dry_run_problem(program)
-    if problem:
-        raise CelCompileError(source, problem)
-    return CelRule(source=source, program=program, variables=referenced & VARIABLE_NAMES)
+@dataclass(frozen=True)
+class CelVariables:
+    """The variables one family of rules may read.
+
+    `names` is in the order error messages list them; `fields` gives the fixed fields of
+    those variables that have them (a misspelt one is a load error); `sample` holds values
+    of the right shape for the load-time dry run (see `_dry_run_problem`).
+    """
+
+    names: tuple[str, ...]
+    fields: Mapping[str, tuple[str, ...]]
+    sample: Mapping[str, Any]
+    field_use: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        variables = "|".join(map(re.escape, sorted(self.fields))) or r"(?!)"
+        pattern = re.compile(rf"(?<![\w.])({variables})\s*\.\s*([A-Za-z_]\w*)")
+        object.__setattr__(self, "field_use", pattern)  # derived once; the class is frozen
 
 
 # The fields of `request` and `workload` are fixed (docs/contract.md §4); `context` and `claims` are
@@ -100,32 +105,61 @@ FIELDS = {
     "request": ("task", "owner", "purpose", "ttl_seconds", "context"),
     "workload": ("id", "issuer", "subject", "claims"),
 }
-_FIELD_USE = re.compile(r"(?<![\w.])(request|workload)\s*\.\s*([A-Za-z_]\w*)")
+
+POLICY_VARIABLES = CelVariables(
+    names=("workload", "request", "now"),
+    fields=FIELDS,
+    # A request of the right shape with an empty context and no claims.
+    sample={
+        "request": {"task": "t", "owner": "o@example.com", "purpose": "a sample purpose",
+                    "ttl_seconds": 300, "context": {}},
+        "workload": {"id": "w", "issuer": "i", "subject": "s", "claims": {}},
+        "now": dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+    },
+)  # fmt: skip
+
+
+def compile_rule(source: str, variables: CelVariables = POLICY_VARIABLES) -> CelRule:
+    """Compile `source` once; raise `CelCompileError` on syntax errors or unknown variables.
+
+    `variables` says which variables the rule may read: the policy's, unless given.
+    """
+    try:
+        program = cel_runtime.compile(source)
+    except BaseException as error:  # the extension raises ValueError; be robust to others
+        _reraise_control_flow(error)
+        raise CelCompileError(source, _describe_parse_error(error)) from None
+    referenced = frozenset(program.variables())
+    known = frozenset(variables.names)
+    unknown = referenced - known - _macro_bound_names(source)
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        available = ", ".join(variables.names)
+        raise CelCompileError(source, f"unknown variable {names} (available: {available})")
+    problem = _misspelt_field(source, variables) or _dry_run_problem(program, variables)
+    if problem:
+        raise CelCompileError(source, problem)
+    return CelRule(source=source, program=program, variables=referenced & known)
 
 
 # String literals, so that `request.owner == "request.x"` is not read as a field use.
 _STRING_LITERAL = re.compile(r'"(?:\\.|[^"\\])*"' + r"|'(?:\\.|[^'\\])*'")
 
 
-def _misspelt_field(source: str) -> str | None:
-    for variable, name in _FIELD_USE.findall(_STRING_LITERAL.sub('""', source)):
-        if name not in FIELDS[variable]:
-            return f"{variable} has no field {name!r} (fields: {', '.join(FIELDS[variable])})"
+def _misspelt_field(source: str, variables: CelVariables) -> str | None:
+    for variable, name in variables.field_use.findall(_STRING_LITERAL.sub('""', source)):
+        fields = variables.fields[variable]
+        if name not in fields:
+            return f"{variable} has no field {name!r} (fields: {', '.join(fields)})"
     return None
 
 
-def _dry_run_problem(program: cel_runtime.Program) -> str | None:
-    """Run the rule once on a request of the right shape with an empty context and no
-    claims: what fails there for a reason other than a missing context or claim key
-    (those are data) fails on every request, so it is a mistake in the rule."""
-    sample = cel_runtime.Context(
-        {
-            "request": {"task": "t", "owner": "o@example.com", "purpose": "a sample purpose",
-                        "ttl_seconds": 300, "context": {}},
-            "workload": {"id": "w", "issuer": "i", "subject": "s", "claims": {}},
-            "now": dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
-        }
-    )  # fmt: skip
+def _dry_run_problem(program: cel_runtime.Program, variables: CelVariables) -> str | None:
+    """Run the rule once on the sample values (for the policy: a request of the right shape
+    with an empty context and no claims): what fails there for a reason other than a
+    missing context or claim key (those are data) fails on every request, so it is a
+    mistake in the rule."""
+    sample = cel_runtime.Context(dict(variables.sample))
     try:
         result = program.execute(sample)
     except TypeError as error:  # operand types come from the fixed fields or literals here
