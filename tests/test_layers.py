@@ -37,7 +37,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"identity", "policy", "vault", "audit"},
     {"ledger"},
-    {"leases", "approvals"},
+    {"leases", "approvals", "gateway"},
     {"tasks", "operator"},
     {"services"},
     {"api", "console", "scheduler", "app"},

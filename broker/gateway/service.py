@@ -20,6 +20,7 @@ handle first connects to it: each replica's is its own lease, revoked with the t
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
@@ -37,7 +38,7 @@ from broker.credentials import DatabaseCredential
 from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import UnknownTask
 from broker.gateway.events import AuditBatch
-from broker.gateway.statements import StatementRules, check, compile_statement_rules
+from broker.policy.statements import StatementRules, check, compile_statement_rules
 from broker.ledger.gateway import HandleView, ended_tasks, find_handle, hold_active, insert_gateway_lease
 from broker.models import Lease
 from broker.policy import PolicyStore
@@ -104,7 +105,6 @@ class GatewayService:
         self._logins: dict[tuple[uuid.UUID, str], UpstreamLogin] = {}
         self._issuing: dict[tuple[uuid.UUID, str], threading.Lock] = {}
         self._lock = threading.Lock()
-        self._rules: dict[tuple[str, str, str], StatementRules] = {}
 
     # ---- the handle --------------------------------------------------------------------
 
@@ -306,14 +306,18 @@ class GatewayService:
         )
 
     def _rules_for(self, view: HandleView) -> StatementRules:
-        snapshot = self._policies.snapshot()
-        key = (snapshot.sha256, view.task, view.name)
-        rules = self._rules.get(key)
-        if rules is None:
-            spec = self._spec(view)
-            rules = compile_statement_rules(spec.statements)
-            self._rules[key] = rules
-        return rules
+        """The rules as the current policy compiled them at load; none means refuse all."""
+        try:
+            rules = self._policies.current().task(view.task).statements.get(view.name)
+        except UnknownTask:
+            rules = None
+        return rules if rules is not None else _refuse_all()
+
+
+@functools.cache
+def _refuse_all() -> StatementRules:
+    """For a credential the policy no longer delivers through the gateway: nothing passes."""
+    return compile_statement_rules([{"name": "no-longer-in-the-policy", "when": "false"}])
 
     # ---- sessions ----------------------------------------------------------------------
 

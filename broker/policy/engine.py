@@ -19,12 +19,12 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from broker import tracing
-from broker.credentials import CredentialSpec
+from broker.credentials import CredentialSpec, DatabaseCredential
 from broker.errors import TtlExceedsMax, UnknownTask
 from broker.identity.types import Identity
 from broker.policy.cel import (
@@ -44,6 +44,7 @@ from broker.policy.schema import (
     TaskPolicy,
     WorkloadMatcher,
 )
+from broker.policy.statements import StatementRules, compile_statement_rules
 
 RULE_TTL = "ttl"
 RULE_WORKLOADS = "workloads"
@@ -144,6 +145,8 @@ class CompiledTask:
     approval: CompiledApproval | None
     # Top-level CEL variables any of this task's expressions read: only those are converted.
     cel_variables: frozenset[str]
+    # The statement rules of each gateway database credential, compiled at load.
+    statements: Mapping[str, StatementRules] = field(default_factory=dict)
 
     @property
     def description(self) -> str:
@@ -427,6 +430,9 @@ def _compile_task(name: str, spec: TaskPolicy, issues: list[PolicyIssue]) -> Com
     approval = _compile_approval(spec, prefix, issues)
     if any(rule is None for rule in when) or (spec.approval is not None and approval is None):
         return None
+    statements = _compile_statements(spec, prefix, issues)
+    if statements is None:
+        return None
     when_rules = tuple(rule for rule in when if rule is not None)
     required_when = approval.required_when if approval else None
     expressions = [*when_rules, *([required_when] if required_when else [])]
@@ -438,7 +444,29 @@ def _compile_task(name: str, spec: TaskPolicy, issues: list[PolicyIssue]) -> Com
         when=when_rules,
         approval=approval,
         cel_variables=frozenset().union(*(rule.variables for rule in expressions)),
+        statements=MappingProxyType(statements),
     )
+
+
+def _compile_statements(
+    spec: TaskPolicy, prefix: tuple[PathPart, ...], issues: list[PolicyIssue]
+) -> dict[str, StatementRules] | None:
+    """Each gateway database credential's `statements:`; None (and `issues`) if one is bad."""
+    compiled: dict[str, StatementRules] = {}
+    failed = False
+    for name, credential in spec.credentials.items():
+        if not isinstance(credential, DatabaseCredential) or not credential.via_gateway:
+            continue
+        entries = [
+            entry if isinstance(entry, str) else {"name": entry.name, "when": entry.when}
+            for entry in credential.statements
+        ]
+        try:
+            compiled[name] = compile_statement_rules(entries, (*prefix, "credentials", name, "statements"))
+        except PolicyError as error:
+            issues.extend(error.issues)
+            failed = True
+    return None if failed else compiled
 
 
 def _compile_approval(

@@ -32,8 +32,9 @@ What a rule sees, as `statement`:
   `INSERT ... SELECT`, `SELECT ... INTO`, `DROP TABLE`, `COPY`, `LOCK`, `TRUNCATE`,
   foreign keys), except references to its own CTEs; sorted, without repeats. A name is
   `schema.table`: lower-cased unless quoted in the SQL (`Public.Orders` is
-  `public.orders`, `"MiXed"."T"` is `MiXed.T`), an unqualified name is taken to be in
-  `public`, and a database prefix (`db.schema.table`) is dropped (Postgres only accepts
+  `public.orders`, `"MiXed"."T"` is `MiXed.T`), an unqualified name stays unqualified
+  (`events`: its schema is up to `search_path`, which searches `pg_catalog` first, so a
+  rule on schemas refuses it), and a database prefix (`db.schema.table`) is dropped (Postgres only accepts
   the current database there). A part containing `.` or `"` is double-quoted
   (`"a.b".c`), so a schema named `public.x` can't pass for `public`.
 - `functions`: the functions the statement calls by name (`count`, `pg_catalog.now`,
@@ -63,9 +64,7 @@ The command of the statements that hide another:
   `SET ROLE` and the like are `SET`: a rule that does not allow `SET` refuses them.
 
 What the rules can't see: which tables a statement writes rather than reads; what a
-view, rule, trigger, function body or `DO` block does; the schema an unqualified name
-really resolves to (`pg_catalog` and `pg_temp` are searched before `public`, and a
-`SET search_path` changes it): the gateway pins `standard_conforming_strings=on` and
+view, rule, trigger, function body or `DO` block does: the gateway pins `standard_conforming_strings=on` and
 UTF-8 upstream because the parser here lexes that way, and the database role's own
 privileges stay the real boundary.
 
@@ -97,7 +96,10 @@ CACHE_SIZE = 1024
 CACHE_MAX_CHARS = 8192
 PARSE_RULE = "parse"  # the rule a refusal names when the SQL could not be classified
 UNKNOWN = "UNKNOWN"
-_DEFAULT_SCHEMA = "public"
+# An unqualified name has no schema a rule could trust: Postgres resolves it through
+# `search_path`, which searches `pg_catalog` (and `pg_temp`) first and a `SET` changes. So it
+# is reported as written, and a rule on schemas (`startsWith("public.")`) refuses it.
+_DEFAULT_SCHEMA: str | None = None
 
 
 class Unparseable(ValueError):
@@ -289,9 +291,12 @@ def _quote(part: str) -> str:
     return part
 
 
-def _relation(parts: Sequence[str], schema: str = _DEFAULT_SCHEMA) -> str:
-    """`schema.table` for a name of one, two or three (database-prefixed) parts."""
+def _relation(parts: Sequence[str], schema: str | None = _DEFAULT_SCHEMA) -> str:
+    """`schema.table` for a name of two or three (database-prefixed) parts, or of one inside
+    a `CREATE SCHEMA`; an unqualified name otherwise stays as written."""
     if len(parts) == 1:
+        if schema is None:
+            return _quote(parts[0])
         parts = (schema, parts[0])
     return ".".join(_quote(part) for part in parts[-2:])
 
@@ -310,7 +315,7 @@ class _Found:
 @dataclass(frozen=True, slots=True)
 class _Scope:
     ctes: frozenset[str] = frozenset()  # CTE names an unqualified name may mean
-    schema: str = _DEFAULT_SCHEMA  # where an unqualified name is taken to be
+    schema: str | None = _DEFAULT_SCHEMA  # where an unqualified name is, when the SQL says so
 
 
 def _walk(root: ast.Node, found: _Found) -> None:

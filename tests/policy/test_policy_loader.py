@@ -48,7 +48,10 @@ def test_good_policy_loads() -> None:
 
 def test_demo_policy_is_valid_and_complete() -> None:
     policy = load_policy(DEVDATA)
-    assert set(policy.tasks) == {"analytics-read", "deploy-prod", "issue-cert"}
+    assert set(policy.tasks) == {"analytics-read", "analytics-gateway", "deploy-prod", "issue-cert"}
+    gateway = policy.task("analytics-gateway")
+    assert gateway.credentials["db"].delivery == "gateway"  # type: ignore[union-attr]
+    assert [rule.name for rule in gateway.statements["db"].rules] == ["read-only", "analytics-only"]
     deploy = policy.task("deploy-prod")
     assert set(deploy.credentials) == {"db", "token"}
     assert deploy.approval is not None

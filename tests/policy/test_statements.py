@@ -8,8 +8,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from pglast import ast
 
-from broker.gateway import statements
-from broker.gateway.statements import (
+from broker.policy import statements
+from broker.policy.statements import (
     COMMAND_TAGS,
     MAX_QUERY_BYTES,
     NOT_STATEMENTS,
@@ -23,7 +23,9 @@ from broker.policy.cel import CelCompileError, compile_rule
 from broker.policy.schema import PolicyError
 
 SELECT_ONLY = compile_statement_rules([{"name": "select-only", "when": 'statement.command == "SELECT"'}])
-SELECT_OR_INSERT = compile_statement_rules([{"name": "read-or-insert", "when": 'statement.command in ["SELECT", "INSERT"]'}])
+SELECT_OR_INSERT = compile_statement_rules(
+    [{"name": "read-or-insert", "when": 'statement.command in ["SELECT", "INSERT"]'}]
+)
 
 
 def only(sql: str) -> Statement:
@@ -39,76 +41,80 @@ def only(sql: str) -> Statement:
     ("sql", "command", "commands", "tables"),
     [
         # A SELECT whose CTE modifies data is that modification.
-        ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", "DELETE", ("DELETE",), ("public.t",)),
+        ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", "DELETE", ("DELETE",), ("t",)),
         (
             "WITH d AS (DELETE FROM a RETURNING *), u AS (UPDATE b SET x = 1 RETURNING *) SELECT * FROM d, u",
             "DELETE",
             ("DELETE", "UPDATE"),
-            ("public.a", "public.b"),
+            ("a", "b"),
         ),
         # ... and a modifying statement with a modifying CTE runs both.
         (
             "WITH d AS (DELETE FROM a RETURNING *) INSERT INTO b SELECT * FROM d",
             "INSERT",
             ("INSERT", "DELETE"),
-            ("public.a", "public.b"),
+            ("a", "b"),
         ),
         # SELECT INTO creates a table.
-        ("SELECT * INTO new_t FROM old_t", "CREATE", ("CREATE",), ("public.new_t", "public.old_t")),
-        ("CREATE TABLE new_t AS SELECT * FROM old_t", "CREATE", ("CREATE",), ("public.new_t", "public.old_t")),
+        ("SELECT * INTO new_t FROM old_t", "CREATE", ("CREATE",), ("new_t", "old_t")),
+        ("CREATE TABLE new_t AS SELECT * FROM old_t", "CREATE", ("CREATE",), ("new_t", "old_t")),
         # EXPLAIN ANALYZE runs its statement; a plain EXPLAIN does not.
-        ("EXPLAIN ANALYZE DELETE FROM t WHERE a = 5", "DELETE", ("DELETE",), ("public.t",)),
-        ("EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1", "UPDATE", ("UPDATE",), ("public.t",)),
-        ("EXPLAIN (ANALYZE false) DELETE FROM t", "DELETE", ("DELETE",), ("public.t",)),  # refused to be safe
+        ("EXPLAIN ANALYZE DELETE FROM t WHERE a = 5", "DELETE", ("DELETE",), ("t",)),
+        ("EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1", "UPDATE", ("UPDATE",), ("t",)),
+        ("EXPLAIN (ANALYZE false) DELETE FROM t", "DELETE", ("DELETE",), ("t",)),  # refused to be safe
         (
             "EXPLAIN ANALYZE WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
             "DELETE",
             ("DELETE",),
-            ("public.t",),
+            ("t",),
         ),
-        ("EXPLAIN DELETE FROM t WHERE a = 5", "EXPLAIN", ("EXPLAIN",), ("public.t",)),
-        ("EXPLAIN SELECT * FROM t JOIN u USING (id)", "EXPLAIN", ("EXPLAIN",), ("public.t", "public.u")),
+        ("EXPLAIN DELETE FROM t WHERE a = 5", "EXPLAIN", ("EXPLAIN",), ("t",)),
+        ("EXPLAIN SELECT * FROM t JOIN u USING (id)", "EXPLAIN", ("EXPLAIN",), ("t", "u")),
         # PREPARE is what it prepares, so EXECUTE can only run what was allowed.
-        ("PREPARE p AS DELETE FROM t WHERE a = $1", "DELETE", ("DELETE",), ("public.t",)),
-        ("PREPARE p (int) AS SELECT * FROM t WHERE a = $1", "SELECT", ("SELECT",), ("public.t",)),
-        ("PREPARE p AS WITH d AS (DELETE FROM t RETURNING 1) SELECT * FROM d", "DELETE", ("DELETE",), ("public.t",)),
+        ("PREPARE p AS DELETE FROM t WHERE a = $1", "DELETE", ("DELETE",), ("t",)),
+        ("PREPARE p (int) AS SELECT * FROM t WHERE a = $1", "SELECT", ("SELECT",), ("t",)),
+        ("PREPARE p AS WITH d AS (DELETE FROM t RETURNING 1) SELECT * FROM d", "DELETE", ("DELETE",), ("t",)),
         ("EXECUTE p('secret', 5)", "EXECUTE", ("EXECUTE",), ()),
-        ("CREATE TABLE t AS EXECUTE p", "CREATE", ("CREATE", "EXECUTE"), ("public.t",)),
+        ("CREATE TABLE t AS EXECUTE p", "CREATE", ("CREATE", "EXECUTE"), ("t",)),
         ("DEALLOCATE p", "DEALLOCATE", ("DEALLOCATE",), ()),
         # COPY, and COPY PROGRAM, which runs a shell command on the server.
-        ("COPY t TO STDOUT", "COPY", ("COPY",), ("public.t",)),
+        ("COPY t TO STDOUT", "COPY", ("COPY",), ("t",)),
         ("COPY s.t (a, b) FROM STDIN", "COPY", ("COPY",), ("s.t",)),
-        ("COPY t FROM '/etc/passwd'", "COPY", ("COPY",), ("public.t",)),
-        ("COPY t TO PROGRAM 'gzip > /tmp/t.gz'", "COPY PROGRAM", ("COPY PROGRAM",), ("public.t",)),
-        ("COPY t FROM PROGRAM 'curl http://x'", "COPY PROGRAM", ("COPY PROGRAM",), ("public.t",)),
-        ("COPY (SELECT * FROM t) TO STDOUT", "COPY", ("COPY",), ("public.t",)),
-        ("COPY (DELETE FROM t RETURNING *) TO STDOUT", "COPY", ("COPY", "DELETE"), ("public.t",)),
+        ("COPY t FROM '/etc/passwd'", "COPY", ("COPY",), ("t",)),
+        ("COPY t TO PROGRAM 'gzip > /tmp/t.gz'", "COPY PROGRAM", ("COPY PROGRAM",), ("t",)),
+        ("COPY t FROM PROGRAM 'curl http://x'", "COPY PROGRAM", ("COPY PROGRAM",), ("t",)),
+        ("COPY (SELECT * FROM t) TO STDOUT", "COPY", ("COPY",), ("t",)),
+        ("COPY (DELETE FROM t RETURNING *) TO STDOUT", "COPY", ("COPY", "DELETE"), ("t",)),
         # Opaque bodies.
         ("DO $$ BEGIN DELETE FROM t; END $$", "DO", ("DO",), ()),
         ("CALL archive_orders(5)", "CALL", ("CALL",), ()),
         # DDL, coarse.
-        ("CREATE TABLE t (a int REFERENCES other (a))", "CREATE", ("CREATE",), ("public.other", "public.t")),
-        ("CREATE INDEX ON t (a)", "CREATE", ("CREATE",), ("public.t",)),
-        ("CREATE VIEW v AS SELECT * FROM base", "CREATE", ("CREATE",), ("public.base", "public.v")),
+        ("CREATE TABLE t (a int REFERENCES other (a))", "CREATE", ("CREATE",), ("other", "t")),
+        ("CREATE INDEX ON t (a)", "CREATE", ("CREATE",), ("t",)),
+        ("CREATE VIEW v AS SELECT * FROM base", "CREATE", ("CREATE",), ("base", "v")),
         ("CREATE FUNCTION f() RETURNS int AS $$ SELECT 1 $$ LANGUAGE sql", "CREATE", ("CREATE",), ()),
         ("CREATE ROLE r LOGIN", "CREATE", ("CREATE",), ()),
         ("CREATE EXTENSION dblink", "CREATE", ("CREATE",), ()),
-        ("CREATE RULE r AS ON INSERT TO t DO INSTEAD DELETE FROM x", "CREATE", ("CREATE", "DELETE"),
-         ("public.t", "public.x")),
+        (
+            "CREATE RULE r AS ON INSERT TO t DO INSTEAD DELETE FROM x",
+            "CREATE",
+            ("CREATE", "DELETE"),
+            ("t", "x"),
+        ),
         ("CREATE SCHEMA s CREATE TABLE t (a int)", "CREATE", ("CREATE",), ("s.t",)),
-        ("DROP TABLE a, s.b", "DROP", ("DROP",), ("public.a", "s.b")),
-        ("DROP VIEW IF EXISTS v CASCADE", "DROP", ("DROP",), ("public.v",)),
+        ("DROP TABLE a, s.b", "DROP", ("DROP",), ("a", "s.b")),
+        ("DROP VIEW IF EXISTS v CASCADE", "DROP", ("DROP",), ("v",)),
         ("DROP INDEX s.i", "DROP", ("DROP",), ("s.i",)),
         ("DROP FUNCTION f()", "DROP", ("DROP",), ()),
         ("DROP SCHEMA s CASCADE", "DROP", ("DROP",), ()),
         ("DROP ROLE r", "DROP", ("DROP",), ()),
-        ("ALTER TABLE t ADD COLUMN c int", "ALTER", ("ALTER",), ("public.t",)),
-        ("ALTER TABLE t RENAME TO u", "ALTER", ("ALTER",), ("public.t",)),
+        ("ALTER TABLE t ADD COLUMN c int", "ALTER", ("ALTER",), ("t",)),
+        ("ALTER TABLE t RENAME TO u", "ALTER", ("ALTER",), ("t",)),
         ("ALTER ROLE r PASSWORD 'x'", "ALTER", ("ALTER",), ()),
         ("ALTER SYSTEM SET work_mem = '64MB'", "ALTER", ("ALTER",), ()),
-        ("TRUNCATE a, b", "TRUNCATE", ("TRUNCATE",), ("public.a", "public.b")),
-        ("GRANT SELECT ON t TO u", "GRANT", ("GRANT",), ("public.t",)),
-        ("REVOKE SELECT ON t FROM u", "REVOKE", ("REVOKE",), ("public.t",)),
+        ("TRUNCATE a, b", "TRUNCATE", ("TRUNCATE",), ("a", "b")),
+        ("GRANT SELECT ON t TO u", "GRANT", ("GRANT",), ("t",)),
+        ("REVOKE SELECT ON t FROM u", "REVOKE", ("REVOKE",), ("t",)),
         ("GRANT admin TO u", "GRANT", ("GRANT",), ()),
         # Transactions.
         ("BEGIN", "BEGIN", ("BEGIN",), ()),
@@ -129,20 +135,19 @@ def only(sql: str) -> Statement:
         ("RESET ALL", "RESET", ("RESET",), ()),
         ("SHOW search_path", "SHOW", ("SHOW",), ()),
         # The rest.
-        ("SELECT * FROM t FOR UPDATE", "SELECT", ("SELECT",), ("public.t",)),
+        ("SELECT * FROM t FOR UPDATE", "SELECT", ("SELECT",), ("t",)),
         ("VALUES (1), (2)", "SELECT", ("SELECT",), ()),
-        ("TABLE t", "SELECT", ("SELECT",), ("public.t",)),
-        ("INSERT INTO t SELECT * FROM src", "INSERT", ("INSERT",), ("public.src", "public.t")),
-        ("UPDATE t SET a = s.a FROM s WHERE t.id = s.id", "UPDATE", ("UPDATE",), ("public.s", "public.t")),
-        ("DELETE FROM t USING s WHERE t.id = s.id", "DELETE", ("DELETE",), ("public.s", "public.t")),
-        ("MERGE INTO t USING s ON t.a = s.a WHEN MATCHED THEN DELETE", "MERGE", ("MERGE",),
-         ("public.s", "public.t")),
+        ("TABLE t", "SELECT", ("SELECT",), ("t",)),
+        ("INSERT INTO t SELECT * FROM src", "INSERT", ("INSERT",), ("src", "t")),
+        ("UPDATE t SET a = s.a FROM s WHERE t.id = s.id", "UPDATE", ("UPDATE",), ("s", "t")),
+        ("DELETE FROM t USING s WHERE t.id = s.id", "DELETE", ("DELETE",), ("s", "t")),
+        ("MERGE INTO t USING s ON t.a = s.a WHEN MATCHED THEN DELETE", "MERGE", ("MERGE",), ("s", "t")),
         ("LISTEN chan", "LISTEN", ("LISTEN",), ()),
         ("NOTIFY chan, 'x'", "NOTIFY", ("NOTIFY",), ()),
-        ("LOCK TABLE t IN EXCLUSIVE MODE", "LOCK", ("LOCK",), ("public.t",)),
-        ("VACUUM t", "VACUUM", ("VACUUM",), ("public.t",)),
-        ("ANALYZE t", "ANALYZE", ("ANALYZE",), ("public.t",)),
-        ("DECLARE c CURSOR FOR SELECT * FROM t", "DECLARE", ("DECLARE",), ("public.t",)),
+        ("LOCK TABLE t IN EXCLUSIVE MODE", "LOCK", ("LOCK",), ("t",)),
+        ("VACUUM t", "VACUUM", ("VACUUM",), ("t",)),
+        ("ANALYZE t", "ANALYZE", ("ANALYZE",), ("t",)),
+        ("DECLARE c CURSOR FOR SELECT * FROM t", "DECLARE", ("DECLARE",), ("t",)),
         ("FETCH 10 FROM c", "FETCH", ("FETCH",), ()),
         ("MOVE 10 IN c", "MOVE", ("MOVE",), ()),
         ("CLOSE c", "CLOSE", ("CLOSE",), ()),
@@ -210,7 +215,7 @@ def test_the_standard_conforming_strings_trick_reads_as_a_select_and_a_drop() ->
     # With scs=off the server would read one SELECT; the parser (and the pinned upstream) two.
     sql = "select 'a\\'; drop table x; --'"
     found = classify(sql)
-    assert [(s.command, s.tables) for s in found] == [("SELECT", ()), ("DROP", ("public.x",))]
+    assert [(s.command, s.tables) for s in found] == [("SELECT", ()), ("DROP", ("x",))]
     no_drop = compile_statement_rules([{"name": "no-drop", "when": 'statement.command != "DROP"'}])
     decision = check(sql, no_drop)
     assert not decision.allowed
@@ -229,22 +234,20 @@ def test_the_standard_conforming_strings_trick_reads_as_a_select_and_a_drop() ->
         ('SELECT * FROM "public"."Orders"', ("public.Orders",)),
         ("SELECT * FROM analytics.public.orders", ("public.orders",)),  # the database prefix dropped
         ('SELECT * FROM "public.x".secret', ('"public.x".secret',)),  # can't pass for public
-        ('SELECT * FROM "a""b"', ('public."a""b"',)),
-        ("SELECT * FROM a JOIN b ON true LEFT JOIN c.d ON true", ("c.d", "public.a", "public.b")),
-        ("SELECT * FROM t WHERE id IN (SELECT id FROM s WHERE EXISTS (SELECT 1 FROM u))",
-         ("public.s", "public.t", "public.u")),
-        ("SELECT (SELECT max(a) FROM s) FROM (SELECT * FROM t) AS sub", ("public.s", "public.t")),
-        ("SELECT * FROM t UNION SELECT * FROM u", ("public.t", "public.u")),
-        ("SELECT * FROM t, t, T", ("public.t",)),
+        ('SELECT * FROM "a""b"', ('"a""b"',)),
+        ("SELECT * FROM a JOIN b ON true LEFT JOIN c.d ON true", ("a", "b", "c.d")),
+        ("SELECT * FROM t WHERE id IN (SELECT id FROM s WHERE EXISTS (SELECT 1 FROM u))", ("s", "t", "u")),
+        ("SELECT (SELECT max(a) FROM s) FROM (SELECT * FROM t) AS sub", ("s", "t")),
+        ("SELECT * FROM t UNION SELECT * FROM u", ("t", "u")),
+        ("SELECT * FROM t, t, T", ("t",)),
         # CTE names are not tables, but a qualified name is, and a CTE body sees earlier CTEs only.
-        ("WITH t AS (SELECT * FROM base) SELECT * FROM t", ("public.base",)),
+        ("WITH t AS (SELECT * FROM base) SELECT * FROM t", ("base",)),
         ("WITH t AS (SELECT 1) SELECT * FROM t, public.t", ("public.t",)),
-        ("WITH a AS (SELECT * FROM b), b AS (SELECT * FROM a) SELECT * FROM b", ("public.b",)),
+        ("WITH a AS (SELECT * FROM b), b AS (SELECT * FROM a) SELECT * FROM b", ("b",)),
         ("WITH RECURSIVE r AS (SELECT 1 UNION ALL SELECT * FROM r) SELECT * FROM r", ()),
-        ("WITH m AS (SELECT 1) MERGE INTO t USING m ON true WHEN MATCHED THEN DELETE", ("public.t",)),
-        ("SELECT * FROM (WITH x AS (SELECT 1) SELECT * FROM x) s, x", ("public.x",)),  # scope ends
-        ("INSERT INTO t (a) VALUES (1) ON CONFLICT (a) DO UPDATE SET a = (SELECT 2 FROM s)",
-         ("public.s", "public.t")),
+        ("WITH m AS (SELECT 1) MERGE INTO t USING m ON true WHEN MATCHED THEN DELETE", ("t",)),
+        ("SELECT * FROM (WITH x AS (SELECT 1) SELECT * FROM x) s, x", ("x",)),  # scope ends
+        ("INSERT INTO t (a) VALUES (1) ON CONFLICT (a) DO UPDATE SET a = (SELECT 2 FROM s)", ("s", "t")),
     ],
 )
 def test_tables(sql: str, tables: tuple[str, ...]) -> None:
@@ -275,7 +278,7 @@ def test_functions_are_listed_as_written() -> None:
         ("SELECT 1 -- secret", "SELECT $1"),
         ("SELECT /* secret */ 1", "SELECT   $1"),
         ("SELECT 'é', 'secret'", "SELECT $1, $2"),
-        ('COPY "tàblé" TO PROGRAM \'secret\'', 'COPY "tàblé" TO PROGRAM $1'),  # offsets past multibyte text
+        ("COPY \"tàblé\" TO PROGRAM 'secret'", 'COPY "tàblé" TO PROGRAM $1'),  # offsets past multibyte text
         ("EXECUTE p($1, 'x', $3)", "EXECUTE p($1, $4, $3)"),  # numbered past the parameters
         ("SELECT E'se\\'cret', U&'d\\0061t', B'0101', X'ff', 1.5e10", "SELECT $1, $2, $3, $4, $5"),
     ],
@@ -312,8 +315,19 @@ def test_each_statement_gets_its_own_text() -> None:
         ("SELECT '" + "x" * MAX_QUERY_BYTES + "'", "the query is larger than 1 MiB"),
         ("SELECT '" + "é" * (MAX_QUERY_BYTES // 2) + "'", "the query is larger than 1 MiB"),
     ],
-    ids=["empty", "blank", "comment", "semicolons", "nul", "syntax", "unterminated", "surrogate", "deep",
-         "large", "large-in-bytes"],
+    ids=[
+        "empty",
+        "blank",
+        "comment",
+        "semicolons",
+        "nul",
+        "syntax",
+        "unterminated",
+        "surrogate",
+        "deep",
+        "large",
+        "large-in-bytes",
+    ],
 )
 def test_unparseable(sql: str, message: str) -> None:
     with pytest.raises(Unparseable) as raised:
@@ -337,7 +351,7 @@ def test_a_syntax_error_says_where() -> None:
 
 def test_deep_expressions_are_walked_without_recursion() -> None:
     statement = only("SELECT " + "(" * 5000 + "a" + ")" * 5000 + " FROM t")
-    assert (statement.command, statement.tables) == ("SELECT", ("public.t",))
+    assert (statement.command, statement.tables) == ("SELECT", ("t",))
 
 
 # --- rules -----------------------------------------------------------------------------------
@@ -345,7 +359,10 @@ def test_deep_expressions_are_walked_without_recursion() -> None:
 
 def test_rules_are_named() -> None:
     rules = compile_statement_rules(
-        ['statement.command == "SELECT"', {"name": "public-only", "when": 'statement.tables.all(t, t.startsWith("public."))'}]
+        [
+            'statement.command == "SELECT"',
+            {"name": "public-only", "when": 'statement.tables.all(t, t.startsWith("public."))'},
+        ]
     )
     assert [rule.name for rule in rules.rules] == ["statements[0]", "public-only"]
     assert check("SELECT * FROM public.t", rules).allowed
@@ -357,7 +374,10 @@ def test_the_documented_example() -> None:
     rules = compile_statement_rules(
         ['statement.command in ["SELECT", "SHOW"]', 'statement.tables.all(t, t.startsWith("public."))']
     )
-    assert check("SELECT * FROM orders o JOIN Public.Customers c ON c.id = o.cid", rules).allowed
+    assert check("SELECT * FROM public.orders o JOIN Public.Customers c ON c.id = o.cid", rules).allowed
+    # Unqualified, `orders` is whatever search_path finds first (pg_catalog before public).
+    assert not check("SELECT * FROM orders", rules).allowed
+    assert not check("SELECT * FROM pg_authid", rules).allowed
     assert check("SHOW search_path", rules).allowed
     assert not check("SET search_path = secret", rules).allowed
     assert not check('SELECT * FROM "Secret".t', rules).allowed
@@ -374,7 +394,7 @@ def test_a_query_is_allowed_only_if_every_statement_is() -> None:
         ("DELETE", False, "select-only"),
         ("SELECT", True, None),
     ]
-    assert decision.statements[2].tables == ("public.t",)
+    assert decision.statements[2].tables == ("t",)
     assert decision.statements[2].normalised == "DELETE FROM t WHERE a = $1"
 
 
@@ -443,7 +463,7 @@ def test_repeated_sql_is_classified_once_and_callers_cannot_spoil_the_cache() ->
     first = classify(sql)
     first.clear()
     again = classify(sql)
-    assert [s.tables for s in again] == [("public.cached_once",)]
+    assert [s.tables for s in again] == [("cached_once",)]
     assert again[0] is classify(sql)[0]
 
 
@@ -471,13 +491,18 @@ def test_junk_never_raises_anything_but_unparseable(sql: str) -> None:
 
 
 _SECRET = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_characters="\x00", exclude_categories=["Cs"]), min_size=1, max_size=20
+    alphabet=st.characters(codec="utf-8", exclude_characters="\x00", exclude_categories=["Cs"]),
+    min_size=1,
+    max_size=20,
 ).map(lambda text: "Zq" + text)
 
 
 def _string_literals(secret: str) -> list[str]:
     """`secret` in each way SQL can spell a string constant."""
-    spelt = ["'" + secret.replace("'", "''") + "'", "E'" + secret.replace("\\", "\\\\").replace("'", "\\'") + "'"]
+    spelt = [
+        "'" + secret.replace("'", "''") + "'",
+        "E'" + secret.replace("\\", "\\\\").replace("'", "\\'") + "'",
+    ]
     if "$q$" not in secret and not secret.endswith("$q"):
         spelt.append("$q$" + secret + "$q$")
     return spelt
@@ -511,7 +536,9 @@ _TEMPLATES = [
 
 
 @given(st.sampled_from(_TEMPLATES), _SECRET, st.data())
-def test_string_literals_never_reach_the_normalised_text(template: str, secret: str, data: st.DataObject) -> None:
+def test_string_literals_never_reach_the_normalised_text(
+    template: str, secret: str, data: st.DataObject
+) -> None:
     literal = data.draw(st.sampled_from(_string_literals(secret)))
     sql = template.format(lit=literal)
     for statement in classify(sql):
@@ -520,11 +547,16 @@ def test_string_literals_never_reach_the_normalised_text(template: str, secret: 
 
 # Where the grammar takes a number as well as a string.
 _NUMERIC_TEMPLATES = [
-    template for template in _TEMPLATES if not template.startswith(("COPY", "COMMENT", "ALTER ROLE", "CREATE USER", "NOTIFY"))
+    template
+    for template in _TEMPLATES
+    if not template.startswith(("COPY", "COMMENT", "ALTER ROLE", "CREATE USER", "NOTIFY"))
 ]
 
 
-@given(st.sampled_from(_NUMERIC_TEMPLATES), st.integers(min_value=10**6) | st.floats(min_value=1e6, allow_infinity=False))
+@given(
+    st.sampled_from(_NUMERIC_TEMPLATES),
+    st.integers(min_value=10**6) | st.floats(min_value=1e6, allow_infinity=False),
+)
 def test_numbers_never_reach_the_normalised_text(template: str, number: int | float) -> None:
     text = repr(number) if isinstance(number, float) else str(number)
     for statement in classify(template.format(lit=text)):
@@ -626,7 +658,9 @@ def test_a_select_only_rule_allows_selects(table: str, other: str, column: str) 
 
 
 @given(_RELATION, _RELATION, _IDENTIFIER, st.sampled_from(["DELETE FROM {t}", "UPDATE {t} SET a = 1"]))
-def test_an_allowed_command_does_not_carry_a_refused_one(table: str, other: str, name: str, hidden: str) -> None:
+def test_an_allowed_command_does_not_carry_a_refused_one(
+    table: str, other: str, name: str, hidden: str
+) -> None:
     # Every command a statement runs meets the rules, not only its outermost one.
     sql = f"WITH {name} AS ({hidden.format(t=other)} RETURNING *) INSERT INTO {table} SELECT * FROM {name}"
     decision = check(sql, SELECT_OR_INSERT)
