@@ -313,12 +313,6 @@ class GatewayService:
             rules = None
         return rules if rules is not None else _refuse_all()
 
-
-@functools.cache
-def _refuse_all() -> StatementRules:
-    """For a credential the policy no longer delivers through the gateway: nothing passes."""
-    return compile_statement_rules([{"name": "no-longer-in-the-policy", "when": "false"}])
-
     # ---- sessions ----------------------------------------------------------------------
 
     def connected(self, view: HandleView, detail: Mapping[str, Any]) -> None:
@@ -337,3 +331,9 @@ def _refuse_all() -> StatementRules:
         """Of the tasks this replica serves, the ended ones; raises when the ledger is away."""
         with unit_of_work(self._sessions) as session:
             return ended_tasks(session, list(task_ids))
+
+
+@functools.cache
+def _refuse_all() -> StatementRules:
+    """For a credential the policy no longer delivers through the gateway: nothing passes."""
+    return compile_statement_rules([{"name": "no-longer-in-the-policy", "when": "false"}])
