@@ -39,7 +39,7 @@ def ci_claims(tmp_path: Path) -> Path:
 def test_check_ok() -> None:
     result = run("check", str(DEVDATA))
     assert result.exit_code == 0, result.output
-    assert result.stdout == "ok: 3 task types (analytics-read, deploy-prod, issue-cert)\n"
+    assert result.stdout == "ok: 4 task types (analytics-gateway, analytics-read, deploy-prod, issue-cert)\n"
 
 
 def test_check_prints_file_line_location_message(tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_explain_subject_override_and_now(agent_claims: Path) -> None:
     [
         (
             ("--task", "nope"),
-            "unknown task type 'nope' (known: analytics-read, deploy-prod, issue-cert)",
+            "unknown task type 'nope' (known: analytics-gateway, analytics-read, deploy-prod, issue-cert)",
         ),
         (("--context", "[1]"), "--context must be a JSON object"),
         (("--context", "{bad"), "--context is not JSON"),

@@ -51,7 +51,9 @@ class Target:
     admin_dsn: str
 
     def upstream(self, **changes: Any) -> Upstream:
-        values = dict(host=self.host, port=self.port, dbname=self.dbname, user=self.user, password=self.password)
+        values = dict(
+            host=self.host, port=self.port, dbname=self.dbname, user=self.user, password=self.password
+        )
         values.update(changes)
         return Upstream(**values)
 

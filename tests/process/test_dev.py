@@ -120,7 +120,18 @@ def test_the_printed_example_and_the_readme_tour_run_as_pasted_and_a_second_dev_
         assert "the job sees ['DB_PASSWORD', 'DB_USERNAME']" in ways.stdout, output[-3000:]
         assert "password" not in ways.stdout.lower().replace("db_password", "")
 
-        # 2c. `broker dev token` mints what the stack trusts: another agent, a person.
+        # 2c. The gateway: the handle reads, a delete is refused, both are audited.
+        gated = run_script(readme_tour("Used, never held: the gateway"), checkout)
+        output = gated.stdout + gated.stderr
+        assert gated.returncode == 0, output[-3000:]
+        assert re.search(r"^\s+3\s*$", gated.stdout, re.MULTILINE), output[-3000:]
+        assert "refused by the task's statement rule 'read-only'" in gated.stdout, output[-3000:]
+        assert "refused by the gateway: the task may only read" in gated.stdout, output[-3000:]
+        assert "SELECT allowed alice@example.com" in gated.stdout, output[-3000:]
+        assert "DELETE refused by read-only alice@example.com" in gated.stdout, output[-3000:]
+        assert "password" not in gated.stdout.lower()
+
+        # 2d. `broker dev token` mints what the stack trusts: another agent, a person.
         minted = run_script(
             "source .broker-dev/env.sh\n"
             "ETL=$(.venv/bin/broker dev token --issuer spire --subject spiffe://example.org/agents/etl)\n"
