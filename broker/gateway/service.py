@@ -38,10 +38,10 @@ from broker.credentials import DatabaseCredential
 from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import UnknownTask
 from broker.gateway.events import AuditBatch
-from broker.policy.statements import StatementRules, check, compile_statement_rules
 from broker.ledger.gateway import HandleView, ended_tasks, find_handle, hold_active, insert_gateway_lease
 from broker.models import Lease
 from broker.policy import PolicyStore
+from broker.policy.statements import StatementRules, check, compile_statement_rules
 from broker.vault import IssuedSecret, TaskToken, VaultError, VaultGateway, task_token_policies
 
 log = logging.getLogger(__name__)

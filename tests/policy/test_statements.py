@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from pglast import ast
 
 from broker.policy import statements
+from broker.policy.cel import CelCompileError, compile_rule
+from broker.policy.schema import PolicyError
 from broker.policy.statements import (
     COMMAND_TAGS,
     MAX_QUERY_BYTES,
@@ -19,8 +21,6 @@ from broker.policy.statements import (
     classify,
     compile_statement_rules,
 )
-from broker.policy.cel import CelCompileError, compile_rule
-from broker.policy.schema import PolicyError
 
 SELECT_ONLY = compile_statement_rules([{"name": "select-only", "when": 'statement.command == "SELECT"'}])
 SELECT_OR_INSERT = compile_statement_rules(
