@@ -31,6 +31,7 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run
+	$(BIN)/python bench/gateway.py
 
 # Not part of `make test`: removes each guard in tests/mutants/mutations.toml in a scratch
 # copy and runs the tests named to catch it; fails if any mutation survives.
