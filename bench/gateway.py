@@ -235,9 +235,8 @@ def main() -> int:
     print(f"{'figure':40} {'direct':>9} {'gateway':>9} {'':>16}  {'target':>18}  met  range")
     for name, plain, gated, note, met, target, ranged in figures:
         plain_text = "" if plain != plain else f"{plain:9.3g}"
-        print(
-            f"{name:40} {plain_text:>9} {gated:9.3g} {note:>16}  {target:>18}  {'yes' if met else 'NO ':3}  {ranged}"
-        )
+        verdict = "yes" if met else "NO "
+        print(f"{name:40} {plain_text:>9} {gated:9.3g} {note:>16}  {target:>18}  {verdict}  {ranged}")
     results = {
         "rounds": rounds,
         "select1_delta_ms": rtt_delta,
