@@ -8,8 +8,10 @@ handle after; the credential the gateway issued is a lease of the task, revoked 
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -27,21 +29,35 @@ from tests.support.waiting import wait_for
 SECRET_LITERAL = "a-literal-only-the-query-knows"
 
 
-@pytest.fixture
-def broker(stack, issuers, tmp_path, clean_db):
+@contextlib.contextmanager
+def api_and_gateway(stack, issuers, tmp_path, recheck_seconds: float) -> Iterator[tuple[Any, Any, Any]]:
     """The API in this process and a gateway beside it, sharing one config."""
     policy = gateway_policy(stack, tmp_path / "policy.yaml", ttl=60)
-    config = broker_config(
-        stack, issuers, policy, gateway=gateway_section(free_port(), audit_flush_seconds=0.1)
-    )
-    settings = settings_from_mapping(config, env={})
+    section = gateway_section(free_port(), audit_flush_seconds=0.1, recheck_seconds=recheck_seconds)
+    settings = settings_from_mapping(broker_config(stack, issuers, policy, gateway=section), env={})
     services = build_services(settings)
     from broker.app import create_app
 
     client = create_app(services=services).test_client()
-    with running_gateway(settings) as gateway:
-        yield client, services, gateway
-    services.close()
+    try:
+        with running_gateway(settings) as gateway:
+            yield client, services, gateway
+    finally:
+        services.close()
+
+
+@pytest.fixture
+def broker(stack, issuers, tmp_path, clean_db):
+    # A recheck far apart: a session cut within a second was cut by the task-end notification.
+    with api_and_gateway(stack, issuers, tmp_path, recheck_seconds=30) as parts:
+        yield parts
+
+
+@pytest.fixture
+def rechecking_broker(stack, issuers, tmp_path, clean_db):
+    # No scheduler runs here: a deadline is seen only by the gateway's own recheck.
+    with api_and_gateway(stack, issuers, tmp_path, recheck_seconds=0.2) as parts:
+        yield parts
 
 
 def started(client, issuers, **overrides: Any) -> tuple[str, dict[str, Any]]:
@@ -192,8 +208,8 @@ def test_the_tasks_end_cuts_its_open_session_within_a_second_and_refuses_the_han
     assert "ended" in str(refused.value)
 
 
-def test_the_deadline_cuts_the_session_and_refuses_the_handle(broker, issuers):
-    client, _, _ = broker
+def test_the_deadline_cuts_the_session_and_refuses_the_handle(rechecking_broker, issuers):
+    client, _, _ = rechecking_broker
     _, handle = started(client, issuers, ttl_seconds=2)
     connection = connect(handle)
     connection.execute("SELECT 1")
