@@ -23,6 +23,7 @@ from broker.dev.stack.postgres import free_port
 from broker.services import build_services
 from tests.conftest import broker_config
 from tests.factories import AGENT, dynamic_roles, start_task
+from tests.support.fault_proxy import HttpFaultProxy
 from tests.support.gateway import GATEWAY_TASK, gateway_policy, gateway_section, running_gateway
 from tests.support.waiting import wait_for
 
@@ -237,3 +238,41 @@ def test_a_wrong_or_unknown_handle_gets_28p01_alike_and_is_audited(broker, issue
     assert whys == ["unknown handle", "wrong secret"]
     with connect(handle) as connection:  # and the gateway still serves the right one
         assert connection.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_with_vault_away_at_the_finish_the_gateway_still_cuts_the_session(stack, issuers, tmp_path, clean_db):
+    """The database role outlives a finish whose revokes can't reach Vault (they wait in
+    `revoke_pending`), so nothing but the gateway can end the session: it must, at once."""
+    proxy = HttpFaultProxy.to(stack.vault.addr)
+    policy = gateway_policy(stack, tmp_path / "policy.yaml", ttl=60)
+    section = gateway_section(free_port(), audit_flush_seconds=0.1, recheck_seconds=30)
+    config = broker_config(stack, issuers, policy, gateway=section)
+    gateway_settings = settings_from_mapping(config, env={})  # the gateway reaches Vault itself
+    config["vault"] = {**config["vault"], "addr": proxy.addr}
+    services = build_services(settings_from_mapping(config, env={}))
+    from broker.app import create_app
+
+    client = create_app(services=services).test_client()
+    try:
+        with running_gateway(gateway_settings):
+            task_id, handle = started(client, issuers)
+            connection = connect(handle)
+            connection.execute("SELECT 1")
+            proxy.cut()
+            finished = client.post(
+                "/task/finish", json={"task_id": task_id}, headers=issuers["spire"].bearer(AGENT)
+            )
+            assert finished.status_code == 200, finished.get_json()
+            assert finished.get_json()["state"] == "finished"
+            assert "revoke_pending" in {lease["state"] for lease in finished.get_json()["leases"]}
+            with pytest.raises(psycopg.Error) as cut:
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline:
+                    connection.execute("SELECT 1")
+                    time.sleep(0.05)
+            assert "the task ended" in str(cut.value)
+            connection.close()
+    finally:
+        proxy.restore()
+        proxy.close()
+        services.close()
