@@ -293,3 +293,22 @@ def test_junk_http_never_kills_the_server(broker, issuers):
 
     junk_then_a_good_request()
     assert read_q3(handle)
+
+
+def test_a_gateway_without_http_bind_refuses_the_start_and_issues_nothing(stack, issuers, tmp_path, clean_db):
+    policy = vault_gateway_policy(tmp_path / "policy.yaml")
+    config = broker_config(stack, issuers, policy, gateway=gateway_section(free_port()))
+    services = build_services(settings_from_mapping(config, env={}))
+    from broker.app import create_app
+
+    client = create_app(services=services).test_client()
+    try:
+        response = start_task(client, issuers, VAULT_TASK)
+        assert response.status_code == 502, response.get_json()
+        assert response.get_json()["code"] == "issuance_failed"
+        assert "Vault API" in response.get_json()["detail"]
+        assert "credentials" not in response.get_json()
+        assert rows(stack, "SELECT id FROM gateway_handles") == []
+        assert rows(stack, "SELECT id FROM leases") == []
+    finally:
+        services.close()
