@@ -56,7 +56,7 @@ class BrokerHooks:
     async def lookup(self, user: str, database: str) -> Login | None:
         with _as_protocol_refusal():
             view = await asyncio.to_thread(self._service.find, user)
-        if view is None:
+        if view is None or view.kind != "database":  # a Vault handle is no Postgres login
             return None
         return Login(key=str(view.task_id), verifier=Verifier.from_string(view.verifier), context=view)
 
@@ -214,6 +214,28 @@ class GatewayProcess:
                     await self._recheck_now.wait()
             self._recheck_now.clear()
             await self._recheck()
+            await self._recheck_vault_tokens()
+
+    async def _recheck_vault_tokens(self) -> None:
+        """Forget the Vault tokens of tasks that ended unheard, or are past their deadline by
+        this process's clock; a request would be refused anyway, but the value goes."""
+        held = self.service.vault_token_tasks()
+        if not held:
+            return
+        now = self.clock.now()
+        for task_id, expires_at in held.items():
+            if expires_at <= now:
+                self.service.forget(task_id)
+        live = [task_id for task_id, expires_at in held.items() if expires_at > now]
+        if not live:
+            return
+        try:
+            ended = await asyncio.to_thread(self.service.ended, live)
+        except Exception as error:
+            log.warning("gateway: could not recheck its Vault tokens (%s)", type(error).__name__)
+            return
+        for task_id in ended:
+            self.service.forget(task_id)
 
     async def _recheck(self) -> None:
         keys = {session.key for session in self.server.sessions() if session.key is not None}

@@ -325,6 +325,14 @@ class GatewayService:
     def judge(self, view: HandleView, method: str, path: str) -> RequestVerdict:
         return self.request_rules(view).evaluate(method, path)
 
+    def vault_token_tasks(self) -> dict[uuid.UUID, datetime]:
+        """The tasks this replica holds Vault tokens for, each with its earliest expiry."""
+        with self._lock:
+            held: dict[uuid.UUID, datetime] = {}
+            for (task_id, _), token in self._vault_tokens.items():
+                held[task_id] = min(token.expires_at, held.get(task_id, token.expires_at))
+            return held
+
     def can_audit(self) -> bool:
         return self._audit.has_room()
 

@@ -193,7 +193,8 @@ class VaultAPI:
         token = presented_token(headers)
         parts = split_vault_token(token) if token else None
         if parts is None:
-            self._service.refused((token or "")[:32], None, "no handle" if not token else "not a handle")
+            # Not even the start of what was sent is recorded: it may be a real Vault token.
+            self._service.refused("", None, "no handle" if not token else "not a handle")
             return errors(403, "permission denied: a gateway handle is needed")
         handle_id, secret = parts
         try:

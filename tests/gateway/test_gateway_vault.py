@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions
+import psycopg
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
@@ -246,6 +247,30 @@ def test_after_finish_the_handle_is_refused_and_the_token_is_revoked(broker, iss
     wait_for(lambda: real_tokens(gateway) == [], timeout=5)
     states = {r.state for r in rows(stack, "SELECT state FROM leases WHERE task_id = :t", t=task_id)}
     assert states == {"revoked"}
+
+
+def test_a_vault_handle_is_no_postgres_login_and_the_gateway_goes_on(broker, issuers):
+    client, services, _ = broker
+    _, credential = started(client, issuers)
+    handle_id, _, secret = credential["data"]["token"].partition(".")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(
+            host="127.0.0.1", port=services.settings.gateway.postgres_port, user=handle_id,
+            password=secret, dbname="analytics", sslmode="disable", connect_timeout=5,
+        )  # fmt: skip
+    assert read_q3(credential["data"])
+
+
+def test_at_the_deadline_the_token_is_forgotten_and_the_handle_refused(broker, issuers):
+    client, _, gateway = broker
+    response = start_task(client, issuers, VAULT_TASK, ttl_seconds=2)
+    assert response.status_code == 201, response.get_json()
+    handle = response.get_json()["credentials"]["token"]["data"]
+    assert read_q3(handle)
+    assert len(real_tokens(gateway)) == 1
+    wait_for(lambda: real_tokens(gateway) == [], timeout=8)
+    with pytest.raises(hvac.exceptions.Forbidden):
+        read_q3(handle)
 
 
 _JUNK = st.one_of(

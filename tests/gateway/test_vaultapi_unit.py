@@ -240,6 +240,7 @@ class StandIn:
         )  # fmt: skip
         self.rules = parse_policy(POLICY).task("reports").requests["token"]
         self.refusals: list[str] = []
+        self.refused_handles: list[str] = []
         self.audited: list[dict[str, Any]] = []
         self.issued = 0
 
@@ -248,6 +249,7 @@ class StandIn:
 
     def refused(self, handle_id: str, view: HandleView | None, why: str) -> None:
         self.refusals.append(why)
+        self.refused_handles.append(handle_id)
 
     def forget(self, task_id: uuid.UUID) -> None:
         return
@@ -315,7 +317,7 @@ def test_a_bearer_handle_works_too(upstream) -> None:
     ("headers", "why"),
     [
         ({}, "no handle"),
-        ({"x-vault-token": "hvs.something"}, "not a handle"),
+        ({"x-vault-token": "hvs.a-real-vault-token-sent-by-mistake"}, "not a handle"),
         ({"x-vault-token": "brk_" + "1" * 24 + ".s3cret"}, "unknown handle"),
         ({"x-vault-token": "brk_" + "0" * 24 + ".wrong"}, "wrong secret"),
     ],
@@ -326,6 +328,7 @@ def test_a_bad_handle_gets_403_and_nothing_is_sent(upstream, headers: dict[str, 
     answer = api.handle("GET", "/v1/secret/data/reports/q3", headers, b"")
     assert answer.status == 403 and json.loads(answer.body)["errors"]
     assert service.refusals == [why]
+    assert "hvs" not in "".join(service.refused_handles)  # what was sent may be a real token
     assert seen.requests == [] and service.issued == 0
 
 
