@@ -336,6 +336,8 @@ class GatewaySettings(_Strict):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.require_tls and self.tls_cert_file is None:
             raise ValueError("require_tls needs tls_cert_file and tls_key_file")
+        if self.http_bind is not None and self.http_port == self.postgres_port:
+            raise ValueError("http_bind and postgres_bind need different ports")
         return self
 
 

@@ -372,3 +372,18 @@ def test_a_get_with_list_true_is_a_list_to_the_rules(upstream) -> None:
     assert answer.status == 200
     assert service.audited[-1]["method"] == "LIST"
     assert seen.requests[0][1] == "/v1/secret/data/reports/?list=true"  # sent as the client sent it
+
+
+def test_the_gateway_settings_take_an_http_bind() -> None:
+    from pydantic import ValidationError
+
+    from broker.config import GatewaySettings
+
+    plain = GatewaySettings()
+    assert (plain.http_bind, plain.http_host, plain.http_port) == (None, None, None)
+    served = GatewaySettings(http_bind="0.0.0.0:8201", advertise_http_port=443)
+    assert (served.http_host, served.http_port, served.advertise_http_port) == ("0.0.0.0", 8201, 443)
+    with pytest.raises(ValidationError):
+        GatewaySettings(postgres_bind="127.0.0.1:6432", http_bind="127.0.0.1:6432")
+    with pytest.raises(ValidationError):
+        GatewaySettings(http_bind="no-port")
