@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -118,6 +119,15 @@ def test_hvac_reads_through_the_handle_and_the_token_is_a_lease_of_the_task(brok
     wait_for(lambda: any(d["allowed"] and d["status"] == 200 for d in requests_audited(stack)), timeout=5)
     [detail] = [d for d in requests_audited(stack) if d["path"] == "secret/data/reports/q3"]
     assert detail["method"] == "GET" and "rule" not in detail
+
+
+def test_first_requests_at_once_issue_one_token(broker, issuers, stack):
+    client, _, _ = broker
+    task_id, credential = started(client, issuers)
+    with ThreadPoolExecutor(8) as pool:
+        read = list(pool.map(lambda _: read_q3(credential["data"]), range(8)))
+    assert all(read)
+    assert len(rows(stack, "SELECT id FROM leases WHERE task_id = :t", t=task_id)) == 2
 
 
 def test_the_bao_cli_reads_through_the_handle(broker, issuers):

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from broker.config import VaultSettings
 from broker.credentials import VaultTokenCredential, hashed_form
 from broker.gateway.handles import new_vault_handle, sha256_matches, split_vault_token, vault_token_string
-from broker.gateway.service import HeldToken
+from broker.gateway.service import CANNOT_CONNECT_NOW, HeldToken, Refusal
 from broker.gateway.vaultapi import DENY_RULE, WRAP_RULE, VaultAPI, denied, scrub, vault_path
 from broker.ledger.gateway import HandleView
 from broker.policy import PolicyError, parse_policy
@@ -231,7 +231,10 @@ def upstream() -> Iterator[tuple[str, Seen]]:
 class StandIn:
     """What `VaultAPI` asks of `GatewayService`, with one good handle."""
 
-    def __init__(self, verifier: str, *, ended: bool = False) -> None:
+    def __init__(
+        self, verifier: str, *, ended: bool = False, issue: Refusal | None = None, audit: bool = True
+    ) -> None:
+        self.issue, self.audit = issue, audit
         now = datetime.now(UTC)
         self.view = HandleView(
             id="brk_" + "0" * 24, name="token", kind="vault_token", verifier=verifier, task_id=uuid.uuid4(),
@@ -258,9 +261,11 @@ class StandIn:
         return self.rules.evaluate(method, path)
 
     def can_audit(self) -> bool:
-        return True
+        return self.audit
 
     def vault_token(self, view: HandleView) -> HeldToken:
+        if self.issue is not None:
+            raise self.issue
         self.issued += 1
         return HeldToken(token=REAL, expires_at=view.expires_at or view.now)
 
@@ -387,3 +392,20 @@ def test_the_gateway_settings_take_an_http_bind() -> None:
         GatewaySettings(postgres_bind="127.0.0.1:6432", http_bind="127.0.0.1:6432")
     with pytest.raises(ValidationError):
         GatewaySettings(http_bind="no-port")
+
+
+def test_no_vault_token_is_503_and_nothing_is_sent(upstream) -> None:
+    addr, seen = upstream
+    api, service = relay(addr, issue=Refusal(CANNOT_CONNECT_NOW, "retry"))
+    answer = api.handle("GET", "/v1/secret/data/reports/q3", {"x-vault-token": token_for(service)}, b"")
+    assert answer.status == 503 and seen.requests == []
+    assert service.audited[-1] == {
+        "method": "GET", "path": "secret/data/reports/q3", "status": 503, "allowed": False, "rule": "issue"
+    }  # fmt: skip
+
+
+def test_without_room_in_the_audit_nothing_is_sent(upstream) -> None:
+    addr, seen = upstream
+    api, service = relay(addr, audit=False)
+    answer = api.handle("GET", "/v1/secret/data/reports/q3", {"x-vault-token": token_for(service)}, b"")
+    assert answer.status == 503 and seen.requests == [] and service.issued == 0
