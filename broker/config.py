@@ -308,6 +308,11 @@ class GatewaySettings(_Strict):
     audit_flush_seconds: float = Field(default=0.5, gt=0, le=10)
     # How often live sessions are checked against the ledger, besides the notifications.
     recheck_seconds: float = Field(default=1.0, gt=0, le=30)
+    # Where the Vault API for `vault_token` gateway credentials listens (HTTP); unset, the
+    # gateway serves no Vault API and a start with such a credential is refused.
+    http_bind: HostPort | None = None
+    # The port Vault handles name (`addr`), when a load balancer's differs from the bind's.
+    advertise_http_port: int | None = Field(default=None, gt=0, le=65535)
 
     @property
     def postgres_host(self) -> str:
@@ -317,12 +322,22 @@ class GatewaySettings(_Strict):
     def postgres_port(self) -> int:
         return int(self.postgres_bind.rpartition(":")[2])
 
+    @property
+    def http_host(self) -> str | None:
+        return self.http_bind.rpartition(":")[0].strip("[]") if self.http_bind else None
+
+    @property
+    def http_port(self) -> int | None:
+        return int(self.http_bind.rpartition(":")[2]) if self.http_bind else None
+
     @model_validator(mode="after")
     def _tls_pair(self) -> GatewaySettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.require_tls and self.tls_cert_file is None:
             raise ValueError("require_tls needs tls_cert_file and tls_key_file")
+        if self.http_bind is not None and self.http_port == self.postgres_port:
+            raise ValueError("http_bind and postgres_bind need different ports")
         return self
 
 

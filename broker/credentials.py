@@ -62,10 +62,29 @@ class DatabaseCredential(_Credential):
 
 
 class VaultTokenCredential(_Credential):
-    """A Vault token carrying only `policies`, living as long as the task, not renewable."""
+    """A Vault token carrying only `policies`, living as long as the task, not renewable.
+
+    `delivery: gateway`: the workload gets a handle token for the gateway's Vault API
+    instead (docs/gateway.md, "Vault API"); the gateway holds the real token and relays
+    only requests that meet every one of `requests` (CEL over `request.method` and
+    `request.path`)."""
 
     kind: Literal["vault_token"]
     policies: Annotated[list[Annotated[str, Field(pattern=_NAME)]], Field(min_length=1)]
+    delivery: Literal["direct", "gateway"] = "direct"
+    requests: list[Annotated[str, Field(min_length=1, max_length=4000)] | StatementRule] = Field(
+        default_factory=list
+    )
+
+    @model_validator(mode="after")
+    def _gateway_keys(self) -> VaultTokenCredential:
+        if self.delivery == "direct" and self.requests:
+            raise ValueError("`requests` applies to delivery: gateway only")
+        return self
+
+    @property
+    def via_gateway(self) -> bool:
+        return self.delivery == "gateway"
 
 
 class PkiCredential(_Credential):
@@ -93,6 +112,9 @@ def hashed_form(spec: CredentialSpec) -> dict[str, Any]:
     form = spec.model_dump(mode="json")
     if isinstance(spec, DatabaseCredential) and not spec.via_gateway:
         for key in ("delivery", "upstream", "statements"):
+            form.pop(key, None)
+    if isinstance(spec, VaultTokenCredential) and not spec.via_gateway:
+        for key in ("delivery", "requests"):
             form.pop(key, None)
     return form
 

@@ -64,7 +64,10 @@ def gateway_address(settings: Settings) -> GatewayAddress | None:
     if gateway is None:
         return None
     return GatewayAddress(
-        gateway.advertise_host, gateway.advertise_port or gateway.postgres_port, gateway.require_tls
+        gateway.advertise_host,
+        gateway.advertise_port or gateway.postgres_port,
+        gateway.require_tls,
+        http_port=gateway.advertise_http_port or gateway.http_port,
     )
 
 

@@ -36,6 +36,7 @@ AUDIT_EVENTS: Mapping[str, str] = MappingProxyType(
         "gateway.handle_issued": "a start gave a gateway credential's handle (its id; never its secret)",
         "gateway.connect": "a session connected through the gateway with a task's handle",
         "gateway.statement": "a statement through the gateway, allowed or refused (normalised, no values)",
+        "gateway.request": "a Vault API request through the gateway, relayed or refused (method, path)",
         "gateway.disconnect": "a gateway session ended (the client left, or the task ended)",
         "gateway.handle_refused": "a connection to the gateway with a wrong, unknown or spent handle",
         "gateway.issue_failed": "the gateway could not issue a task's credential on first use",

@@ -8,6 +8,9 @@ JSON-encoded. The GitHub Action (deploy/github-action/main.js) follows the same 
 A task with exactly one gateway database credential (docs/gateway.md) also gets libpq's
 own variables for its handle (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`,
 `PGSSLMODE`), so `psql` and every libpq client connect through the gateway unasked.
+Likewise a task with exactly one gateway `vault_token` credential gets `VAULT_ADDR`,
+`VAULT_TOKEN`, `BAO_ADDR` and `BAO_TOKEN` for its handle, so the `vault` and `bao` CLIs
+(and hvac, which reads `VAULT_ADDR`/`VAULT_TOKEN`) go through the gateway's Vault API.
 """
 
 from __future__ import annotations
@@ -52,6 +55,15 @@ def credential_env(credentials: Mapping[str, Any], task_id: str, expires_at: str
     handles = [_data(item) for item in credentials.values() if _is_gateway_database(item)]
     if len(handles) == 1:  # with two, which one PGHOST names would be a guess
         env.update({var: str(handles[0][field]) for var, field in LIBPQ_VARS.items() if field in handles[0]})
+    vault_handles = [_data(item) for item in credentials.values() if _is_gateway_kind(item, "vault_token")]
+    if len(vault_handles) == 1:
+        env.update(
+            {
+                var: str(vault_handles[0][field])
+                for var, field in VAULT_VARS.items()
+                if field in vault_handles[0]
+            }
+        )
     return env
 
 
@@ -64,6 +76,16 @@ LIBPQ_VARS = {
     "PGDATABASE": "dbname",
     "PGSSLMODE": "sslmode",
 }
+
+
+# The Vault and OpenBao clients' variables, and the Vault handle field each takes.
+VAULT_VARS = {"VAULT_ADDR": "addr", "VAULT_TOKEN": "token", "BAO_ADDR": "addr", "BAO_TOKEN": "token"}
+
+
+def _is_gateway_kind(credential: Any, kind: str) -> bool:
+    if isinstance(credential, Mapping):
+        return credential.get("delivery") == "gateway" and credential.get("kind") == kind
+    return getattr(credential, "delivery", None) == "gateway" and getattr(credential, "kind", None) == kind
 
 
 def _data(credential: Any) -> Mapping[str, Any]:

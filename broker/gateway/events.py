@@ -80,6 +80,12 @@ class AuditBatch:
             self._wake.set()
         return True
 
+    def has_room(self) -> bool:
+        """Whether an event queued now would be taken: the Vault API asks before it relays a
+        request, whose event (with Vault's status) is queued only after the answer."""
+        with self._lock:
+            return len(self._queue) < BACKLOG
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="gateway-audit", daemon=True)
         self._thread.start()

@@ -8,7 +8,9 @@ process runs:
 - a recheck every `gateway.recheck_seconds`, which closes the sessions of tasks that
   ended unheard (a notification missed while reconnecting) and of tasks past their
   deadline, by the process's own clock, even with the ledger away;
-- the audit writer (`events.AuditBatch`).
+- the audit writer (`events.AuditBatch`);
+- with `gateway.http_bind`, the Vault API for `vault_token` gateway credentials
+  (`vaultapi.VaultAPIServer`, threads of its own).
 SIGTERM closes every session (57P01), writes the queued audit events and exits.
 """
 
@@ -36,6 +38,7 @@ from broker.gateway.pgproxy import GatewayServer, Login, Refusal, Upstream, Verd
 from broker.gateway.scram import Verifier
 from broker.gateway.service import GatewayService, UpstreamLogin
 from broker.gateway.service import Refusal as ServiceRefusal
+from broker.gateway.vaultapi import VaultAPIServer
 from broker.ledger.gateway import HandleView
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ class BrokerHooks:
     async def lookup(self, user: str, database: str) -> Login | None:
         with _as_protocol_refusal():
             view = await asyncio.to_thread(self._service.find, user)
-        if view is None:
+        if view is None or view.kind != "database":  # a Vault handle is no Postgres login
             return None
         return Login(key=str(view.task_id), verifier=Verifier.from_string(view.verifier), context=view)
 
@@ -145,6 +148,7 @@ class GatewayProcess:
             tls=_tls(settings),
             require_tls=settings.gateway.require_tls,
         )
+        self.vault_api = vault_api_server(settings, self.service)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self.listener = TaskEndListener(libpq_dsn(settings.database_url), self._heard, self._recheck_soon)
@@ -158,6 +162,8 @@ class GatewayProcess:
         self._recheck_now = asyncio.Event()
         self.audit.start()
         await self.server.start()
+        if self.vault_api is not None:
+            self.vault_api.start()
         self.listener.start()
         log.info("gateway %s: Postgres wire protocol on %s", self.service.replica, self.settings.gateway)
         if ready is not None:
@@ -170,6 +176,8 @@ class GatewayProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await recheck
             await self.server.stop()
+            if self.vault_api is not None:
+                await asyncio.to_thread(self.vault_api.stop)
             self.listener.stop()
             self.audit.close()
             self.vault.close()
@@ -206,6 +214,28 @@ class GatewayProcess:
                     await self._recheck_now.wait()
             self._recheck_now.clear()
             await self._recheck()
+            await self._recheck_vault_tokens()
+
+    async def _recheck_vault_tokens(self) -> None:
+        """Forget the Vault tokens of tasks that ended unheard, or are past their deadline by
+        this process's clock; a request would be refused anyway, but the value goes."""
+        held = self.service.vault_token_tasks()
+        if not held:
+            return
+        now = self.clock.now()
+        for task_id, expires_at in held.items():
+            if expires_at <= now:
+                self.service.forget(task_id)
+        live = [task_id for task_id, expires_at in held.items() if expires_at > now]
+        if not live:
+            return
+        try:
+            ended = await asyncio.to_thread(self.service.ended, live)
+        except Exception as error:
+            log.warning("gateway: could not recheck its Vault tokens (%s)", type(error).__name__)
+            return
+        for task_id in ended:
+            self.service.forget(task_id)
 
     async def _recheck(self) -> None:
         keys = {session.key for session in self.server.sessions() if session.key is not None}
@@ -228,6 +258,15 @@ class GatewayProcess:
         for task_id in ended:
             self.service.forget(task_id)
             self._close(str(task_id), "task ended")
+
+
+def vault_api_server(settings: Settings, service: GatewayService) -> VaultAPIServer | None:
+    """The Vault API, when `gateway.http_bind` asks for one."""
+    gateway = settings.gateway
+    assert gateway is not None
+    if gateway.http_host is None or gateway.http_port is None:
+        return None
+    return VaultAPIServer(gateway.http_host, gateway.http_port, service, settings.vault)
 
 
 def run_gateway(settings: Settings, hup_seen: threading.Event | None = None) -> None:

@@ -34,13 +34,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.audit import record
 from broker.clock import Clock
-from broker.credentials import DatabaseCredential
+from broker.credentials import DatabaseCredential, VaultTokenCredential
 from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import UnknownTask
 from broker.gateway.events import AuditBatch
 from broker.ledger.gateway import HandleView, ended_tasks, find_handle, hold_active, insert_gateway_lease
 from broker.models import Lease
 from broker.policy import PolicyStore
+from broker.policy.requests import RequestRules, RequestVerdict
+from broker.policy.requests import refuse_all as _refuse_all_requests
 from broker.policy.statements import StatementRules, check, compile_statement_rules
 from broker.vault import IssuedSecret, TaskToken, VaultError, VaultGateway, task_token_policies
 
@@ -75,6 +77,14 @@ class UpstreamLogin:
 
 
 @dataclass(frozen=True)
+class HeldToken:
+    """The real Vault token behind a task's Vault handle, on this replica: memory only."""
+
+    token: str = field(repr=False)
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class StatementVerdict:
     allowed: bool
     rule: str | None
@@ -105,6 +115,7 @@ class GatewayService:
         self._logins: dict[tuple[uuid.UUID, str], UpstreamLogin] = {}
         self._issuing: dict[tuple[uuid.UUID, str], threading.Lock] = {}
         self._lock = threading.Lock()
+        self._vault_tokens: dict[tuple[uuid.UUID, str], HeldToken] = {}
 
     # ---- the handle --------------------------------------------------------------------
 
@@ -151,6 +162,9 @@ class GatewayService:
         with self._lock:
             for key in [key for key in self._logins if key[0] == task_id]:
                 del self._logins[key]
+                self._issuing.pop(key, None)
+            for key in [key for key in self._vault_tokens if key[0] == task_id]:
+                del self._vault_tokens[key]
                 self._issuing.pop(key, None)
 
     def _issue(self, view: HandleView) -> UpstreamLogin:
@@ -277,6 +291,92 @@ class GatewayService:
             self._vault.revoke_task_token(accessor)
         except VaultError:
             log.warning("gateway: a task token could not be revoked; it is on record and goes with its task")
+
+    # ---- the Vault API (docs/gateway.md, "Vault API") -----------------------------------
+    # The real token behind a Vault handle, issued on its first request as `_issue` issues a
+    # database credential (a task token of this replica's own, recorded, then the child
+    # token, recorded), held in memory only; and the task's request rules.
+
+    def vault_token(self, view: HandleView) -> HeldToken:
+        """The token this replica relays `view`'s requests with; issued on first use.
+        Refusal for an ended task or a failed issue."""
+        if not view.usable:
+            raise Refusal(INVALID_AUTHORIZATION, "the task this handle belongs to has ended")
+        key = (view.task_id, view.name)
+        with self._lock:
+            issuing = self._issuing.setdefault(key, threading.Lock())
+        with issuing:  # two first requests at once issue once
+            known = self._vault_tokens.get(key)
+            if known is not None and known.expires_at > self._clock.now():
+                return known
+            made = self._issue_vault_token(view)
+            with self._lock:
+                self._vault_tokens[key] = made
+            return made
+
+    def request_rules(self, view: HandleView) -> RequestRules:
+        """The rules as the current policy compiled them at load; none means refuse all."""
+        try:
+            rules = self._policies.current().task(view.task).requests.get(view.name)
+        except UnknownTask:
+            rules = None
+        return rules if rules is not None else _refuse_all_requests()
+
+    def judge(self, view: HandleView, method: str, path: str) -> RequestVerdict:
+        return self.request_rules(view).evaluate(method, path)
+
+    def vault_token_tasks(self) -> dict[uuid.UUID, datetime]:
+        """The tasks this replica holds Vault tokens for, each with its earliest expiry."""
+        with self._lock:
+            held: dict[uuid.UUID, datetime] = {}
+            for (task_id, _), token in self._vault_tokens.items():
+                held[task_id] = min(token.expires_at, held.get(task_id, token.expires_at))
+            return held
+
+    def can_audit(self) -> bool:
+        return self._audit.has_room()
+
+    def requested(self, view: HandleView, detail: Mapping[str, Any]) -> None:
+        """One request through the Vault API, relayed or not (`gateway.request`)."""
+        self._audit.queue_event(
+            "gateway.request", view.workload, task_id=view.task_id, owner=view.owner,
+            purpose=view.purpose, detail={**detail, "replica": self.replica},
+        )  # fmt: skip
+
+    def _vault_spec(self, view: HandleView) -> VaultTokenCredential:
+        try:
+            spec = self._policies.current().task(view.task).credentials.get(view.name)
+        except UnknownTask:
+            spec = None
+        if not isinstance(spec, VaultTokenCredential) or not spec.via_gateway:
+            raise Refusal(INVALID_AUTHORIZATION, "the policy no longer gives this task a gateway credential")
+        return spec
+
+    def _issue_vault_token(self, view: HandleView) -> HeldToken:
+        spec = self._vault_spec(view)
+        compiled_credentials = self._policies.current().task(view.task).credentials
+        ttl = max(1, int((view.expires_at - view.now).total_seconds())) if view.expires_at else 1
+        try:
+            policy = self._vault.sync_task_policy(view.task, compiled_credentials)
+            token = self._vault.create_task_token(
+                task_id=str(view.task_id), task=view.task, ttl_seconds=ttl,
+                policies=task_token_policies(policy, compiled_credentials),
+                meta={"gateway": self.replica, "credential": view.name, "issued_by": "credential-broker"},
+            )  # fmt: skip
+        except VaultError:
+            self._issue_failed(view, "task token")
+            raise Refusal(CANNOT_CONNECT_NOW, "the gateway could not get this task's token; retry") from None
+        self._record(view, self._token_lease(view, token))
+        try:
+            secret = self._vault.issue(
+                token, spec, ttl_seconds=ttl, task_id=str(view.task_id), workload=view.workload
+            )
+        except VaultError:
+            self._revoke_token(token)
+            self._issue_failed(view, "vault token")
+            raise Refusal(CANNOT_CONNECT_NOW, "the gateway could not get this task's token; retry") from None
+        expires_at = self._record(view, self._credential_lease(view, secret), token=token, secret=secret)
+        return HeldToken(token=str(secret.data["token"]), expires_at=expires_at)
 
     # ---- statements --------------------------------------------------------------------
 

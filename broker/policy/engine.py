@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from broker import tracing
-from broker.credentials import CredentialSpec, DatabaseCredential
+from broker.credentials import CredentialSpec, DatabaseCredential, VaultTokenCredential
 from broker.errors import TtlExceedsMax, UnknownTask
 from broker.identity.types import Identity
 from broker.policy.cel import (
@@ -36,6 +36,7 @@ from broker.policy.cel import (
     utc,
 )
 from broker.policy.globs import Glob, first_match
+from broker.policy.requests import RequestRules, compile_request_rules
 from broker.policy.schema import (
     PathPart,
     PolicyError,
@@ -147,6 +148,8 @@ class CompiledTask:
     cel_variables: frozenset[str]
     # The statement rules of each gateway database credential, compiled at load.
     statements: Mapping[str, StatementRules] = field(default_factory=dict)
+    # The request rules of each gateway vault_token credential, compiled at load.
+    requests: Mapping[str, RequestRules] = field(default_factory=dict)
 
     @property
     def description(self) -> str:
@@ -431,7 +434,8 @@ def _compile_task(name: str, spec: TaskPolicy, issues: list[PolicyIssue]) -> Com
     if any(rule is None for rule in when) or (spec.approval is not None and approval is None):
         return None
     statements = _compile_statements(spec, prefix, issues)
-    if statements is None:
+    requests = _compile_requests(spec, prefix, issues)
+    if statements is None or requests is None:
         return None
     when_rules = tuple(rule for rule in when if rule is not None)
     required_when = approval.required_when if approval else None
@@ -445,6 +449,7 @@ def _compile_task(name: str, spec: TaskPolicy, issues: list[PolicyIssue]) -> Com
         approval=approval,
         cel_variables=frozenset().union(*(rule.variables for rule in expressions)),
         statements=MappingProxyType(statements),
+        requests=MappingProxyType(requests),
     )
 
 
@@ -463,6 +468,27 @@ def _compile_statements(
         ]
         try:
             compiled[name] = compile_statement_rules(entries, (*prefix, "credentials", name, "statements"))
+        except PolicyError as error:
+            issues.extend(error.issues)
+            failed = True
+    return None if failed else compiled
+
+
+def _compile_requests(
+    spec: TaskPolicy, prefix: tuple[PathPart, ...], issues: list[PolicyIssue]
+) -> dict[str, RequestRules] | None:
+    """Each gateway vault_token credential's `requests:`; None (and `issues`) if one is bad."""
+    compiled: dict[str, RequestRules] = {}
+    failed = False
+    for name, credential in spec.credentials.items():
+        if not isinstance(credential, VaultTokenCredential) or not credential.via_gateway:
+            continue
+        entries = [
+            entry if isinstance(entry, str) else {"name": entry.name, "when": entry.when}
+            for entry in credential.requests
+        ]
+        try:
+            compiled[name] = compile_request_rules(entries, (*prefix, "credentials", name, "requests"))
         except PolicyError as error:
             issues.extend(error.issues)
             failed = True

@@ -29,10 +29,17 @@ from sqlalchemy.orm.attributes import set_committed_value
 from broker import lifecycle, metrics
 from broker.audit import record
 from broker.clock import Clock, rfc3339
-from broker.credentials import CredentialSpec, DatabaseCredential
+from broker.credentials import CredentialSpec, DatabaseCredential, VaultTokenCredential
 from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import Conflict, IssuanceFailed
-from broker.gateway.handles import GatewayAddress, NewHandle, database_handle, new_handle
+from broker.gateway.handles import (
+    GatewayAddress,
+    NewHandle,
+    database_handle,
+    new_handle,
+    new_vault_handle,
+    vault_handle,
+)
 from broker.identity import Identity
 from broker.ledger import activate_with_leases, load_task
 from broker.models import GatewayHandle, Lease, Task
@@ -143,11 +150,16 @@ class Issuer:
         }
         for name, handle in handles.items():
             spec = specs[name]
-            assert isinstance(spec, DatabaseCredential) and self._gateway is not None
+            assert self._gateway is not None
+            if isinstance(spec, VaultTokenCredential):
+                data = vault_handle(handle, self._gateway)
+            else:
+                assert isinstance(spec, DatabaseCredential)
+                data = database_handle(handle, spec, self._gateway)
             credentials[name] = IssuedCredential(
                 name=name,
                 kind=spec.kind,
-                data=database_handle(handle, spec, self._gateway),
+                data=data,
                 expires_at=active.expires_at,
                 delivery="gateway",
             )
@@ -164,7 +176,17 @@ class Issuer:
             raise IssuanceFailed(
                 "the task has a gateway credential and this broker has no gateway configured"
             )
-        return {name: new_handle() for name in wanted}
+        vault = [
+            name
+            for name, spec in specs.items()
+            if isinstance(spec, VaultTokenCredential) and spec.via_gateway
+        ]
+        if vault and (self._gateway is None or self._gateway.http_port is None):
+            self._mark_failed(task, "a Vault gateway credential, and no gateway.http_bind", actor)
+            raise IssuanceFailed(
+                "the task has a Vault gateway credential and this broker's gateway serves no Vault API"
+            )
+        return {name: new_handle() for name in wanted} | {name: new_vault_handle() for name in vault}
 
     def take_token(
         self, identity: Identity, request: TaskRequest, compiled: CompiledTask, ttl: int

@@ -34,6 +34,18 @@ def test_each_field_becomes_name_field_upper_cased():
     }
 
 
+def test_one_vault_gateway_handle_also_sets_the_vault_and_bao_variables():
+    handle = {"addr": "http://gw:8201", "token": "brk_1.s"}
+    credential = {"kind": "vault_token", "delivery": "gateway", "data": handle, "expires_at": "x"}
+    env = credential_env({"vault": credential}, "task-1", "x")
+    assert (env["VAULT_ADDR"], env["VAULT_TOKEN"]) == ("http://gw:8201", "brk_1.s")
+    assert (env["BAO_ADDR"], env["BAO_TOKEN"]) == ("http://gw:8201", "brk_1.s")
+    two = credential_env({"a": credential, "b": credential}, "task-1", "x")
+    assert "VAULT_TOKEN" not in two and two["A_TOKEN"] == "brk_1.s"  # which one: a guess, so neither
+    direct = credential_env(CREDENTIALS, "task-1", "x")
+    assert "VAULT_TOKEN" not in direct
+
+
 def test_two_fields_on_one_name_are_an_error():
     clash = {"a-b": {"data": {"c": "1"}}, "a": {"data": {"b-c": "2"}}}
     with pytest.raises(ValueError, match=r"A_B_C"):

@@ -68,3 +68,27 @@ def running_gateway(settings: Settings) -> Iterator[GatewayProcess]:
     finally:
         process.stop()
         thread.join(timeout=20)
+
+
+VAULT_TASK = "reports-through-the-gateway"
+REPORTS_ONLY = 'request.path.startsWith("secret/data/reports/") || request.path == "auth/token/lookup-self"'
+
+
+def vault_gateway_policy(path: Path, *, ttl: int = 300) -> Path:
+    """A task type whose `vault_token` credential goes through the gateway's Vault API."""
+    task: dict[str, Any] = {
+        "description": "Read reports from Vault through the gateway",
+        "ttl": {"default": ttl, "max": 900},
+        "workloads": [{"issuer": "spire", "subject": "spiffe://example.org/agents/*"}],
+        "owners": ["*@example.com"],
+        "credentials": {
+            "token": {
+                "kind": "vault_token",
+                "policies": ["reports-read"],
+                "delivery": "gateway",
+                "requests": [{"name": "reports-only", "when": REPORTS_ONLY}],
+            }
+        },
+    }
+    path.write_text(yaml.safe_dump({"tasks": {VAULT_TASK: task}}))
+    return path
