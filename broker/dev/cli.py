@@ -64,7 +64,11 @@ def _config(stack: Any, directory: Path, spire: Any, sso: Any, ci: Any, gateway_
         ],
         "operators": {"groups": ["sre"]},
         "scheduler": {"sweep_interval_seconds": 1},
-        "gateway": {"postgres_bind": f"127.0.0.1:{gateway_port}", "advertise_host": "127.0.0.1"},
+        "gateway": {
+            "postgres_bind": f"127.0.0.1:{gateway_port}",
+            "http_bind": f"127.0.0.1:{vault_api_port}",
+            "advertise_host": "127.0.0.1",
+        },
     }  # fmt: skip
 
 
@@ -310,8 +314,8 @@ def _serve(workdir: Path, stack: Any, env_file: Path, port: int, smoke: bool, ke
     config_path = workdir / "broker.yaml"
     from broker.dev.stack.postgres import free_port
 
-    gateway_port = free_port()
-    config = _config(stack, workdir, spire, sso, ci, gateway_port)
+    gateway_port, vault_api_port = free_port(), free_port()
+    config = _config(stack, workdir, spire, sso, ci, gateway_port, vault_api_port)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     url = f"http://127.0.0.1:{port}"
     tokens = {
