@@ -125,6 +125,9 @@ class GatewayThread:
     def __init__(self, hooks: TestHooks, **options: Any) -> None:
         self.hooks = hooks
         self.loop = asyncio.new_event_loop()
+        # Anything the loop reports (a task that died with an exception) fails the test.
+        self.loop_errors: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(lambda loop, context: self.loop_errors.append(context))
         self.server = GatewayServer("127.0.0.1", 0, hooks, **options)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="gateway-loop")
         self._thread.start()
@@ -187,6 +190,8 @@ def make_gateway(hooks: TestHooks) -> Iterator[Callable[..., GatewayThread]]:
     yield make
     for gateway in started:
         gateway.stop()
+    for gateway in started:
+        assert gateway.loop_errors == []
 
 
 @pytest.fixture
@@ -334,15 +339,15 @@ class RawClient:
     def login(self, user: str, secret: str, database: str = DATABASE) -> list[tuple[bytes, bytes]]:
         """StartupMessage and SCRAM; the messages up to the first ReadyForQuery."""
         self.send(pgwire.startup_message({"user": user, "database": database}))
-        kind, body = self._expect(b"R")
+        self._expect(b"R")
         client = scramp.ScramClient(["SCRAM-SHA-256"], "x", secret)
         first = client.get_client_first().replace("n=x,", "n=,")  # what libpq sends
         client.client_first_bare = first[3:]
         self.send(pgwire.sasl_initial_response("SCRAM-SHA-256", first.encode()))
-        kind, body = self._expect(b"R")
+        _, body = self._expect(b"R")
         client.set_server_first(body[4:].decode())
         self.send(pgwire.password_message(client.get_client_final().encode()))
-        kind, body = self._expect(b"R")
+        _, body = self._expect(b"R")
         client.set_server_final(body[4:].decode())
         return self.messages_until(b"ZE")
 
@@ -360,3 +365,73 @@ def error_fields(messages: list[tuple[bytes, bytes]]) -> dict[str, str]:
         if kind == b"E":
             return pgwire.parse_error_fields(body)
     raise AssertionError(f"no ErrorResponse in {[k for k, _ in messages]}")
+
+
+# ---------------------------------------------------------------------------------------
+# A gateway in a child process
+
+
+def serve_from_stdin() -> None:
+    """Run a gateway for the handles described on stdin (JSON) until stdin closes.
+
+    For clients that block the whole interpreter: psycopg's `conn.cancel()` calls libpq's
+    PQcancel holding the GIL, which would freeze a gateway on a thread of the same process.
+    """
+    import json
+    import sys
+
+    spec = json.loads(sys.stdin.readline())
+    hooks = TestHooks(Target(**spec["target"]))
+    for item in spec["handles"]:
+        login = Login(item["key"], make_verifier(item["secret"]))
+        hooks.handles[item["id"]] = (login, hooks.target.upstream())
+    gateway = GatewayThread(hooks)
+    print(gateway.port, flush=True)
+    sys.stdin.read()
+    gateway.stop()
+
+
+@dataclass
+class GatewayProcess:
+    proc: Any
+    port: int
+
+    def dsn(self, handle: Handle) -> str:
+        return (
+            f"host=127.0.0.1 port={self.port} user={handle.id} password={handle.secret} "
+            f"dbname={DATABASE} sslmode=disable connect_timeout=10"
+        )
+
+
+@pytest.fixture
+def gateway_process(target: Target, hooks: TestHooks) -> Iterator[Callable[[list[Handle]], GatewayProcess]]:
+    import json
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    procs: list[Any] = []
+
+    def start(handles: list[Handle]) -> GatewayProcess:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from tests.gateway.conftest import serve_from_stdin; serve_from_stdin()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        procs.append(proc)
+        spec = {"target": asdict(target), "handles": [asdict(h) for h in handles]}
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(spec) + "\n")
+        proc.stdin.flush()
+        return GatewayProcess(proc, int(proc.stdout.readline()))
+
+    yield start
+    for proc in procs:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
