@@ -38,7 +38,9 @@ def _issuers(directory: Path) -> tuple[Any, Any, Any]:
     return tuple(DemoIssuer.create(directory, name) for name in KEY_NAMES.values())  # type: ignore[return-value]
 
 
-def _config(stack: Any, directory: Path, spire: Any, sso: Any, ci: Any, gateway_port: int) -> dict[str, Any]:
+def _config(
+    stack: Any, directory: Path, spire: Any, sso: Any, ci: Any, gateway_port: int, vault_api_port: int
+) -> dict[str, Any]:
     policy = directory / "policy.yaml"
     # The demo's gateway task names the stack's own Postgres port, which changes per run.
     policy.write_text(DEMO_POLICY.read_text().replace(DEMO_UPSTREAM, f"port: {stack.postgres.port},"))

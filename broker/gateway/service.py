@@ -25,10 +25,10 @@ import logging
 import secrets
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -82,6 +82,10 @@ class HeldToken:
 
     token: str = field(repr=False)
     expires_at: datetime
+
+
+# What a replica holds for a credential it issued: each has the moment it must be given up.
+Held = TypeVar("Held", UpstreamLogin, HeldToken)
 
 
 @dataclass(frozen=True)
@@ -143,18 +147,25 @@ class GatewayService:
     def login(self, view: HandleView) -> UpstreamLogin:
         """The credential this replica's sessions of `view`'s task log in with; issued on
         first use (the module docstring). Refusal for an ended task or a failed issue."""
+        return self._held(view, self._logins, self._issue)
+
+    def _held(
+        self, view: HandleView, held: dict[tuple[uuid.UUID, str], Held], issue: Callable[[HandleView], Held]
+    ) -> Held:
+        """What `held` keeps for `view`'s credential, issued once (`issue`) on first use, even
+        when two first connections or requests come at once."""
         if not view.usable:
             raise Refusal(INVALID_AUTHORIZATION, "the task this handle belongs to has ended")
         key = (view.task_id, view.name)
         with self._lock:
             issuing = self._issuing.setdefault(key, threading.Lock())
-        with issuing:  # two first connections at once issue once
-            known = self._logins.get(key)
+        with issuing:
+            known = held.get(key)
             if known is not None and known.expires_at > self._clock.now():
                 return known
-            made = self._issue(view)
+            made = issue(view)
             with self._lock:
-                self._logins[key] = made
+                held[key] = made
             return made
 
     def forget(self, task_id: uuid.UUID) -> None:
@@ -170,6 +181,24 @@ class GatewayService:
     def _issue(self, view: HandleView) -> UpstreamLogin:
         spec = self._spec(view)
         assert spec.upstream is not None
+        secret, expires_at = self._issue_recorded(view, spec, "database credential")
+        upstream = spec.upstream
+        return UpstreamLogin(
+            host=upstream.host,
+            port=upstream.port,
+            dbname=upstream.dbname,
+            user=str(secret.data["username"]),
+            password=str(secret.data["password"]),
+            sslmode=upstream.sslmode,
+            expires_at=expires_at,
+        )
+
+    def _issue_recorded(
+        self, view: HandleView, spec: DatabaseCredential | VaultTokenCredential, what: str
+    ) -> tuple[IssuedSecret, datetime]:
+        """Steps 1 and 2 of the module docstring: a task token of this replica's own, then
+        the credential, each recorded as a lease before it is used; the credential and when
+        it must be given up."""
         compiled_credentials = self._policies.current().task(view.task).credentials
         ttl = max(1, int((view.expires_at - view.now).total_seconds())) if view.expires_at else 1
         try:
@@ -182,7 +211,7 @@ class GatewayService:
         except VaultError:
             self._issue_failed(view, "task token")
             raise Refusal(
-                CANNOT_CONNECT_NOW, "the gateway could not get this task's credential; retry"
+                CANNOT_CONNECT_NOW, f"the gateway could not get this task's {what}; retry"
             ) from None
         self._record(view, self._token_lease(view, token))
         try:
@@ -191,21 +220,12 @@ class GatewayService:
             )
         except VaultError:
             self._revoke_token(token)
-            self._issue_failed(view, "database credential")
+            self._issue_failed(view, what)
             raise Refusal(
-                CANNOT_CONNECT_NOW, "the gateway could not get this task's credential; retry"
+                CANNOT_CONNECT_NOW, f"the gateway could not get this task's {what}; retry"
             ) from None
         expires_at = self._record(view, self._credential_lease(view, secret), token=token, secret=secret)
-        upstream = spec.upstream
-        return UpstreamLogin(
-            host=upstream.host,
-            port=upstream.port,
-            dbname=upstream.dbname,
-            user=str(secret.data["username"]),
-            password=str(secret.data["password"]),
-            sslmode=upstream.sslmode,
-            expires_at=expires_at,
-        )
+        return secret, expires_at
 
     def _spec(self, view: HandleView) -> DatabaseCredential:
         try:
@@ -300,19 +320,7 @@ class GatewayService:
     def vault_token(self, view: HandleView) -> HeldToken:
         """The token this replica relays `view`'s requests with; issued on first use.
         Refusal for an ended task or a failed issue."""
-        if not view.usable:
-            raise Refusal(INVALID_AUTHORIZATION, "the task this handle belongs to has ended")
-        key = (view.task_id, view.name)
-        with self._lock:
-            issuing = self._issuing.setdefault(key, threading.Lock())
-        with issuing:  # two first requests at once issue once
-            known = self._vault_tokens.get(key)
-            if known is not None and known.expires_at > self._clock.now():
-                return known
-            made = self._issue_vault_token(view)
-            with self._lock:
-                self._vault_tokens[key] = made
-            return made
+        return self._held(view, self._vault_tokens, self._issue_vault_token)
 
     def request_rules(self, view: HandleView) -> RequestRules:
         """The rules as the current policy compiled them at load; none means refuse all."""
@@ -353,29 +361,7 @@ class GatewayService:
         return spec
 
     def _issue_vault_token(self, view: HandleView) -> HeldToken:
-        spec = self._vault_spec(view)
-        compiled_credentials = self._policies.current().task(view.task).credentials
-        ttl = max(1, int((view.expires_at - view.now).total_seconds())) if view.expires_at else 1
-        try:
-            policy = self._vault.sync_task_policy(view.task, compiled_credentials)
-            token = self._vault.create_task_token(
-                task_id=str(view.task_id), task=view.task, ttl_seconds=ttl,
-                policies=task_token_policies(policy, compiled_credentials),
-                meta={"gateway": self.replica, "credential": view.name, "issued_by": "credential-broker"},
-            )  # fmt: skip
-        except VaultError:
-            self._issue_failed(view, "task token")
-            raise Refusal(CANNOT_CONNECT_NOW, "the gateway could not get this task's token; retry") from None
-        self._record(view, self._token_lease(view, token))
-        try:
-            secret = self._vault.issue(
-                token, spec, ttl_seconds=ttl, task_id=str(view.task_id), workload=view.workload
-            )
-        except VaultError:
-            self._revoke_token(token)
-            self._issue_failed(view, "vault token")
-            raise Refusal(CANNOT_CONNECT_NOW, "the gateway could not get this task's token; retry") from None
-        expires_at = self._record(view, self._credential_lease(view, secret), token=token, secret=secret)
+        secret, expires_at = self._issue_recorded(view, self._vault_spec(view), "vault token")
         return HeldToken(token=str(secret.data["token"]), expires_at=expires_at)
 
     # ---- statements --------------------------------------------------------------------
