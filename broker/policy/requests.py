@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from broker.policy.cel import CelActivation, CelCompileError, CelRule, CelVariables, compile_rule
-from broker.policy.schema import PathPart, PolicyError, PolicyIssue
+from broker.policy.cel import CelActivation, CelVariables
+from broker.policy.named_rules import NamedRule, compile_named_rules
+from broker.policy.schema import PathPart
 
 REQUEST_VARIABLES = CelVariables(
     names=("request",),
@@ -39,10 +40,7 @@ _MAX_SOURCE = 4000
 CACHE_SIZE = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class RequestRule:
-    name: str
-    rule: CelRule
+RequestRule = NamedRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,46 +80,7 @@ def compile_request_rules(
 ) -> RequestRules:
     """Compile a credential's `requests:` entries (a CEL string or `{name, when}` each);
     raise `PolicyError` listing every bad entry, located under `path`."""
-    rules: list[RequestRule] = []
-    issues: list[PolicyIssue] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(entries):
-        where = (*path, index)
-        name, source, problem = _entry(entry, index)
-        if problem is None and name in seen:
-            problem = f"duplicate rule name {name!r}"
-        if problem is not None:
-            issues.append(PolicyIssue(where, problem))
-            continue
-        seen.add(name)
-        try:
-            rules.append(RequestRule(name, compile_rule(source, REQUEST_VARIABLES)))
-        except CelCompileError as error:
-            issues.append(PolicyIssue((*where, "when") if isinstance(entry, Mapping) else where, str(error)))
-    if issues:
-        raise PolicyError("the request rules are not valid", issues)
-    return RequestRules(rules)
-
-
-def _entry(entry: object, index: int) -> tuple[str, str, str | None]:
-    """(name, CEL source, problem) of one entry."""
-    if isinstance(entry, str):
-        name, source = f"requests[{index}]", entry
-    elif isinstance(entry, Mapping):
-        extra = set(entry) - {"name", "when"}
-        if extra:
-            return "", "", f"unknown key {sorted(map(str, extra))[0]!r} (a rule has 'name' and 'when')"
-        given_name, given_source = entry.get("name"), entry.get("when")
-        if not isinstance(given_name, str) or not _NAME.match(given_name):
-            return "", "", "'name' must be 1-63 letters, digits, '_', '.' or '-'"
-        if not isinstance(given_source, str):
-            return "", "", "'when' must be a CEL expression (a string)"
-        name, source = given_name, given_source
-    else:
-        return "", "", "a rule is a CEL expression, or a mapping with 'name' and 'when'"
-    if not source.strip() or len(source) > _MAX_SOURCE:
-        return "", "", f"a rule must be 1-{_MAX_SOURCE} characters of CEL"
-    return name, source, None
+    return RequestRules(compile_named_rules(entries, path, variables=REQUEST_VARIABLES))
 
 
 @functools.cache

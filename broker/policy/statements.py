@@ -84,8 +84,9 @@ from typing import Any
 
 from pglast import ast, enums, parser
 
-from broker.policy.cel import CelActivation, CelCompileError, CelRule, CelVariables, compile_rule
-from broker.policy.schema import PathPart, PolicyError, PolicyIssue
+from broker.policy.cel import CelActivation, CelVariables
+from broker.policy.named_rules import NamedRule, compile_named_rules
+from broker.policy.schema import PathPart
 
 log = logging.getLogger(__name__)
 
@@ -511,10 +512,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MAX_SOURCE = 4000
 
 
-@dataclass(frozen=True, slots=True)
-class StatementRule:
-    name: str
-    rule: CelRule
+StatementRule = NamedRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,48 +574,10 @@ def compile_statement_rules(
 ) -> StatementRules:
     """Compile a credential's `statements:` entries (each a CEL string or a mapping with
     `name` and `when`); raise `PolicyError` listing every bad entry, located under `path`."""
-    rules: list[StatementRule] = []
-    issues: list[PolicyIssue] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(entries):
-        where = (*path, index)
-        name, source, problem = _entry(entry, index)
-        if problem is None and name in seen:
-            problem = f"duplicate rule name {name!r}"
-        if problem is not None:
-            issues.append(PolicyIssue(where, problem))
-            continue
-        seen.add(name)
-        try:
-            rules.append(StatementRule(name, compile_rule(source, STATEMENT_VARIABLES)))
-        except CelCompileError as error:
-            issues.append(PolicyIssue((*where, "when") if isinstance(entry, Mapping) else where, str(error)))
-    if issues:
-        raise PolicyError("the statement rules are not valid", issues)
-    return StatementRules(rules)
-
-
-def _entry(entry: object, index: int) -> tuple[str, str, str | None]:
-    """(name, CEL source, problem) of one entry."""
-    if isinstance(entry, str):
-        name, source = f"statements[{index}]", entry
-    elif isinstance(entry, Mapping):
-        extra = set(entry) - {"name", "when"}
-        if extra:
-            return "", "", f"unknown key {sorted(map(str, extra))[0]!r} (a rule has 'name' and 'when')"
-        given_name, given_source = entry.get("name"), entry.get("when")
-        if not isinstance(given_name, str) or not _NAME.match(given_name):
-            return "", "", "'name' must be 1-63 letters, digits, '_', '.' or '-'"
-        if given_name == PARSE_RULE:
-            return "", "", f"{PARSE_RULE!r} is reserved (it names refusals of SQL that does not parse)"
-        if not isinstance(given_source, str):
-            return "", "", "'when' must be a CEL expression (a string)"
-        name, source = given_name, given_source
-    else:
-        return "", "", "a rule is a CEL expression, or a mapping with 'name' and 'when'"
-    if not source.strip() or len(source) > _MAX_SOURCE:
-        return "", "", f"a rule must be 1-{_MAX_SOURCE} characters of CEL"
-    return name, source, None
+    reserved = {PARSE_RULE: "it names refusals of SQL that does not parse"}
+    return StatementRules(
+        compile_named_rules(entries, path, variables=STATEMENT_VARIABLES, reserved=reserved)
+    )
 
 
 # --- checking a query ------------------------------------------------------------------------
