@@ -21,7 +21,6 @@ Compiled once, at policy load, like the statement rules (`broker.policy.statemen
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,8 +33,6 @@ REQUEST_VARIABLES = CelVariables(
     fields={"request": ("method", "path")},
     sample={"request": {"method": "GET", "path": "secret/data/reports/q3"}},
 )
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_MAX_SOURCE = 4000
 # Verdicts kept per distinct (method, path): clients repeat the same reads.
 CACHE_SIZE = 1024
 

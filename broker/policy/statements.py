@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -508,8 +507,6 @@ STATEMENT_VARIABLES = CelVariables(
         }
     },
 )
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_MAX_SOURCE = 4000
 
 
 StatementRule = NamedRule
