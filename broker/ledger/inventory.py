@@ -22,6 +22,9 @@ class Filters:
     workload: str | None = None
     task: str | None = None
     task_id: uuid.UUID | None = None
+    # Leases only: of tasks in this state (`active` leases of `revoked` tasks: what the
+    # scheduler has yet to revoke after a kill switch or a lock).
+    task_state: str | None = None
 
 
 # The task columns the filters apply to, in `_matching`'s order.
@@ -41,6 +44,8 @@ def leases_matching(filters: Filters) -> Select[Lease]:
     query: Select[Lease] = _matching(
         select(Lease), filters, Lease.state, Lease.owner, Lease.workload, Lease.task, Lease.task_id
     )
+    if filters.task_state is not None:
+        query = query.where(Lease.task_id.in_(select(Task.id).where(Task.state == filters.task_state)))
     return query
 
 

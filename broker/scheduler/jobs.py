@@ -23,10 +23,15 @@ from broker.ledger import (
     FORGET_POOLED,
     MARK_RETIRED,
     RETIRE_BATCH,
+    REVOKE_ENDED_BATCH,
     due_retry,
     due_tasks,
+    end_locked,
+    ended_holding,
+    lapse_expired_locks,
     lapse_pending_approvals,
     lapsed_pooled,
+    live_lock_count,
     read_tasks,
     revoke_pending_count,
     spent_token,
@@ -35,6 +40,7 @@ from broker.ledger import (
     write_back_ended,
 )
 from broker.models import SchedulerHeartbeat, Task
+from broker.operator.service import lock_detail
 from broker.services import Services
 from broker.vault import VaultError, VaultUnavailable
 
@@ -103,6 +109,42 @@ class Jobs:
             session, lease, actor=SYSTEM_ACTOR, reason=lease.revoke_reason or "retry", trigger="retry"
         )
         return True
+
+    # ---- what the kill switch and locks ended ------------------------------------------
+
+    def revoke_ended(self) -> int:
+        """Revoke the leases of tasks ended in bulk (the kill switch, a lock) that are still
+        `active`: a small batch of tasks per transaction, claimed SKIP LOCKED, so the revoke
+        workers of every replica share them; from the ledger, so a restart resumes it."""
+        done = self._drain(self._revoke_ended_batch, batch=REVOKE_ENDED_BATCH)
+        self._heartbeat("revoke_ended")
+        return done
+
+    def _revoke_ended_batch(self, session: Session) -> int:
+        tasks = read_tasks(session, ended_holding().with_for_update(of=Task, skip_locked=True))
+        for task in tasks:
+            self._s.revoker.revoke_held(session, task, actor=SYSTEM_ACTOR, trigger="kill_switch")
+        if tasks:
+            write_back_ended(session, tasks)
+        return len(tasks)
+
+    def sweep_locks(self) -> int:
+        """Record each lock whose expiry passed (`lock.expired`, once: the UPDATE that marks
+        it is the claim), end open tasks a live lock matches that its own request did not
+        (a start recorded while the lock committed; a request that died midway), and set
+        the active-locks gauge."""
+        with unit_of_work(self._s.sessions) as session:
+            for lock in lapse_expired_locks(session):
+                record(session, self._s.clock, "lock.expired", SYSTEM_ACTOR, owner=lock.owner,
+                       purpose=lock.reason, detail=lock_detail(lock))  # fmt: skip
+            for task in end_locked(session):
+                record(session, self._s.clock, "task.revoked", SYSTEM_ACTOR, task=task,
+                       detail={"reason": task.end_reason, "outcome": None, "trigger": "lock"})  # fmt: skip
+                metrics.TASKS_FINISHED.labels("revoked").inc()
+            live = session.scalar(live_lock_count())
+        metrics.ACTIVE_LOCKS.set(live or 0)
+        self._heartbeat("locks")
+        return int(live or 0)
 
     # ---- approvals ---------------------------------------------------------------------
 

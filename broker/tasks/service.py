@@ -26,7 +26,15 @@ from broker.canonical import stored_form
 from broker.clock import Clock, rfc3339
 from broker.credentials import CredentialSpec, hashed_form
 from broker.db import unit_of_work
-from broker.errors import Conflict, IdempotencyKeyReused, LimitExceeded, NotFound, PolicyDenied, UnknownTask
+from broker.errors import (
+    Conflict,
+    IdempotencyKeyReused,
+    LimitExceeded,
+    Locked,
+    NotFound,
+    PolicyDenied,
+    UnknownTask,
+)
 from broker.gateway.handles import GatewayAddress
 from broker.identity import Identity
 from broker.leases.revoker import Revoker
@@ -37,9 +45,11 @@ from broker.ledger import (
     insert_task,
     load_task,
     lock_and_count,
+    matching_lock,
     read_task,
     release_idempotency_key,
     take_pooled,
+    targets_of,
     write_back_end,
 )
 from broker.lifecycle import TASK_OPEN_STATES, Outcome
@@ -238,8 +248,11 @@ class TaskService:
             lock_key = _workload_lock_key(identity.id, request.task)
             admission = lock_and_count(
                 session, lock_key=lock_key, workload=identity.id, task=request.task,
+                owner=request.owner, issuer=identity.issuer_name,
                 idempotency_key=key.value if key else None,
             )  # fmt: skip
+            if admission.lock is not None:  # before anything else: a locked start learns nothing more
+                raise Locked(admission.lock)
             holder = _key_holder(admission.keyed, admission.now)
             if holder is None:
                 if admission.keyed is not None:  # its task let go of the key: it starts this one
@@ -338,6 +351,9 @@ class TaskService:
         hold = TokenHold()
         with self._issuer.compensating(hold), self._uow() as session:
             task = self._owned(session, identity, task_id, lock=True)
+            # Before the state: a lock also ended the task, and the workload is told why.
+            if (lock := matching_lock(session, targets_of(task))) is not None:
+                raise Locked(lock)
             if task.claimed_at is not None or task.state != "pending_approval":
                 raise Conflict(f"the task is {task.state}; an approval can be claimed once")
             now = database_now(session)
