@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tests.console.conftest import sign_in
 from tests.factories import AGENT, can_log_in
+from tests.support.waiting import wait_for
 
 OTHER = "spiffe://example.org/agents/builder"
 
@@ -75,7 +76,7 @@ def test_task_detail_shows_the_task_its_leases_and_its_audit(watched, live_serve
 
 
 def test_kill_switch_by_workload_with_confirmation(
-    watched, live_server, api, operator_token, stack, tmp_path: Path
+    watched, live_server, api, operator_token, stack, tmp_path: Path, running_scheduler
 ):
     mine = [api.start(), api.start(owner="bob@example.com")]
     theirs = api.start(sub=OTHER)
@@ -93,7 +94,8 @@ def test_kill_switch_by_workload_with_confirmation(
 
     for task in mine:
         assert api.get(f"/task/{task['task_id']}")["state"] == "revoked"
-        assert not can_log_in(stack, task["credentials"]["db"]["data"])
+        # The scheduler revokes what the kill switch ended, right after its answer.
+        wait_for(lambda task=task: not can_log_in(stack, task["credentials"]["db"]["data"]), what="revoked")
     assert api.get(f"/task/{theirs['task_id']}")["state"] == "active"
     events = api.get("/audit?event=operator.kill_switch")["items"]
     assert [event["purpose"] for event in events] == ["agent compromised, INC-1234"]
