@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from tests.console.conftest import sign_in
 from tests.factories import AGENT, can_log_in
 from tests.support.waiting import wait_for
 
 OTHER = "spiffe://example.org/agents/builder"
+
+
+def dead(stack: Any, creds: dict[str, Any]) -> bool:
+    return not can_log_in(stack, creds)
 
 
 def test_operator_sees_an_active_lease_and_revokes_it(
@@ -95,7 +101,7 @@ def test_kill_switch_by_workload_with_confirmation(
     for task in mine:
         assert api.get(f"/task/{task['task_id']}")["state"] == "revoked"
         # The scheduler revokes what the kill switch ended, right after its answer.
-        wait_for(lambda task=task: not can_log_in(stack, task["credentials"]["db"]["data"]), what="revoked")
+        wait_for(partial(dead, stack, task["credentials"]["db"]["data"]), what="revoked")
     assert api.get(f"/task/{theirs['task_id']}")["state"] == "active"
     events = api.get("/audit?event=operator.kill_switch")["items"]
     assert [event["purpose"] for event in events] == ["agent compromised, INC-1234"]

@@ -9,6 +9,7 @@ whichever scheduler runs next.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import pytest
@@ -19,6 +20,10 @@ from sqlalchemy import text
 from tests.approvals.test_approvals import PROD, approver, claim, decide
 from tests.factories import AGENT, OTHER_AGENT, can_log_in, start_task, started_task
 from tests.support.waiting import wait_for
+
+
+def dead(stack: Any, creds: dict[str, Any]) -> bool:
+    return not can_log_in(stack, creds)
 
 
 def sre(issuers: Any) -> dict[str, str]:
@@ -108,7 +113,7 @@ def test_a_lock_ends_the_open_tasks_it_matches_and_their_credentials_die(
     assert added["revocation"]["tasks"] == 2
     for task in mine:
         assert client.get(f"/task/{task['task_id']}", headers=sre(issuers)).get_json()["state"] == "revoked"
-        wait_for(lambda task=task: not can_log_in(stack, task["credentials"]["db"]["data"]), what="revoked")
+        wait_for(partial(dead, stack, task["credentials"]["db"]["data"]), what="revoked")
     wait_for(lambda: not active_leases_of_revoked(client, issuers), what="every lease revoked")
     assert can_log_in(stack, theirs["credentials"]["db"]["data"])
     # A finish of a task the lock ended answers as any finish of an ended task.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
@@ -12,6 +15,10 @@ from tests.factories import started_task as start
 from tests.support.waiting import wait_for
 
 OTHER = "spiffe://example.org/agents/builder"
+
+
+def dead(stack: Any, creds: dict[str, Any]) -> bool:
+    return not can_log_in(stack, creds)
 
 
 def sre(issuers):
@@ -104,7 +111,7 @@ def test_kill_switch_revokes_everything_of_one_workload(client, issuers, stack, 
     # The tasks ended with the answer; their credentials die as the scheduler revokes them.
     for task in mine:
         assert client.get(f"/task/{task['task_id']}", headers=sre(issuers)).get_json()["state"] == "revoked"
-        wait_for(lambda task=task: not can_log_in(stack, task["credentials"]["db"]["data"]), what="revoked")
+        wait_for(partial(dead, stack, task["credentials"]["db"]["data"]), what="revoked")
     wait_for(
         lambda: (
             not client.get("/leases?state=active&task_state=revoked", headers=sre(issuers)).get_json()[
