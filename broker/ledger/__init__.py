@@ -41,7 +41,6 @@ from broker.ledger.claims import (
 from broker.ledger.inventory import (
     Filters,
     leases_matching,
-    open_task_ids,
     read_lease,
     task_ids_matching,
     task_of_lease,
@@ -111,7 +110,6 @@ __all__ = [
     "load_task",
     "lock_and_count",
     "matching_lock",
-    "open_task_ids",
     "read_lease",
     "read_lock",
     "read_task",

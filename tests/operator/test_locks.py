@@ -243,3 +243,19 @@ def test_only_operators_lock(client, issuers):
     body = {"reason": "INC-24", "workload": AGENT}
     assert client.post("/locks", json=body, headers=issuers["spire"].bearer(AGENT)).status_code == 403
     assert client.get("/locks", headers=approver(issuers)).status_code == 403
+
+
+def test_the_lock_sweep_ends_what_a_lock_matches_that_its_request_did_not(client, issuers, services):
+    from broker.scheduler.jobs import Jobs
+
+    task = started_task(client, issuers)
+    with services.engine.begin() as connection:  # a lock whose request died before its end
+        connection.execute(
+            text(
+                "INSERT INTO locks (id, workload, reason, created_by) VALUES (gen_random_uuid(), :w, 'x', 't')"
+            ),
+            {"w": AGENT},
+        )
+    with ThreadPoolExecutor(1) as pool:
+        assert Jobs(services, pool).sweep_locks() == 1
+    assert client.get(f"/task/{task['task_id']}", headers=sre(issuers)).get_json()["state"] == "revoked"
