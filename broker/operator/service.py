@@ -148,7 +148,13 @@ class OperatorService:
             return lease
 
     def kill_switch(
-        self, operator: Identity, reason: str, targets: Targets, *, lock: bool = False
+        self,
+        operator: Identity,
+        reason: str,
+        targets: Targets,
+        *,
+        lock: bool = False,
+        by_lock: Lock | None = None,
     ) -> KillResult:
         """End every open task matching all given targets (at least one is required) as
         `revoked`, in one statement, and answer: the scheduler revokes their leases
@@ -156,15 +162,20 @@ class OperatorService:
         so a start that slips past this statement cannot activate (the activation's guard).
         """
         added = self.add_lock(operator, targets, reason=reason, expires_in=None) if lock else None
+        # `by_lock`: the ending of a lock just added (`lock_and_end`), said so in each task's end.
+        why, trigger = (
+            (f"lock {by_lock.id}: {reason}", "lock") if by_lock else (f"kill switch: {reason}", "kill_switch")
+        )
         with unit_of_work(self._sessions) as session:
-            ended = end_matching(session, targets, reason=f"kill switch: {reason}")
+            ended = end_matching(session, targets, reason=why)
             ids = [task.id for task in ended]
             for task in ended:
                 record(
                     session, self._clock, "task.revoked", operator.id, task=task,
-                    detail={"reason": task.end_reason, "outcome": None, "trigger": "kill_switch"},
+                    detail={"reason": why, "outcome": None, "trigger": trigger},
                 )  # fmt: skip
             pending = active_lease_count(session, ids)
+            named = added or by_lock
             record(
                 session,
                 self._clock,
@@ -181,7 +192,7 @@ class OperatorService:
                     "task": targets.task,
                     "issuer": targets.issuer,
                     "tasks": len(ids),
-                    "lock": str(added.id) if added is not None else None,
+                    "lock": str(named.id) if named is not None else None,
                 },
             )
         if ids:
@@ -204,7 +215,7 @@ class OperatorService:
     ) -> tuple[Lock, KillResult]:
         """`POST /locks`: the lock, then every open task it matches ended as by the kill switch."""
         lock = self.add_lock(operator, targets, reason=reason, expires_in=expires_in)
-        ended = self.kill_switch(operator, f"lock {lock.id}: {reason}", targets)
+        ended = self.kill_switch(operator, reason, targets, by_lock=lock)
         return lock, ended
 
     def locks(self, *, include_ended: bool) -> list[Lock]:
