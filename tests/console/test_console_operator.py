@@ -7,14 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from tests.console.conftest import sign_in
-from tests.factories import AGENT, can_log_in
+from tests.factories import AGENT, can_log_in, role_exists
 from tests.support.waiting import wait_for
 
 OTHER = "spiffe://example.org/agents/builder"
 
 
 def dead(stack: Any, creds: dict[str, Any]) -> bool:
-    return not can_log_in(stack, creds)
+    # The database user is gone (not merely refused: mid-revocation it exists without grants).
+    return not role_exists(stack, creds["username"])
 
 
 def test_operator_sees_an_active_lease_and_revokes_it(

@@ -18,12 +18,13 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from tests.approvals.test_approvals import PROD, approver, claim, decide
-from tests.factories import AGENT, OTHER_AGENT, can_log_in, start_task, started_task
+from tests.factories import AGENT, OTHER_AGENT, can_log_in, role_exists, start_task, started_task
 from tests.support.waiting import wait_for
 
 
 def dead(stack: Any, creds: dict[str, Any]) -> bool:
-    return not can_log_in(stack, creds)
+    # The database user is gone (not merely refused: mid-revocation it exists without grants).
+    return not role_exists(stack, creds["username"])
 
 
 def sre(issuers: Any) -> dict[str, str]:
@@ -259,3 +260,28 @@ def test_the_lock_sweep_ends_what_a_lock_matches_that_its_request_did_not(client
     with ThreadPoolExecutor(1) as pool:
         assert Jobs(services, pool).sweep_locks() == 1
     assert client.get(f"/task/{task['task_id']}", headers=sre(issuers)).get_json()["state"] == "revoked"
+
+
+def test_a_lock_added_in_one_replica_refuses_a_start_in_another(client, issuers, settings):
+    from broker.app import create_app
+    from broker.services import build_services
+
+    other = build_services(settings)
+    try:
+        replica = create_app(services=other).test_client()
+        started_task(replica, issuers)  # the replica is warm: its caches hold whatever they hold
+        added = lock(client, issuers, workload=AGENT)
+        assert_locked(start_task(replica, issuers), added["id"])
+    finally:
+        other.close()
+
+
+def test_the_active_locks_gauge(client, issuers, services):
+    from broker import metrics
+    from broker.scheduler.jobs import Jobs
+
+    lock(client, issuers, workload=AGENT)
+    lock(client, issuers, task="analytics-read")
+    with ThreadPoolExecutor(1) as pool:
+        Jobs(services, pool).sweep_locks()
+    assert "broker_locks_active 2.0" in metrics.render()[0].decode()

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 from broker.cli.main import main
-from tests.factories import AGENT, can_log_in, start_body
+from tests.factories import AGENT, can_log_in, role_exists, start_body
 from tests.factories import started_task as start
 from tests.support.waiting import wait_for
 
@@ -18,7 +18,8 @@ OTHER = "spiffe://example.org/agents/builder"
 
 
 def dead(stack: Any, creds: dict[str, Any]) -> bool:
-    return not can_log_in(stack, creds)
+    # The database user is gone (not merely refused: mid-revocation it exists without grants).
+    return not role_exists(stack, creds["username"])
 
 
 def sre(issuers):
