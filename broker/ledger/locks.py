@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Select, and_, exists, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from broker.lifecycle import TERMINAL_TASK_STATES, may_become
@@ -122,8 +122,8 @@ def lapse_expired_locks(session: Session) -> Sequence[Lock]:
     ).all()
 
 
-def live_lock_count() -> Select[int]:
-    return select(func.count()).select_from(Lock).where(_live())
+def lock_targets(lock: Lock) -> Targets:
+    return Targets(workload=lock.workload, owner=lock.owner, task=lock.task, issuer=lock.issuer)
 
 
 # ---- ending many tasks ---------------------------------------------------------------
@@ -144,22 +144,6 @@ def end_matching(session: Session, targets: Targets, *, reason: str) -> Sequence
         if value is not None:
             condition.append(column == value)
     return _end(session, and_(*condition), reason)
-
-
-def end_locked(session: Session) -> Sequence[Task]:
-    """End every open task a live lock matches: the sweep behind a lock's own end, for a
-    start that recorded its task while the lock was being committed, or a lock whose
-    request died before ending what it matched."""
-    matched = exists(
-        select(Lock.id).where(
-            _live(),
-            or_(Lock.workload.is_(None), Lock.workload == Task.workload),
-            or_(Lock.owner.is_(None), Lock.owner == Task.owner),
-            or_(Lock.task.is_(None), Lock.task == Task.task),
-            or_(Lock.issuer.is_(None), Lock.issuer == Task.workload_issuer),
-        )
-    )
-    return _end(session, and_(Task.state.in_(may_become("revoked")), matched), "ended by a lock")
 
 
 def _end(session: Session, where: ColumnElement[bool], reason: str) -> Sequence[Task]:

@@ -26,12 +26,13 @@ from broker.ledger import (
     REVOKE_ENDED_BATCH,
     due_retry,
     due_tasks,
-    end_locked,
+    end_matching,
     ended_holding,
     lapse_expired_locks,
     lapse_pending_approvals,
     lapsed_pooled,
-    live_lock_count,
+    list_locks,
+    lock_targets,
     read_tasks,
     revoke_pending_count,
     spent_token,
@@ -132,19 +133,22 @@ class Jobs:
         """Record each lock whose expiry passed (`lock.expired`, once: the UPDATE that marks
         it is the claim), end open tasks a live lock matches that its own request did not
         (a start recorded while the lock committed; a request that died midway), and set
-        the active-locks gauge."""
+        the active-locks gauge. Lock by lock, with the kill switch's statement (on the
+        tasks' indexes): no scan of the tasks for a sweep, and none at all without locks."""
         with unit_of_work(self._s.sessions) as session:
             for lock in lapse_expired_locks(session):
                 record(session, self._s.clock, "lock.expired", SYSTEM_ACTOR, owner=lock.owner,
                        purpose=lock.reason, detail=lock_detail(lock))  # fmt: skip
-            for task in end_locked(session):
-                record(session, self._s.clock, "task.revoked", SYSTEM_ACTOR, task=task,
-                       detail={"reason": task.end_reason, "outcome": None, "trigger": "lock"})  # fmt: skip
-                metrics.TASKS_FINISHED.labels("revoked").inc()
-            live = session.scalar(live_lock_count())
-        metrics.ACTIVE_LOCKS.set(live or 0)
+            live = list_locks(session, include_ended=False)
+            for lock in live:
+                why = f"lock {lock.id}: {lock.reason}"
+                for task in end_matching(session, lock_targets(lock), reason=why):
+                    record(session, self._s.clock, "task.revoked", SYSTEM_ACTOR, task=task,
+                           detail={"reason": why, "outcome": None, "trigger": "lock"})  # fmt: skip
+                    metrics.TASKS_FINISHED.labels("revoked").inc()
+        metrics.ACTIVE_LOCKS.set(len(live))
         self._heartbeat("locks")
-        return int(live or 0)
+        return len(live)
 
     # ---- approvals ---------------------------------------------------------------------
 
