@@ -68,13 +68,16 @@ class Recorded:
 
     - `repeated`: a retry under the key of a task that waits for approval (no decision);
     - `refused`: denied or limited (the task is not recorded; the denial is audited);
+    - `locked`: refused by an operator's lock (not recorded; audited as a denial by `lock`);
     - `pending_approval`: recorded, waiting, nothing issued;
     - `issuing`: recorded with `token`'s accessor, to be issued with it."""
 
     task: Task
-    outcome: Literal["repeated", "refused", "pending_approval", "issuing"]
+    outcome: Literal["repeated", "refused", "locked", "pending_approval", "issuing"]
     decision: Decision | None
     token: TaskToken | None
+    # For `locked`: the lock that refused it.
+    lock: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,10 @@ class TaskService:
         match recorded.outcome:
             case "repeated":  # a retry of a start that waits for approval: the same answer
                 return StartResult(task=task, credentials=None)
+            case "locked":
+                assert recorded.lock is not None
+                metrics.TASKS_STARTED.labels(request.task, "locked").inc()
+                raise Locked(recorded.lock)
             case "refused":
                 assert decision is not None
                 outcome = "limited" if decision.limit_exceeded else "denied"
@@ -252,9 +259,8 @@ class TaskService:
                 idempotency_key=key.value if key else None,
             )  # fmt: skip
             if admission.lock is not None:  # before anything else: a locked start learns nothing more
-                raise Locked(admission.lock)
-            holder = _key_holder(admission.keyed, admission.now)
-            if holder is None:
+                recorded = self._locked(session, identity, request, admission.lock)
+            elif (holder := _key_holder(admission.keyed, admission.now)) is None:
                 if admission.keyed is not None:  # its task let go of the key: it starts this one
                     release_idempotency_key(session, admission.keyed.id)
                 recorded = self._record(session, identity, request, snapshot, compiled, admission, hold, key)
@@ -337,6 +343,23 @@ class TaskService:
         if not insert_task(session, task, pooled_token=isinstance(token, RecordedToken)):
             raise self._reclaimed()
         return Recorded(task, "issuing", decision, token)
+
+    def _locked(
+        self, session: Session, identity: Identity, request: TaskRequest, lock: uuid.UUID
+    ) -> Recorded:
+        """A start an operator's lock refuses: audited as a denial, so the log shows what a
+        locked-out workload still tried."""
+        record(
+            session,
+            self._clock,
+            "task.denied",
+            identity.id,
+            owner=request.owner,
+            purpose=request.purpose,
+            detail={"task": request.task, "rule": "lock", "lock_id": str(lock), "context": request.context},
+        )
+        placeholder = Task(id=uuid.uuid4(), task=request.task, workload=identity.id, owner=request.owner)
+        return Recorded(placeholder, "locked", None, None, lock=lock)
 
     def _give_back(self, hold: TokenHold, compiled: CompiledTask) -> None:
         if hold.token is not None:

@@ -58,6 +58,12 @@ def test_a_lock_refuses_a_matching_start_and_lets_others_through(client, issuers
     added = lock(client, issuers, workload=AGENT)
     assert_locked(start_task(client, issuers), added["id"])
     started_task(client, issuers, sub=OTHER_AGENT)  # another workload is not locked
+    [denied] = client.get("/audit?event=task.denied", headers=sre(issuers)).get_json()["items"]
+    assert (denied["actor"], denied["detail"]["rule"], denied["detail"]["lock_id"]) == (
+        AGENT,
+        "lock",
+        added["id"],
+    )
     listed = client.get("/locks", headers=sre(issuers)).get_json()["items"]
     assert [item["id"] for item in listed] == [added["id"]]
 
