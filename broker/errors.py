@@ -43,6 +43,19 @@ class PolicyDenied(BrokerError):
     title = "The policy denied this request"
 
 
+class Locked(BrokerError):
+    """An operator's lock refuses this start, claim or approval; the body names the lock."""
+
+    title = "An operator's lock refuses this"
+
+    def __init__(self, lock_id: object) -> None:
+        super().__init__(
+            f"lock {lock_id} refuses this workload, owner, task type or issuer; an operator removes it",
+            lock_id=str(lock_id),
+        )
+        self.lock_id = str(lock_id)
+
+
 class NotFound(BrokerError):
     title = "Not found"
 

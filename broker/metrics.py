@@ -32,6 +32,11 @@ REVOCATION_LAG = Histogram(
 PENDING_REVOCATIONS = Gauge(
     "broker_pending_revocations", "Leases waiting in revoke_pending", multiprocess_mode="max"
 )
+ACTIVE_LOCKS = Gauge(
+    "broker_locks_active",
+    "Live operator locks (neither removed nor expired), as of the scheduler's last sweep",
+    multiprocess_mode="max",
+)
 ORPHANS_RECONCILED = Counter(
     "broker_orphans_reconciled_total", "Vault tokens or leases no task owned, revoked"
 )

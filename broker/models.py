@@ -308,3 +308,37 @@ class GatewayHandle(Base):
     kind: Mapped[str] = mapped_column(String(32))
     verifier: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+
+
+class Lock(Base):
+    """An operator's standing refusal (docs/api.md#locks): every start, claim and approval
+    of a task it matches is refused while it is live (not removed, not past `expires_at`
+    by the database's clock). A target left NULL matches anything; at least one is set."""
+
+    __tablename__ = "locks"
+    __table_args__ = (
+        CheckConstraint(
+            "workload IS NOT NULL OR owner IS NOT NULL OR task IS NOT NULL OR issuer IS NOT NULL",
+            name="target",
+        ),
+        # The locks that may still refuse something: what a start scans, a handful of rows.
+        Index(
+            "ix_locks_live",
+            "created_at",
+            postgresql_where=text("removed_at IS NULL AND expiry_recorded_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    workload: Mapped[str | None] = mapped_column(Text)
+    owner: Mapped[str | None] = mapped_column(String(200))
+    task: Mapped[str | None] = mapped_column(String(64))
+    issuer: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(500))
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+    expires_at: Mapped[datetime | None] = mapped_column(_tz())
+    removed_at: Mapped[datetime | None] = mapped_column(_tz())
+    removed_by: Mapped[str | None] = mapped_column(Text)
+    # When the scheduler recorded `lock.expired` (once per lock).
+    expiry_recorded_at: Mapped[datetime | None] = mapped_column(_tz())

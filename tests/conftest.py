@@ -28,7 +28,7 @@ DEMO_POLICY = ROOT / "broker" / "dev" / "data" / "policy.yaml"
 TEST_POLICY = ROOT / "tests" / "support" / "policy.yaml"
 LEDGER_TABLES = (
     "audit_events, audit_head, approvals, gateway_handles, leases, tasks, used_jtis, scheduler_heartbeats,"
-    " task_tokens"
+    " task_tokens, locks"
 )
 
 
@@ -131,6 +131,17 @@ def services(settings: Settings) -> Iterator[Any]:
     built = build_services(settings)
     yield built
     built.close()
+
+
+@pytest.fixture
+def running_scheduler(services: Any) -> Iterator[Any]:
+    """The real SchedulerRunner on the test's services (its sweeps, its revoke workers)."""
+    from broker.scheduler.runner import SchedulerRunner
+
+    runner = SchedulerRunner(services)
+    runner.start()
+    yield runner
+    runner.stop()
 
 
 @pytest.fixture

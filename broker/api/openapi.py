@@ -12,6 +12,7 @@ from broker.api.schemas import (
     Decide,
     FinishTask,
     KillSwitchBody,
+    LockBody,
     RevokeBody,
     StartTask,
     TaskRef,
@@ -125,6 +126,7 @@ FILTERS = [
     {"name": name, "in": "query", "schema": {"type": "string"}}
     for name in ("state", "owner", "workload", "task", "task_id", "cursor")
 ] + [LIMIT]
+LEASE_FILTERS = [*FILTERS, {"name": "task_state", "in": "query", "schema": {"enum": list(TASK_STATES)}}]
 PENDING = [
     {"name": "state", "in": "query", "schema": {"enum": ["pending"]}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
@@ -146,7 +148,7 @@ def document() -> dict[str, Any]:
         {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     ]
     schemas: dict[str, Any] = {"Task": TASK, "Lease": LEASE, "AuditEvent": AUDIT, "Problem": PROBLEM}
-    for model in (StartTask, FinishTask, TaskRef, Decide, RevokeBody, KillSwitchBody):
+    for model in (StartTask, FinishTask, TaskRef, Decide, RevokeBody, KillSwitchBody, LockBody):
         schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     paths = {
@@ -169,13 +171,22 @@ def document() -> dict[str, Any]:
         "/approvals": {"get": _op("Tasks waiting for this approver", {
             "200": _answer("A list", "#/components/schemas/TaskList")}, parameters=PENDING, security=bearer)},
         "/leases": {"get": _op("The lease inventory (operator)", {
-            "200": _answer("A page", "#/components/schemas/LeaseList")}, parameters=FILTERS, security=bearer)},
+            "200": _answer("A page", "#/components/schemas/LeaseList")}, parameters=LEASE_FILTERS,
+            security=bearer)},
         "/leases/{id}": {"get": _op("One lease (operator)", {
             "200": _answer("The lease", lease_ref)}, parameters=id_param, security=bearer)},
         "/leases/{id}/revoke": {"post": _op("Revoke one lease (operator)", {
             "200": _answer("The lease", lease_ref)}, "RevokeBody", parameters=id_param, security=bearer)},
-        "/leases/revoke": {"post": _op("Kill switch: revoke by workload, owner or task (operator)", {
-            "200": _answer("What was revoked")}, "KillSwitchBody", security=bearer)},
+        "/leases/revoke": {"post": _op("Kill switch: end by workload, owner, task or issuer (operator)", {
+            "200": _answer("The tasks ended; the scheduler revokes their leases")}, "KillSwitchBody",
+            security=bearer)},
+        "/locks": {
+            "post": _op("Lock: refuse matching starts, claims and approvals; end open tasks (operator)", {
+                "201": _answer("The lock, with a revocation block")}, "LockBody", security=bearer),
+            "get": _op("Live locks; ?state=all for every lock (operator)", {
+                "200": _answer("A list")}, security=bearer)},
+        "/locks/{id}": {"delete": _op("Remove a lock (operator)", {
+            "200": _answer("The lock, removed")}, parameters=id_param, security=bearer)},
         "/tasks": {"get": _op("Tasks (operator)", {
             "200": _answer("A page", "#/components/schemas/TaskList")}, parameters=FILTERS, security=bearer)},
         "/audit": {"get": _op("Audit events (operator)", {

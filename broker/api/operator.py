@@ -1,4 +1,4 @@
-"""Operator endpoints: the lease inventory, revocation, the kill switch, tasks and audit."""
+"""Operator endpoints: the lease inventory, revocation, the kill switch, locks, tasks and audit."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from broker.api.common import caller, json_body, query_args, services
-from broker.api.render import audit_json, lease_json, task_json
-from broker.api.schemas import AuditQuery, KillSwitchBody, LeaseQuery, RevokeBody, TaskQuery
+from broker.api.render import audit_json, kill_json, lease_json, lock_json, task_json
+from broker.api.schemas import (
+    AuditQuery,
+    KillSwitchBody,
+    LeaseQuery,
+    LockBody,
+    LockQuery,
+    RevokeBody,
+    TaskQuery,
+)
 
 bp = Blueprint("operator", __name__)
 
@@ -40,14 +48,32 @@ def revoke_lease(lease_id: uuid.UUID) -> Any:
 def kill_switch() -> Any:
     operator = caller("operator")
     body = json_body(KillSwitchBody)
-    result = services().operator.kill_switch(
-        operator, body.reason, workload=body.workload, owner=body.owner, task=body.task
+    result = services().operator.kill_switch(operator, body.reason, body.targets(), lock=body.lock)
+    return jsonify(kill_json(result))
+
+
+@bp.post("/locks")
+def add_lock() -> Any:
+    operator = caller("operator")
+    body = json_body(LockBody)
+    lock, ended = services().operator.lock_and_end(
+        operator, body.targets(), reason=body.reason, expires_in=body.expires_in
     )
-    return jsonify(
-        tasks=[str(task_id) for task_id in result.tasks],
-        revoked=result.revoked,
-        revoke_pending=result.pending,
-    )
+    return jsonify(lock_json(lock) | {"revocation": kill_json(ended)["revocation"]}), 201
+
+
+@bp.get("/locks")
+def list_locks() -> Any:
+    caller("operator")
+    query = query_args(LockQuery)
+    found = services().operator.locks(include_ended=query.state == "all")
+    return jsonify(items=[lock_json(lock) for lock in found])
+
+
+@bp.delete("/locks/<uuid:lock_id>")
+def remove_lock(lock_id: uuid.UUID) -> Any:
+    operator = caller("operator")
+    return jsonify(lock_json(services().operator.remove_lock(operator, lock_id)))
 
 
 @bp.get("/tasks")

@@ -8,7 +8,8 @@ from typing import Any
 from broker.approvals.service import Pending
 from broker.audit.export import row_json
 from broker.clock import rfc3339
-from broker.models import AuditEvent, Lease, Task
+from broker.models import AuditEvent, Lease, Lock, Task
+from broker.operator.service import KillResult
 
 
 def lease_json(lease: Lease) -> dict[str, Any]:
@@ -30,6 +31,22 @@ def lease_json(lease: Lease) -> dict[str, Any]:
         "next_attempt_at": rfc3339(lease.next_attempt_at),
         "revoke_reason": lease.revoke_reason,
         "vault_lease_id": lease.vault_lease_id,
+    }
+
+
+def lock_json(lock: Lock) -> dict[str, Any]:
+    return {
+        "id": str(lock.id),
+        "workload": lock.workload,
+        "owner": lock.owner,
+        "task": lock.task,
+        "issuer": lock.issuer,
+        "reason": lock.reason,
+        "created_by": lock.created_by,
+        "created_at": rfc3339(lock.created_at),
+        "expires_at": rfc3339(lock.expires_at),
+        "removed_at": rfc3339(lock.removed_at),
+        "removed_by": lock.removed_by,
     }
 
 
@@ -126,3 +143,12 @@ def audit_json(row: AuditEvent) -> dict[str, Any]:
     # order `seq` and `sealed` (unsealed rows show here, not in the export), no `prev_hash`.
     shared = {key: value for key, value in row_json(row).items() if key != "prev_hash"}
     return {**shared, "seq": row.seq, "sealed": row.chain_seq is not None}
+
+
+def kill_json(result: KillResult) -> dict[str, Any]:
+    """The kill switch's answer: the tasks it ended, and what the scheduler has yet to revoke."""
+    return {
+        "tasks": [str(task_id) for task_id in result.tasks],
+        "revocation": {"tasks": len(result.tasks), "pending_leases": result.pending_leases},
+        "lock": lock_json(result.lock) if result.lock is not None else None,
+    }

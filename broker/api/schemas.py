@@ -20,7 +20,7 @@ from pydantic import (
 
 from broker.errors import ValidationFailed
 from broker.identity.people import check_person, check_text, normalise_person
-from broker.ledger import Filters
+from broker.ledger import Filters, Targets
 from broker.lifecycle import LEASE_STATES, TASK_STATES, Outcome
 from broker.paging import MAX_LIMIT
 from broker.policy import TaskRequest
@@ -229,10 +229,20 @@ def _one_of(value: str | None, states: tuple[str, ...]) -> str | None:
 
 
 class LeaseQuery(ListQuery):
+    task_state: str | None = None
+
     @field_validator("state")
     @classmethod
     def _known(cls, value: str | None) -> str | None:
         return _one_of(value, LEASE_STATES)
+
+    @field_validator("task_state")
+    @classmethod
+    def _known_task_state(cls, value: str | None) -> str | None:
+        return _one_of(value, TASK_STATES)
+
+    def filters(self) -> Filters:
+        return Filters(self.state, self.owner, self.workload, self.task, self.task_id, self.task_state)
 
 
 class TaskQuery(ListQuery):
@@ -296,23 +306,55 @@ class RevokeBody(BaseModel):
         return printable(value)
 
 
-class KillSwitchBody(RevokeBody):
-    workload: Annotated[str, StringConstraints(min_length=1)] | None = None
-    owner: Annotated[str, StringConstraints(min_length=1)] | None = None
-    task: Annotated[str, StringConstraints(min_length=1)] | None = None
+def _target(value: str) -> str:
+    """A lock's or the kill switch's target: a name matched exactly, never a pattern."""
+    if not value.strip():
+        raise ValueError("must not be empty or blank")
+    if "*" in value:
+        raise ValueError("is matched exactly: '*' is no wildcard here (a lock on everything is no lock)")
+    return printable(value)
 
-    @field_validator("workload", "task")
+
+Target = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class _Targets(RevokeBody):
+    workload: Target | None = None
+    owner: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    task: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    issuer: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+
+    @field_validator("workload", "task", "issuer")
     @classmethod
     def _printable_filter(cls, value: str | None) -> str | None:
-        return None if value is None else printable(value)
+        return None if value is None else _target(value)
 
     @field_validator("owner")
     @classmethod
     def _owner_form(cls, value: str | None) -> str | None:
-        return None if value is None else person(value)
+        return None if value is None else person(_target(value))
 
     @model_validator(mode="after")
-    def _scoped(self) -> KillSwitchBody:
-        if self.workload is None and self.owner is None and self.task is None:
-            raise ValueError("name at least one of 'workload', 'owner' or 'task'")
+    def _scoped(self) -> Any:
+        if self.workload is None and self.owner is None and self.task is None and self.issuer is None:
+            raise ValueError("name at least one of 'workload', 'owner', 'task' or 'issuer'")
         return self
+
+    def targets(self) -> Targets:
+        return Targets(workload=self.workload, owner=self.owner, task=self.task, issuer=self.issuer)
+
+
+class KillSwitchBody(_Targets):
+    # Also add a lock on the same targets and reason, in the same call.
+    lock: bool = False
+
+
+class LockBody(_Targets):
+    # Seconds from now (by the database's clock) until the lock lets starts through again.
+    expires_in: Annotated[int, Field(gt=0, le=366 * 24 * 3600)] | None = None
+
+
+class LockQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # `live` (the default): locks that refuse now; `all`: removed and expired ones too.
+    state: Literal["live", "all"] = "live"

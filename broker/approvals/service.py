@@ -23,10 +23,10 @@ from broker.approvals.notify import Notifier
 from broker.audit import record
 from broker.clock import Clock
 from broker.db import unit_of_work
-from broker.errors import Conflict, Forbidden, NotFound
+from broker.errors import Conflict, Forbidden, Locked, NotFound
 from broker.identity import Identity
 from broker.identity.people import InvalidPerson, check_person, same_person_key
-from broker.ledger import database_now, load_task, waiting_for_approval
+from broker.ledger import database_now, load_task, matching_lock, targets_of, waiting_for_approval
 from broker.models import Approval, Task
 from broker.paging import Page, decode_position, encode_cursor
 from broker.policy import PolicyStore, UnknownTask, approver_allowed
@@ -113,6 +113,9 @@ class ApprovalService:
             task = load_task(session, task_id, lock=True)
             if task is None:
                 raise NotFound("no such task")
+            # Before the state: a lock also ended the task, and the approver is told why.
+            if (lock := matching_lock(session, targets_of(task))) is not None:
+                raise Locked(lock)
             self._check_may_decide(approver, task)
             person = person_of(approver)
             if any(a.approver == approver.id or a.person == person for a in task.approvals):

@@ -12,7 +12,7 @@ import click
 from broker.cli.approvals import approvals
 from broker.cli.audit import audit_export, audit_tail
 from broker.cli.common import CONFIG_HELP, settings_or_exit
-from broker.cli.ops import leases, tasks
+from broker.cli.ops import leases, locks, tasks
 from broker.cli.policy import policy
 from broker.client.cli import exec_command
 from broker.config import Settings
@@ -375,5 +375,5 @@ def _connection_failure(error: Exception) -> str:
     return lines[0] if lines else type(driver_error).__name__
 
 
-for command in (policy, dev, leases, tasks, approvals, exec_command, mcp_command):
+for command in (policy, dev, leases, locks, tasks, approvals, exec_command, mcp_command):
     main.add_command(command)

@@ -1,4 +1,4 @@
-"""Operator commands over the REST API: `broker leases ...`, `broker tasks ...`.
+"""Operator commands over the REST API: `broker leases ...`, `broker locks ...`, `broker tasks ...`.
 
 They talk to a running broker with an operator token, exactly as curl would, so what an
 SRE can do from a terminal is what the API allows and the audit log records.
@@ -51,6 +51,7 @@ def leases() -> None:
 @leases.command("list")
 @connection
 @_filters(LEASE_STATES)
+@click.option("--task-state", type=click.Choice(TASK_STATES), help="Only leases of tasks in this state.")
 @click.option("--watch", is_flag=True, help="Redraw the table every --interval seconds until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(0.5, 300), default=2.0, show_default=True)
 def list_leases(client: OperatorClient, as_json: bool, watch: bool, interval: float, **filters: Any) -> None:
@@ -60,6 +61,7 @@ def list_leases(client: OperatorClient, as_json: bool, watch: bool, interval: fl
     Example:
       broker leases list --state active --owner alice@example.com
       broker leases list --state active --watch          # a live view; Ctrl-C stops
+      broker leases list --state active --task-state revoked   # a kill switch in progress
       broker leases list --workload spiffe://example.org/agents/reporter --json
     """
     try:
@@ -127,23 +129,121 @@ def revoke_lease(client: OperatorClient, lease_id: str, reason: str) -> None:
 @click.option("--workload", help="Revoke everything this workload holds.")
 @click.option("--owner", help="Revoke everything held for this owner.")
 @click.option("--task", help="Revoke every task of this type.")
+@click.option("--issuer", help="Revoke every task of workloads of this issuer.")
+@click.option("--lock", is_flag=True, help="Also add a lock on the same filters (see `broker locks`).")
 def kill(
-    client: OperatorClient, reason: str, workload: str | None, owner: str | None, task: str | None
+    client: OperatorClient,
+    reason: str,
+    workload: str | None,
+    owner: str | None,
+    task: str | None,
+    issuer: str | None,
+    lock: bool,
 ) -> None:
-    """Kill switch: revoke every open task matching all the given filters.
+    """Kill switch: end every open task matching all the given filters.
+
+    The tasks are ended when this answers; the scheduler revokes their leases right after
+    (watch with `broker leases list --state active --task-state revoked`).
 
     \b
     Example:
-      broker leases kill --workload spiffe://example.org/agents/x --reason "agent compromised"
+      broker leases kill --workload spiffe://example.org/agents/x --reason "agent compromised" --lock
       broker leases kill --owner alice@example.com --task deploy-prod --reason "offboarding"
     """
-    if not (workload or owner or task):
-        raise click.UsageError("name at least one of --workload, --owner or --task")
-    result = client.kill_switch(reason, workload=workload, owner=owner, task=task)
-    click.echo(
-        f"{len(result['tasks'])} task(s) ended; {result['revoked']} lease(s) revoked, "
-        f"{result['revoke_pending']} pending retry"
+    if not (workload or owner or task or issuer):
+        raise click.UsageError("name at least one of --workload, --owner, --task or --issuer")
+    result = client.kill_switch(reason, workload=workload, owner=owner, task=task, issuer=issuer, lock=lock)
+    click.echo(_revocation_line(result["revocation"]))
+    if result.get("lock"):
+        click.echo(f"lock {result['lock']['id']} added")
+
+
+def _revocation_line(revocation: dict[str, Any]) -> str:
+    return (
+        f"{revocation['tasks']} task(s) ended; {revocation['pending_leases']} lease(s) being revoked"
+        " by the scheduler"
     )
+
+
+@click.group()
+def locks() -> None:
+    """Lock a workload, owner, task type or issuer out (operator token required).
+
+    A lock refuses every matching start, claim and approval (403 `locked`), in every
+    replica, until it is removed or expires; adding one also ends every open task it
+    matches, as the kill switch does.
+
+    \b
+    Examples:
+      broker locks add --workload spiffe://example.org/agents/x --reason "INC-1234 compromised"
+      broker locks add --task deploy-prod --expires-in 3600 --reason "change freeze"
+      broker locks list
+      broker locks remove 5d2a...
+    """
+
+
+@locks.command("add")
+@connection
+@click.option("--reason", required=True, help="Why; recorded in the audit log.")
+@click.option("--workload", help="Lock this workload (its exact identity).")
+@click.option("--owner", help="Lock tasks for this owner.")
+@click.option("--task", help="Lock this task type.")
+@click.option("--issuer", help="Lock workloads of this token issuer.")
+@click.option("--expires-in", type=click.IntRange(min=1), help="Seconds until the lock lapses by itself.")
+def add_lock(
+    client: OperatorClient,
+    reason: str,
+    workload: str | None,
+    owner: str | None,
+    task: str | None,
+    issuer: str | None,
+    expires_in: int | None,
+) -> None:
+    """Add a lock on all the given targets, and end every open task it matches.
+
+    \b
+    Example:
+      broker locks add --workload spiffe://example.org/agents/x --reason "INC-1234 compromised"
+    """
+    if not (workload or owner or task or issuer):
+        raise click.UsageError("name at least one of --workload, --owner, --task or --issuer")
+    lock = client.add_lock(
+        reason, workload=workload, owner=owner, task=task, issuer=issuer, expires_in=expires_in
+    )
+    click.echo(f"lock {lock['id']} added")
+    click.echo(_revocation_line(lock["revocation"]))
+
+
+@locks.command("list")
+@connection
+@click.option("--all", "include_ended", is_flag=True, help="Also removed and expired locks.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def list_locks(client: OperatorClient, as_json: bool, include_ended: bool) -> None:
+    """List the live locks, newest first.
+
+    \b
+    Example:
+      broker locks list --all --json
+    """
+    print_page(
+        client.list_locks(include_ended=include_ended),
+        as_json,
+        ("id", "workload", "owner", "task", "issuer", "expires_at", "removed_at", "reason"),
+    )
+
+
+@locks.command("remove")
+@connection
+@click.argument("lock_id")
+def remove_lock(client: OperatorClient, lock_id: str) -> None:
+    """Remove a lock: what it refused may start again.
+
+    \b
+    Example:
+      broker locks remove 5d2a7c10-...
+    """
+    lock = client.remove_lock(lock_id)
+    click.echo(f"lock {lock['id']} removed at {lock['removed_at']}")
 
 
 @click.group()

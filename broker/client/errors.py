@@ -75,6 +75,16 @@ class PolicyDenied(BrokerAPIError):
     """403 policy_denied: a policy rule (`.rule`) refused the start; retrying won't help."""
 
 
+class Locked(BrokerAPIError):
+    """403 locked: an operator's lock (`.lock_id`) refuses this start, claim or approval;
+    retrying won't help until it is removed or expires."""
+
+    @property
+    def lock_id(self) -> str | None:
+        value = self.body.get("lock_id")
+        return value if isinstance(value, str) else None
+
+
 class ValidationError(BrokerAPIError):
     """400 validation_error, ttl_exceeds_max and other malformed-request answers."""
 
@@ -169,6 +179,7 @@ _BY_CODE: dict[str, type[BrokerAPIError]] = {
     "invalid_token": InvalidToken,
     "forbidden": Forbidden,
     "policy_denied": PolicyDenied,
+    "locked": Locked,
     "validation_error": ValidationError,
     "ttl_exceeds_max": ValidationError,
     "bad_request": ValidationError,

@@ -41,6 +41,13 @@ class RowFilters(TypedDict, total=False):
     cursor: str | None
 
 
+class LeaseFilters(RowFilters, total=False):
+    """What `GET /leases` adds: leases of tasks in `task_state` (`active` leases of `revoked`
+    tasks are what the scheduler has yet to revoke after a kill switch or a lock)."""
+
+    task_state: str | None
+
+
 class AuditFilters(RowFilters, total=False):
     """What `GET /audit` adds to those: one `event` name, and events `since` an RFC 3339 time
     (with its offset). There `workload` also matches the events that identity acted in."""
@@ -52,8 +59,8 @@ class AuditFilters(RowFilters, total=False):
 class OperatorClient(ClientBase):
     """A client of one broker as an operator or an approver (whichever its token is).
 
-    `timeout` is longer than the SDK's: a revoke or the kill switch waits on Vault for
-    every lease it ends before it answers.
+    `timeout` is longer than the SDK's: a revoke waits on Vault for the lease it ends
+    before it answers.
     """
 
     def __init__(
@@ -63,7 +70,7 @@ class OperatorClient(ClientBase):
 
     # -- operators: leases and tasks -------------------------------------------------------------
 
-    def list_leases(self, **filters: Unpack[RowFilters]) -> dict[str, Any]:
+    def list_leases(self, **filters: Unpack[LeaseFilters]) -> dict[str, Any]:
         """GET /leases: a page of leases, newest first, matching all the filters given."""
         return self._page("/leases", filters)
 
@@ -85,16 +92,52 @@ class OperatorClient(ClientBase):
         workload: str | None = None,
         owner: str | None = None,
         task: str | None = None,
+        issuer: str | None = None,
+        lock: bool = False,
     ) -> dict[str, Any]:
         """POST /leases/revoke: end every open task matching all the filters given.
 
-        Answers `{"tasks": [...], "revoked": n, "revoke_pending": n}`. The broker refuses
-        the call without a filter (`ValidationError`).
+        Answers `{"tasks": [...], "revocation": {"tasks": n, "pending_leases": m}, "lock": ...}`
+        as soon as the tasks are recorded as ended; the scheduler revokes their leases
+        after. With `lock`, also adds a lock on the same filters. The broker refuses the
+        call without a filter (`ValidationError`).
         """
-        filters = {"workload": workload, "owner": owner, "task": task}
-        body = {"reason": reason, **{key: value for key, value in filters.items() if value is not None}}
+        body = _targets(reason, workload=workload, owner=owner, task=task, issuer=issuer)
+        if lock:
+            body["lock"] = True
         result: dict[str, Any] = self._call("POST", "/leases/revoke", body, retry="once")
         return result
+
+    # -- operators: locks ------------------------------------------------------------------------
+
+    def add_lock(
+        self,
+        reason: str,
+        *,
+        workload: str | None = None,
+        owner: str | None = None,
+        task: str | None = None,
+        issuer: str | None = None,
+        expires_in: int | None = None,
+    ) -> dict[str, Any]:
+        """POST /locks: refuse every matching start, claim and approval, and end every open
+        task the lock matches. Answers the lock with a `revocation` block."""
+        body = _targets(reason, workload=workload, owner=owner, task=task, issuer=issuer)
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        lock: dict[str, Any] = self._call("POST", "/locks", body, retry="once")
+        return lock
+
+    def list_locks(self, *, include_ended: bool = False) -> dict[str, Any]:
+        """GET /locks: the live locks (with `include_ended`, removed and expired ones too)."""
+        params = {"state": "all" if include_ended else None}
+        found: dict[str, Any] = self._call("GET", "/locks", None, retry="safe", params=params)
+        return found
+
+    def remove_lock(self, lock_id: str) -> dict[str, Any]:
+        """DELETE /locks/{id}: the lock, removed (a repeat answers it unchanged)."""
+        lock: dict[str, Any] = self._call("DELETE", f"/locks/{lock_id}", None, retry="safe")
+        return lock
 
     def list_tasks(self, **filters: Unpack[RowFilters]) -> dict[str, Any]:
         """GET /tasks: a page of tasks with their leases, newest first, matching all the filters given."""
@@ -147,3 +190,7 @@ class OperatorClient(ClientBase):
 
 
 __all__ = ["MAX_PAGE", "AuditFilters", "Decision", "OperatorClient", "RowFilters"]
+
+
+def _targets(reason: str, **targets: str | None) -> dict[str, Any]:
+    return {"reason": reason, **{key: value for key, value in targets.items() if value is not None}}

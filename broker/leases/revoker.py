@@ -82,6 +82,22 @@ class Revoker:
         )
         metrics.TASKS_FINISHED.labels(state).inc()
 
+    def revoke_held(self, session: Session, task: Task, *, actor: str, trigger: str) -> None:
+        """Revoke what a task ended in bulk (the kill switch, a lock) still holds: its
+        state was written with the others in one statement, its leases are revoked here."""
+        reason = task.end_reason or "ended"
+        unreachable: VaultUnavailable | None = None
+        for lease in task.leases:
+            if lease.state != "active":
+                continue
+            if unreachable is None:
+                unreachable = self._revoke(session, lease, actor=actor, reason=reason, trigger=trigger)
+            else:
+                # Vault gave no answer: the rest go to the retry sweep's backoff, rather than
+                # each waiting out a timeout (and this claim retrying them every run).
+                lease.revoke_reason = lease.revoke_reason or reason
+                self._parked(session, lease, actor, trigger, f"not tried: {unreachable}", deferred=True)
+
     def revoke_lease(self, session: Session, lease: Lease, *, actor: str, reason: str, trigger: str) -> bool:
         """Revoke one lease now; on failure park it in `revoke_pending`. True when revoked."""
         self._revoke(session, lease, actor=actor, reason=reason, trigger=trigger)

@@ -16,6 +16,7 @@ scheduler come here.
 - `claims`: what the scheduler claims (due, stuck, spent, lapsed).
 - `pool`: pooled task tokens.
 - `inventory`: what operators and approvers list.
+- `locks`: operators' locks, and the statements that end many tasks at once.
 
 Two kinds of task object come out:
 - from `read_task(s)`: session-less; changing one persists nothing by itself. What ending
@@ -40,12 +41,26 @@ from broker.ledger.claims import (
 from broker.ledger.inventory import (
     Filters,
     leases_matching,
-    open_task_ids,
     read_lease,
     task_ids_matching,
     task_of_lease,
     tasks_matching,
     waiting_for_approval,
+)
+from broker.ledger.locks import (
+    REVOKE_ENDED_BATCH,
+    Targets,
+    active_lease_count,
+    add_lock,
+    end_matching,
+    ended_holding,
+    lapse_expired_locks,
+    list_locks,
+    lock_targets,
+    matching_lock,
+    read_lock,
+    remove_lock,
+    targets_of,
 )
 from broker.ledger.pool import FORGET_POOLED, PoolRecord, lapsed_pooled, record_pooled, take_pooled
 from broker.ledger.tasks import (
@@ -68,31 +83,43 @@ __all__ = [
     "IDEMPOTENCY_INDEX",
     "MARK_RETIRED",
     "RETIRE_BATCH",
+    "REVOKE_ENDED_BATCH",
     "USAGE_QUERY",
     "Admission",
     "Filters",
     "PoolRecord",
+    "Targets",
     "activate_with_leases",
+    "active_lease_count",
+    "add_lock",
     "database_now",
     "due_retry",
     "due_tasks",
+    "end_matching",
+    "ended_holding",
     "idempotency_clash",
     "insert_task",
+    "lapse_expired_locks",
     "lapse_pending_approvals",
     "lapsed_pooled",
     "leases_matching",
+    "list_locks",
     "load_task",
     "lock_and_count",
-    "open_task_ids",
+    "lock_targets",
+    "matching_lock",
     "read_lease",
+    "read_lock",
     "read_task",
     "read_tasks",
     "record_pooled",
     "release_idempotency_key",
+    "remove_lock",
     "revoke_pending_count",
     "spent_token",
     "stuck_start",
     "take_pooled",
+    "targets_of",
     "task_ids_matching",
     "task_of_lease",
     "tasks_matching",

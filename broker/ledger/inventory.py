@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
-from broker.lifecycle import TASK_OPEN_STATES
 from broker.models import Lease, Task
 
 
@@ -22,6 +21,9 @@ class Filters:
     workload: str | None = None
     task: str | None = None
     task_id: uuid.UUID | None = None
+    # Leases only: of tasks in this state (`active` leases of `revoked` tasks: what the
+    # scheduler has yet to revoke after a kill switch or a lock).
+    task_state: str | None = None
 
 
 # The task columns the filters apply to, in `_matching`'s order.
@@ -41,6 +43,8 @@ def leases_matching(filters: Filters) -> Select[Lease]:
     query: Select[Lease] = _matching(
         select(Lease), filters, Lease.state, Lease.owner, Lease.workload, Lease.task, Lease.task_id
     )
+    if filters.task_state is not None:
+        query = query.where(Lease.task_id.in_(select(Task.id).where(Task.state == filters.task_state)))
     return query
 
 
@@ -52,15 +56,6 @@ def tasks_matching(filters: Filters) -> Select[Task]:
 def task_ids_matching(filters: Filters) -> Select[uuid.UUID]:
     """The ids of the tasks `filters` select: for filtering other rows (audit events) by task."""
     query: Select[uuid.UUID] = _matching(select(Task.id), filters, *_TASK_FILTERED)
-    return query
-
-
-def open_task_ids(*, workload: str | None, owner: str | None, task: str | None) -> Select[uuid.UUID]:
-    """The open tasks (issuing, waiting for approval or active) matching every filter given."""
-    query = select(Task.id).where(Task.state.in_(TASK_OPEN_STATES))
-    for column, value in ((Task.workload, workload), (Task.owner, owner), (Task.task, task)):
-        if value is not None:
-            query = query.where(column == value)
     return query
 
 

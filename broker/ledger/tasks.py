@@ -32,6 +32,7 @@ from broker.ledger._sql import (
     update_sql,
     values,
 )
+from broker.ledger.locks import LOCK_FOR_START, NO_LOCK_ON_TASK
 from broker.ledger.pool import RECORD_POOLED, TAKE_POOLED, PoolRecord
 from broker.lifecycle import LEASE_END_FIELDS, TASK_END_FIELDS, TASK_OPEN_STATES
 from broker.models import Approval, GatewayHandle, Lease, Task
@@ -54,8 +55,12 @@ _INSERT_LEASE = insert_sql(LEASES, _LEASE_COLUMNS)
 # `created_at` is the database's: the row is stamped by the commit that records the handle.
 _HANDLE_COLUMNS = [name for name in names(HANDLES) if name != "created_at"]
 _INSERT_HANDLE = insert_sql(HANDLES, _HANDLE_COLUMNS)
-# Guarded: a finish or the kill switch that ended the task meanwhile leaves nothing to move.
-_ACTIVATE = "UPDATE tasks SET state = 'active' WHERE id = %(task_id)s AND state = 'issuing' RETURNING id"
+# Guarded: a finish or the kill switch that ended the task meanwhile leaves nothing to move,
+# nor does a lock that matches it (committed after the start's check).
+_ACTIVATE = (
+    "UPDATE tasks SET state = 'active' WHERE id = %(task_id)s AND state = 'issuing'"  # noqa: S608
+    f" AND {NO_LOCK_ON_TASK} RETURNING id"
+)
 _TASK = select_sql(TASKS, "id = %(task_id)s")
 _KEYED = select_sql(TASKS, "workload = %(workload)s AND idempotency_key = %(key)s")  # its unique index
 _RELEASE_KEY = "UPDATE tasks SET idempotency_key = NULL WHERE id = %(task_id)s"
@@ -80,13 +85,22 @@ class Admission(NamedTuple):
     usage: Usage
     # The task the start's Idempotency-Key already names, if any (with no leases loaded).
     keyed: Task | None
+    # The oldest live lock that refuses this start, if any.
+    lock: uuid.UUID | None = None
 
 
 def lock_and_count(
-    session: Session, *, lock_key: int, workload: str, task: str, idempotency_key: str | None = None
+    session: Session,
+    *,
+    lock_key: int,
+    workload: str,
+    task: str,
+    owner: str,
+    issuer: str,
+    idempotency_key: str | None = None,
 ) -> Admission:
     """Take the workload's advisory lock, then count its open and recent tasks of `task`,
-    and find the task `idempotency_key` names.
+    find the task `idempotency_key` names, and the live lock that refuses the start.
 
     One round trip, and still exact: Postgres runs the count after the lock is granted,
     with a snapshot of its own, so a start that committed while we waited is counted
@@ -96,6 +110,10 @@ def lock_and_count(
     with pipelined(session) as connection:
         clock = connection.execute(_LOCK_AND_NOW, {"key": lock_key})
         counts = connection.execute(USAGE_QUERY, {"workload": workload, "task": task})
+        # In the same round trip: a lock costs a start one index probe, not a trip.
+        locked = connection.execute(
+            LOCK_FOR_START, {"workload": workload, "owner": owner, "task": task, "issuer": issuer}
+        )
         keyed = (
             connection.cursor(row_factory=dict_row).execute(
                 _KEYED, {"workload": workload, "key": idempotency_key}
@@ -106,10 +124,12 @@ def lock_and_count(
     (now,) = one(clock)
     active, started = one(counts)
     row = keyed.fetchone() if keyed is not None else None
+    lock = locked.fetchone()
     return Admission(
         now,
         Usage(active_for_workload=int(active), starts_last_minute=int(started)),
         row_object(Task, row) if row is not None else None,
+        lock[0] if lock is not None else None,
     )
 
 

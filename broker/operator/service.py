@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker import metrics
 from broker.audit import record
 from broker.clock import Clock
 from broker.db import unit_of_work
@@ -18,24 +19,32 @@ from broker.identity import Identity
 from broker.leases.revoker import Revoker
 from broker.ledger import (
     Filters,
+    Targets,
+    active_lease_count,
+    add_lock,
+    end_matching,
     leases_matching,
+    list_locks,
     load_task,
-    open_task_ids,
     read_lease,
+    read_lock,
+    remove_lock,
     task_ids_matching,
     task_of_lease,
     tasks_matching,
 )
 from broker.lifecycle import TERMINAL_TASK_STATES
-from broker.models import AuditEvent, Lease, Task
+from broker.models import AuditEvent, Lease, Lock, Task
 from broker.paging import Page, clamp_limit, encode_cursor, page
 
 
 @dataclass(frozen=True)
 class KillResult:
+    """The tasks ended (`revoked`), and how many of their leases the scheduler has yet to revoke."""
+
     tasks: list[uuid.UUID]
-    revoked: int
-    pending: int
+    pending_leases: int
+    lock: Lock | None = None
 
 
 class OperatorService:
@@ -139,12 +148,34 @@ class OperatorService:
             return lease
 
     def kill_switch(
-        self, operator: Identity, reason: str, *, workload: str | None, owner: str | None, task: str | None
+        self,
+        operator: Identity,
+        reason: str,
+        targets: Targets,
+        *,
+        lock: bool = False,
+        by_lock: Lock | None = None,
     ) -> KillResult:
-        """Revoke every open task matching all given filters (at least one is required)."""
-        query = open_task_ids(workload=workload, owner=owner, task=task)
+        """End every open task matching all given targets (at least one is required) as
+        `revoked`, in one statement, and answer: the scheduler revokes their leases
+        (`Jobs.revoke_ended`). With `lock`, a lock on the same targets is committed first,
+        so a start that slips past this statement cannot activate (the activation's guard).
+        """
+        added = self.add_lock(operator, targets, reason=reason, expires_in=None) if lock else None
+        # `by_lock`: the ending of a lock just added (`lock_and_end`), said so in each task's end.
+        why, trigger = (
+            (f"lock {by_lock.id}: {reason}", "lock") if by_lock else (f"kill switch: {reason}", "kill_switch")
+        )
         with unit_of_work(self._sessions) as session:
-            ids = list(session.scalars(query).all())
+            ended = end_matching(session, targets, reason=why)
+            ids = [task.id for task in ended]
+            for task in ended:
+                record(
+                    session, self._clock, "task.revoked", operator.id, task=task,
+                    detail={"reason": why, "outcome": None, "trigger": trigger},
+                )  # fmt: skip
+            pending = active_lease_count(session, ids)
+            named = added or by_lock
             record(
                 session,
                 self._clock,
@@ -152,30 +183,67 @@ class OperatorService:
                 operator.id,
                 # One event for many tasks: attributed to the owner it targets, if it names
                 # one, and to the operator's stated reason as its purpose (docs/contract.md §6.8).
-                owner=owner,
+                owner=targets.owner,
                 purpose=reason,
                 detail={
                     "reason": reason,
-                    "workload": workload,
-                    "owner": owner,
-                    "task": task,
+                    "workload": targets.workload,
+                    "owner": targets.owner,
+                    "task": targets.task,
+                    "issuer": targets.issuer,
                     "tasks": len(ids),
+                    "lock": str(named.id) if named is not None else None,
                 },
             )
-        revoked = pending = 0
-        for task_id in ids:
-            with unit_of_work(self._sessions) as session:
-                row = load_task(session, task_id, lock=True)
-                if row is None or row.state in TERMINAL_TASK_STATES:
-                    continue
-                self._revoker.end_task(
-                    session,
-                    row,
-                    state="revoked",
-                    actor=operator.id,
-                    reason=f"kill switch: {reason}",
-                    trigger="kill_switch",
-                )
-                revoked += sum(1 for lease in row.leases if lease.state == "revoked")
-                pending += sum(1 for lease in row.leases if lease.state == "revoke_pending")
-        return KillResult(tasks=ids, revoked=revoked, pending=pending)
+        if ids:
+            metrics.TASKS_FINISHED.labels("revoked").inc(len(ids))
+        return KillResult(tasks=ids, pending_leases=pending, lock=added)
+
+    # ---- locks -------------------------------------------------------------------------
+
+    def add_lock(self, operator: Identity, targets: Targets, *, reason: str, expires_in: int | None) -> Lock:
+        """Record a lock (committed before this returns, so every replica's next check sees
+        it); ending the tasks it matches is the caller's (`lock_and_end`, the kill switch)."""
+        with unit_of_work(self._sessions) as session:
+            lock = add_lock(session, targets, reason=reason, by=operator.id, expires_in=expires_in)
+            record(session, self._clock, "lock.added", operator.id, owner=targets.owner, purpose=reason,
+                   detail=lock_detail(lock))  # fmt: skip
+        return lock
+
+    def lock_and_end(
+        self, operator: Identity, targets: Targets, *, reason: str, expires_in: int | None
+    ) -> tuple[Lock, KillResult]:
+        """`POST /locks`: the lock, then every open task it matches ended as by the kill switch."""
+        lock = self.add_lock(operator, targets, reason=reason, expires_in=expires_in)
+        ended = self.kill_switch(operator, reason, targets, by_lock=lock)
+        return lock, ended
+
+    def locks(self, *, include_ended: bool) -> list[Lock]:
+        with unit_of_work(self._sessions) as session:
+            return list(list_locks(session, include_ended=include_ended))
+
+    def remove_lock(self, operator: Identity, lock_id: uuid.UUID) -> Lock:
+        """Remove a lock; removing one already removed answers it unchanged."""
+        with unit_of_work(self._sessions) as session:
+            removed = remove_lock(session, lock_id, by=operator.id)
+            if removed is None:
+                existing = read_lock(session, lock_id)
+                if existing is None:
+                    raise NotFound("no such lock")
+                return existing
+            record(session, self._clock, "lock.removed", operator.id, owner=removed.owner,
+                   purpose=removed.reason, detail=lock_detail(removed))  # fmt: skip
+            return removed
+
+
+def lock_detail(lock: Lock) -> dict[str, Any]:
+    """What an audit event about a lock says of it."""
+    return {
+        "lock_id": str(lock.id),
+        "workload": lock.workload,
+        "owner": lock.owner,
+        "task": lock.task,
+        "issuer": lock.issuer,
+        "reason": lock.reason,
+        "expires_at": lock.expires_at.isoformat() if lock.expires_at else None,
+    }

@@ -23,10 +23,17 @@ from broker.ledger import (
     FORGET_POOLED,
     MARK_RETIRED,
     RETIRE_BATCH,
+    REVOKE_ENDED_BATCH,
+    database_now,
     due_retry,
     due_tasks,
+    end_matching,
+    ended_holding,
+    lapse_expired_locks,
     lapse_pending_approvals,
     lapsed_pooled,
+    list_locks,
+    lock_targets,
     read_tasks,
     revoke_pending_count,
     spent_token,
@@ -35,6 +42,7 @@ from broker.ledger import (
     write_back_ended,
 )
 from broker.models import SchedulerHeartbeat, Task
+from broker.operator.service import lock_detail
 from broker.services import Services
 from broker.vault import VaultError, VaultUnavailable
 
@@ -44,6 +52,8 @@ SYSTEM_ACTOR = "system:scheduler"
 # 1000 on 2 cores, 1 -> 8.1 s, 5 -> 5.9 s, 10 -> 4.9-5.1 s, 20 -> 3.8-4.0 s to clear the storm.
 EXPIRE_BATCH = 20
 RUNNER = f"{socket.gethostname()}"
+# How long after a lock is added the locks sweep still ends what it matches (`sweep_locks`).
+LOCK_SWEEP_WINDOW = timedelta(seconds=60)
 
 
 class Jobs:
@@ -103,6 +113,50 @@ class Jobs:
             session, lease, actor=SYSTEM_ACTOR, reason=lease.revoke_reason or "retry", trigger="retry"
         )
         return True
+
+    # ---- what the kill switch and locks ended ------------------------------------------
+
+    def revoke_ended(self) -> int:
+        """Revoke the leases of tasks ended in bulk (the kill switch, a lock) that are still
+        `active`: a small batch of tasks per transaction, claimed SKIP LOCKED, so the revoke
+        workers of every replica share them; from the ledger, so a restart resumes it."""
+        done = self._drain(self._revoke_ended_batch, batch=REVOKE_ENDED_BATCH)
+        self._heartbeat("revoke_ended")
+        return done
+
+    def _revoke_ended_batch(self, session: Session) -> int:
+        tasks = read_tasks(session, ended_holding().with_for_update(of=Task, skip_locked=True))
+        for task in tasks:
+            self._s.revoker.revoke_held(session, task, actor=SYSTEM_ACTOR, trigger="kill_switch")
+        if tasks:
+            write_back_ended(session, tasks)
+        return len(tasks)
+
+    def sweep_locks(self) -> int:
+        """Record each lock whose expiry passed (`lock.expired`, once: the UPDATE that marks
+        it is the claim), end open tasks a live lock matches that its own request did not
+        (a start recorded while the lock committed; a request that died midway), and set
+        the active-locks gauge. Lock by lock, with the kill switch's statement (on the
+        tasks' indexes), for a lock's first minute: nothing to scan without young locks."""
+        with unit_of_work(self._s.sessions) as session:
+            for lock in lapse_expired_locks(session):
+                record(session, self._s.clock, "lock.expired", SYSTEM_ACTOR, owner=lock.owner,
+                       purpose=lock.reason, detail=lock_detail(lock))  # fmt: skip
+            live = list_locks(session, include_ended=False)
+            # Only a young lock can have missed a task: a start in flight when it committed
+            # records its task within seconds (and cannot activate it). An older one is not
+            # swept again, so a lock on a target without an index on it (an issuer, say)
+            # costs a scan of the tasks for a minute, not for as long as it lasts.
+            young = database_now(session) - LOCK_SWEEP_WINDOW
+            for lock in (lock for lock in live if lock.created_at > young):
+                why = f"lock {lock.id}: {lock.reason}"
+                for task in end_matching(session, lock_targets(lock), reason=why):
+                    record(session, self._s.clock, "task.revoked", SYSTEM_ACTOR, task=task,
+                           detail={"reason": why, "outcome": None, "trigger": "lock"})  # fmt: skip
+                    metrics.TASKS_FINISHED.labels("revoked").inc()
+        metrics.ACTIVE_LOCKS.set(len(live))
+        self._heartbeat("locks")
+        return len(live)
 
     # ---- approvals ---------------------------------------------------------------------
 

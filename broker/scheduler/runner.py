@@ -41,6 +41,8 @@ class SchedulerRunner:
         self._sweep = sweep
         self._add(self._expire, sweep, "expire")
         self._add(self.jobs.retry_pending, sweep, "retry")
+        self._add(self.jobs.revoke_ended, sweep, "revoke_ended")
+        self._add(self.jobs.sweep_locks, sweep, "locks")
         self._add(self.jobs.lapse_approvals, sweep, "approvals")
         self._add(self.jobs.seal_audit, sweep, "audit")
         self._add(self.jobs.retire_tokens, sweep, "tokens")

@@ -26,7 +26,15 @@ from broker.canonical import stored_form
 from broker.clock import Clock, rfc3339
 from broker.credentials import CredentialSpec, hashed_form
 from broker.db import unit_of_work
-from broker.errors import Conflict, IdempotencyKeyReused, LimitExceeded, NotFound, PolicyDenied, UnknownTask
+from broker.errors import (
+    Conflict,
+    IdempotencyKeyReused,
+    LimitExceeded,
+    Locked,
+    NotFound,
+    PolicyDenied,
+    UnknownTask,
+)
 from broker.gateway.handles import GatewayAddress
 from broker.identity import Identity
 from broker.leases.revoker import Revoker
@@ -37,9 +45,11 @@ from broker.ledger import (
     insert_task,
     load_task,
     lock_and_count,
+    matching_lock,
     read_task,
     release_idempotency_key,
     take_pooled,
+    targets_of,
     write_back_end,
 )
 from broker.lifecycle import TASK_OPEN_STATES, Outcome
@@ -58,13 +68,16 @@ class Recorded:
 
     - `repeated`: a retry under the key of a task that waits for approval (no decision);
     - `refused`: denied or limited (the task is not recorded; the denial is audited);
+    - `locked`: refused by an operator's lock (not recorded; audited as a denial by `lock`);
     - `pending_approval`: recorded, waiting, nothing issued;
     - `issuing`: recorded with `token`'s accessor, to be issued with it."""
 
     task: Task
-    outcome: Literal["repeated", "refused", "pending_approval", "issuing"]
+    outcome: Literal["repeated", "refused", "locked", "pending_approval", "issuing"]
     decision: Decision | None
     token: TaskToken | None
+    # For `locked`: the lock that refused it.
+    lock: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +209,10 @@ class TaskService:
         match recorded.outcome:
             case "repeated":  # a retry of a start that waits for approval: the same answer
                 return StartResult(task=task, credentials=None)
+            case "locked":
+                assert recorded.lock is not None
+                metrics.TASKS_STARTED.labels(request.task, "locked").inc()
+                raise Locked(recorded.lock)
             case "refused":
                 assert decision is not None
                 outcome = "limited" if decision.limit_exceeded else "denied"
@@ -238,10 +255,12 @@ class TaskService:
             lock_key = _workload_lock_key(identity.id, request.task)
             admission = lock_and_count(
                 session, lock_key=lock_key, workload=identity.id, task=request.task,
+                owner=request.owner, issuer=identity.issuer_name,
                 idempotency_key=key.value if key else None,
             )  # fmt: skip
-            holder = _key_holder(admission.keyed, admission.now)
-            if holder is None:
+            if admission.lock is not None:  # before anything else: a locked start learns nothing more
+                recorded = self._locked(session, identity, request, admission.lock)
+            elif (holder := _key_holder(admission.keyed, admission.now)) is None:
                 if admission.keyed is not None:  # its task let go of the key: it starts this one
                     release_idempotency_key(session, admission.keyed.id)
                 recorded = self._record(session, identity, request, snapshot, compiled, admission, hold, key)
@@ -325,6 +344,23 @@ class TaskService:
             raise self._reclaimed()
         return Recorded(task, "issuing", decision, token)
 
+    def _locked(
+        self, session: Session, identity: Identity, request: TaskRequest, lock: uuid.UUID
+    ) -> Recorded:
+        """A start an operator's lock refuses: audited as a denial, so the log shows what a
+        locked-out workload still tried."""
+        record(
+            session,
+            self._clock,
+            "task.denied",
+            identity.id,
+            owner=request.owner,
+            purpose=request.purpose,
+            detail={"task": request.task, "rule": "lock", "lock_id": str(lock), "context": request.context},
+        )
+        placeholder = Task(id=uuid.uuid4(), task=request.task, workload=identity.id, owner=request.owner)
+        return Recorded(placeholder, "locked", None, None, lock=lock)
+
     def _give_back(self, hold: TokenHold, compiled: CompiledTask) -> None:
         if hold.token is not None:
             self._tokens.give_back(
@@ -338,6 +374,9 @@ class TaskService:
         hold = TokenHold()
         with self._issuer.compensating(hold), self._uow() as session:
             task = self._owned(session, identity, task_id, lock=True)
+            # Before the state: a lock also ended the task, and the workload is told why.
+            if (lock := matching_lock(session, targets_of(task))) is not None:
+                raise Locked(lock)
             if task.claimed_at is not None or task.state != "pending_approval":
                 raise Conflict(f"the task is {task.state}; an approval can be claimed once")
             now = database_now(session)

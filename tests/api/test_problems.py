@@ -33,11 +33,13 @@ def _instance(cls: type[errors.BrokerError]) -> errors.BrokerError:
         return cls(900, 300)
     if cls is errors.UnknownTask:
         return cls("nope")
+    if cls is errors.Locked:
+        return cls("5d2a7c10-0000-4000-8000-000000000000")
     return cls()
 
 
 def test_the_domain_errors_were_found():
-    assert len(DOMAIN_ERRORS) == 13
+    assert len(DOMAIN_ERRORS) == 14
 
 
 @pytest.mark.parametrize("cls", DOMAIN_ERRORS, ids=lambda cls: cls.__name__)

@@ -65,7 +65,7 @@ def test_lists_page_with_the_cursor_and_filter_tasks_and_audit(operator, agent, 
 def test_the_kill_switch_ends_every_open_task_of_the_workload(operator, agent, workload):
     ids = {start(agent)["task_id"] for _ in range(2)}
     result = operator.kill_switch("INC-2 operator client test", workload=workload)
-    assert set(result["tasks"]) == ids and (result["revoked"], result["revoke_pending"]) == (2, 0)
+    assert set(result["tasks"]) == ids and result["revocation"] == {"tasks": 2, "pending_leases": 2}
     assert {operator.get_task(task_id)["state"] for task_id in ids} == {"revoked"}
     with pytest.raises(e.ValidationError):
         operator.kill_switch("no filter at all")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from tests.console.conftest import sign_in
-from tests.factories import AGENT, can_log_in
+from tests.factories import AGENT, can_log_in, role_exists
+from tests.support.waiting import wait_for
 
 OTHER = "spiffe://example.org/agents/builder"
+
+
+def dead(stack: Any, creds: dict[str, Any]) -> bool:
+    # The database user is gone (not merely refused: mid-revocation it exists without grants).
+    return not role_exists(stack, creds["username"])
 
 
 def test_operator_sees_an_active_lease_and_revokes_it(
@@ -75,7 +83,7 @@ def test_task_detail_shows_the_task_its_leases_and_its_audit(watched, live_serve
 
 
 def test_kill_switch_by_workload_with_confirmation(
-    watched, live_server, api, operator_token, stack, tmp_path: Path
+    watched, live_server, api, operator_token, stack, tmp_path: Path, running_scheduler
 ):
     mine = [api.start(), api.start(owner="bob@example.com")]
     theirs = api.start(sub=OTHER)
@@ -93,7 +101,8 @@ def test_kill_switch_by_workload_with_confirmation(
 
     for task in mine:
         assert api.get(f"/task/{task['task_id']}")["state"] == "revoked"
-        assert not can_log_in(stack, task["credentials"]["db"]["data"])
+        # The scheduler revokes what the kill switch ended, right after its answer.
+        wait_for(partial(dead, stack, task["credentials"]["db"]["data"]), what="revoked")
     assert api.get(f"/task/{theirs['task_id']}")["state"] == "active"
     events = api.get("/audit?event=operator.kill_switch")["items"]
     assert [event["purpose"] for event in events] == ["agent compromised, INC-1234"]

@@ -2,7 +2,7 @@
 
 Whatever the interleaving, a task the kill switch ends must not keep a live credential:
 either the start loses (409, everything it issued is revoked) or it wins and the kill
-switch then revokes the leases it committed.
+switch's statement then ends the task, and the scheduler revokes the leases it committed.
 
 The interleaving is made deterministic: the Vault proxy holds the start at its
 credential request; a test transaction holds the task row; the start (now past Vault)
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_kill_switch_waiting_behind_a_start_commit_revokes_the_committed_leases(
-    stack, issuers, vault_proxy, fault_config, in_process, ledger
+    stack, issuers, vault_proxy, fault_config, in_process, ledger, scheduler_for
 ):
-    _, client = in_process(fault_config(vault_addr=vault_proxy.addr, timeout=10))
+    services, client = in_process(fault_config(vault_addr=vault_proxy.addr, timeout=10))
     workload = issuers["spire"].bearer(AGENT)
     operator = issuers["sso"].bearer("sre@example.com", groups=["sre"])
 
@@ -73,7 +73,14 @@ def test_kill_switch_waiting_behind_a_start_commit_revokes_the_committed_leases(
     leases = ledger.leases(task_id)
     if answers["start"].status_code == 201:
         assert leases, "the start committed its leases"
-        assert {row["state"] for row in leases} == {"revoked"}, leases
+        # The kill switch ended the task in its statement; the scheduler revokes its leases.
+        scheduler_for(services)
+
+        def all_revoked():
+            rows = ledger.leases(task_id)
+            return rows if {row["state"] for row in rows} == {"revoked"} else None
+
+        leases = wait_for(all_revoked, what="the scheduler revokes the committed leases")
         assert not any(lease_alive(stack, row["vault_lease_id"]) for row in leases)
         assert not can_log_in(stack, answers["start"].get_json()["credentials"]["db"]["data"])
     else:

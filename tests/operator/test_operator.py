@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
 from broker.cli.main import main
-from tests.factories import AGENT, can_log_in, start_body
+from tests.factories import AGENT, can_log_in, role_exists, start_body
 from tests.factories import started_task as start
+from tests.support.waiting import wait_for
 
 OTHER = "spiffe://example.org/agents/builder"
+
+
+def dead(stack: Any, creds: dict[str, Any]) -> bool:
+    # The database user is gone (not merely refused: mid-revocation it exists without grants).
+    return not role_exists(stack, creds["username"])
 
 
 def sre(issuers):
@@ -90,16 +99,28 @@ def test_unknown_lease_is_404(client, issuers):
     assert client.get("/leases/not-a-uuid", headers=sre(issuers)).status_code == 404
 
 
-def test_kill_switch_revokes_everything_of_one_workload(client, issuers, stack):
+def test_kill_switch_revokes_everything_of_one_workload(client, issuers, stack, running_scheduler):
     mine = [start(client, issuers) for _ in range(2)]
     theirs = start(client, issuers, sub=OTHER)
     response = client.post(
         "/leases/revoke", json={"reason": "agent compromised", "workload": AGENT}, headers=sre(issuers)
     )
     assert response.status_code == 200
-    assert sorted(response.get_json()["tasks"]) == sorted(task["task_id"] for task in mine)
+    answer = response.get_json()
+    assert sorted(answer["tasks"]) == sorted(task["task_id"] for task in mine)
+    assert answer["revocation"]["tasks"] == 2 and answer["lock"] is None
+    # The tasks ended with the answer; their credentials die as the scheduler revokes them.
     for task in mine:
-        assert not can_log_in(stack, task["credentials"]["db"]["data"])
+        assert client.get(f"/task/{task['task_id']}", headers=sre(issuers)).get_json()["state"] == "revoked"
+        wait_for(partial(dead, stack, task["credentials"]["db"]["data"]), what="revoked")
+    wait_for(
+        lambda: (
+            not client.get("/leases?state=active&task_state=revoked", headers=sre(issuers)).get_json()[
+                "items"
+            ]
+        ),
+        what="no active lease of a revoked task",
+    )
     assert can_log_in(stack, theirs["credentials"]["db"]["data"])
     again = client.post("/task/start", json=start_body(), headers=issuers["spire"].bearer(AGENT))
     assert again.status_code == 201  # the kill switch revokes; blocking is the policy's job

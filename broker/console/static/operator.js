@@ -354,14 +354,13 @@ async function matching(filters) {
 function showResult(result) {
   fillPairs("kill-result-fields", [
     ["Tasks ended", String(result.tasks.length)],
-    ["Leases revoked", String(result.revoked)],
-    ["Leases waiting for Vault", String(result.revoke_pending)],
+    ["Leases the scheduler is revoking", String(result.revocation.pending_leases)],
   ]);
   byId("kill-result-tasks").replaceChildren(
     el("ul", {}, result.tasks.map((id) => el("li", {}, link(consoleHref("tasks", id), mono(id))))),
   );
   show("kill-result");
-  say(`Kill switch ran: ${result.tasks.length} tasks ended, ${result.revoked} leases revoked, ${result.revoke_pending} waiting for Vault.`);
+  say(`Kill switch ran: ${result.tasks.length} tasks ended; the scheduler is revoking their ${result.revocation.pending_leases} leases.`);
 }
 
 // ---- audit --------------------------------------------------------------------------------
