@@ -177,3 +177,25 @@ def test_readers_check_lengths_before_reading():
         asyncio.run(read(pgwire.read_startup_packet, struct.pack("!i", 20_000)))
     with pytest.raises(ProtocolError):
         asyncio.run(read(pgwire.read_startup_packet, struct.pack("!i", 4)))
+
+
+def test_hold_keeps_the_message_and_what_follows_until_release():
+    waiting = [True]
+    seen = []
+
+    def handler(kind, body):
+        if body.startswith(b"wait") and waiting[0]:
+            framer.hold()
+            return None
+        seen.append(body)
+        return None
+
+    framer = Framer(b"Q", handler, max_length=1 << 20)
+    first, held, after = pgwire.query("a"), pgwire.query("wait"), pgwire.message(b"D", b"row")
+    assert framer.feed(first + held + after[:3]) == first
+    assert framer.holding
+    assert framer.feed(after[3:]) == b""
+    waiting[0] = False
+    assert framer.release() == held + after
+    assert not framer.holding and framer.at_boundary
+    assert seen == [b"a\0", b"wait\0"]
