@@ -667,10 +667,13 @@ class Session:
         self._sync_sent = 0  # Query, Sync and FunctionCall messages forwarded: one ReadyForQuery each
         self._ready_seen = 0
         self._executing = False  # an Execute forwarded since the last Sync
+        self._batch_executes = 0
+        self._last_execute_end = -1
+        self._copy_sync = False  # the last Sync came right after its batch's only Execute
         self._c2s = pgwire.Framer(
             b"QPFXSE", self._on_client, max_length=pgwire.MAX_CLIENT_MESSAGE, allowed=b"BCDEHScdf"
         )
-        self._s2c = pgwire.Framer(b"ESZ", self._on_server, max_length=pgwire.MAX_SERVER_MESSAGE)
+        self._s2c = pgwire.Framer(b"ESZG", self._on_server, max_length=pgwire.MAX_SERVER_MESSAGE)
 
     @property
     def key(self) -> str | None:
@@ -853,11 +856,14 @@ class Session:
             if kind == 0x50:  # P
                 return self._on_parse(body)
             if kind == 0x53:  # Sync
-                self._sync_sent += 1
-                self._executing = False
+                self._on_sync()
             elif kind == 0x45:  # Execute
                 self._executing = True
+                self._batch_executes += 1
+                self._last_execute_end = self._c2s.message_end
+                self._copy_sync = False
             elif kind == 0x46:  # F: refused, whatever the function
+                self._copy_sync = False
                 self._sync_sent += 1
                 return self._poison_query(_FUNCTION_CALL, self._sync_sent)
             elif kind == 0x58:  # X: forwarded, then both sides close
@@ -867,10 +873,31 @@ class Session:
             self._c2s.stop(error)
             return b""
 
+    def _on_sync(self) -> None:
+        self._sync_sent += 1
+        # If that Execute starts a COPY FROM STDIN, the server reads this Sync in copy-in
+        # mode and ignores it (libpq sends one there); see _on_copy_in.
+        self._copy_sync = self._batch_executes == 1 and self._c2s.message_start == self._last_execute_end
+        self._batch_executes = 0
+        self._executing = False
+
+    def _on_copy_in(self) -> None:
+        """CopyInResponse: undo the count of a Sync the server will ignore.
+
+        Only when certain: the Sync came right after its batch's only Execute, nothing that
+        can start a statement came after it, and it is the only sync point unanswered (so
+        this COPY is that Execute's). Otherwise the count stays high, which can only make
+        `_must_wait` wait longer, never release early.
+        """
+        if self._copy_sync and self._sync_sent - self._ready_seen == 1:
+            self._sync_sent -= 1
+        self._copy_sync = False
+
     def _on_query(self, body: bytes) -> bytes | None:
         sql = pgwire.parse_query(body)
         if self._must_wait(sql):
             return None
+        self._copy_sync = False
         self._sync_sent += 1
         verdict = _MID_BATCH if self._executing and not _lexes_alike(sql) else self._inspect(sql)
         return None if verdict.allowed else self._poison_query(verdict, self._sync_sent)
@@ -879,6 +906,7 @@ class Session:
         parsed = pgwire.parse_parse(body)
         if self._must_wait(parsed.query):
             return None
+        self._copy_sync = False
         mid_batch = self._executing and not _lexes_alike(parsed.query)
         verdict = _MID_BATCH if mid_batch else self._inspect(parsed.query)
         if verdict.allowed:
@@ -929,6 +957,9 @@ class Session:
     def _on_server(self, kind: int, body: bytes) -> bytes | None:
         if kind == 0x45:  # ErrorResponse
             return self._rewrite_error(body)
+        if kind == 0x47:  # CopyInResponse
+            self._on_copy_in()
+            return None
         if kind == 0x53:  # ParameterStatus
             try:
                 name, value = pgwire.parse_parameter_status(body)

@@ -412,6 +412,9 @@ class Framer:
 
     A handler may call `hold()` instead: that message and everything after it are kept,
     unforwarded, until `release()`, which hands the message to the handler again.
+
+    During a handler call, `message_start`/`message_end` are the message's offsets in the
+    whole stream (so a handler can tell whether two messages were adjacent).
     """
 
     def __init__(
@@ -432,6 +435,9 @@ class Framer:
         self._need = 0
         self._hold_requested = False
         self._held: bytearray | None = None
+        self._offset = 0  # stream offset of the first byte not yet scanned
+        self.message_start = 0
+        self.message_end = 0
         self.stopped: object | None = None
 
     @property
@@ -467,6 +473,7 @@ class Framer:
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
+            self._offset += n
             if n == len(data):
                 return data
             out.append(data[:n])
@@ -492,6 +499,7 @@ class Framer:
             if kind in self._watch:
                 if end - i < total:
                     break
+                self.message_start, self.message_end = self._offset + i, self._offset + i + total
                 replacement = self._on_message(kind, buf[i + 5 : i + total])
                 if self._hold_requested:
                     self._hold_requested = False
@@ -509,6 +517,7 @@ class Framer:
                 self._skip = total - (end - i)
                 i = end
         out.append(buf if start == 0 and i == len(buf) else buf[start:i])
+        self._offset += i  # a partial or held rest is scanned again later, from here
         if i < end and self.stopped is None:
             self._partial = bytearray(buf[i:])
             self._need = 5 if end - i < 5 else 1 + _INT32.unpack_from(buf, i + 1)[0]

@@ -228,6 +228,26 @@ def test_ambiguous_sql_after_an_execute_in_the_same_batch_is_refused(gateway, ha
         assert kinds(raw.messages_until()) == b"12DCZ"
 
 
+UNNAMED_EXECUTE = pgwire.message(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0)) + pgwire.message(
+    b"E", b"\0" + struct.pack("!i", 0)
+)
+
+
+def test_extended_copy_in_keeps_the_count_of_answers(gateway, handle):
+    # The server ignores the Sync that libpq sends right after a COPY's Execute.
+    with logged_in(gateway, handle) as raw:
+        raw.send(
+            pgwire.parse(b"", "COPY items (id, name) FROM STDIN") + UNNAMED_EXECUTE + pgwire.message(b"S")
+        )
+        assert kinds(raw.messages_until(b"G")) == b"12G"
+        raw.send(pgwire.message(b"d", b"424242\tcopied\n") + pgwire.message(b"c") + pgwire.message(b"S"))
+        assert kinds(raw.messages_until()) == b"CZ"
+        raw.send(pgwire.query("SELECT 'é'"))  # would wait for an answer that never comes
+        assert kinds(raw.messages_until()) == b"TDCZ"
+        raw.send(pgwire.query("DELETE FROM items WHERE id = 424242"))
+        assert kinds(raw.messages_until()) == b"CZ"
+
+
 # ---------------------------------------------------------------------------------------
 # The front door
 

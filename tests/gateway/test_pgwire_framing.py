@@ -34,7 +34,16 @@ def cuts(data: bytes, points: list[int]) -> list[bytes]:
 def test_framer_forwards_any_split_unchanged_and_sees_whole_messages(messages, points):
     stream = b"".join(messages)
     seen = []
-    framer = Framer(b"QP", lambda kind, body: seen.append((kind, body)), max_length=1 << 20)
+
+    def handler(kind, body):
+        # The offsets name exactly this message in the whole stream.
+        assert (
+            stream[framer.message_start : framer.message_end]
+            == bytes([kind]) + stream[framer.message_start + 1 : framer.message_start + 5] + body
+        )
+        seen.append((kind, body))
+
+    framer = Framer(b"QP", handler, max_length=1 << 20)
     out = b"".join(framer.feed(piece) for piece in cuts(stream, points))
     assert out == stream
     expected = [(m[0], m[5:]) for m in messages if m[:1] in (b"Q", b"P")]
