@@ -82,7 +82,9 @@ def prepare(port: int, copy_mb: int) -> str:
         conn.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'")
         conn.execute(f"CREATE DATABASE {DATABASE} OWNER {ROLE}")
     rows = copy_mb * 1_000_000 // ROW
-    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname={DATABASE}", autocommit=True) as conn:
+    with psycopg.connect(
+        f"host=127.0.0.1 port={port} user=postgres dbname={DATABASE}", autocommit=True
+    ) as conn:
         # id (7 digits) + tab + text + newline = ROW bytes a line.
         conn.execute("CREATE TABLE blob (id int, body text)")
         conn.execute(
@@ -143,7 +145,9 @@ def connect_once(dsn: str) -> None:
     psycopg.connect(dsn).close()
 
 
-def one_round(dsns: dict[str, str], args: argparse.Namespace, order: list[str], gw_pid: int) -> dict[str, Any]:
+def one_round(
+    dsns: dict[str, str], args: argparse.Namespace, order: list[str], gw_pid: int
+) -> dict[str, Any]:
     result: dict[str, Any] = {name: {} for name in dsns}
     for name in order:
         result[name]["ping_us"] = ping(dsns[name], args.pings) * 1e6

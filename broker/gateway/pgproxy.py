@@ -163,6 +163,7 @@ class Channel(asyncio.Protocol):
         self._consumer: Callable[[bytes], None] | None = None
         self._on_end: Callable[[], None] | None = None
         self._peer: Channel | None = None  # reading from it pauses while we can't write
+        self.reading_held = False  # the session holds reading paused, whatever the peer does
 
     # -- asyncio.Protocol
 
@@ -233,7 +234,12 @@ class Channel(asyncio.Protocol):
             self._transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None and not self._transport.is_closing():
+        if (
+            self._reading_paused
+            and not self.reading_held
+            and self._transport is not None
+            and not self._transport.is_closing()
+        ):
             self._reading_paused = False
             self._transport.resume_reading()
 
@@ -313,6 +319,10 @@ class Channel(asyncio.Protocol):
     @property
     def closed(self) -> bool:
         return self._lost
+
+    @property
+    def write_paused(self) -> bool:
+        return self._writing_paused
 
     def get_extra_info(self, name: str) -> Any:
         return None if self._transport is None else self._transport.get_extra_info(name)
@@ -622,6 +632,18 @@ _TERMINATED = _Stop("client terminated")
 _NO_VERDICT = Verdict.refuse("the gateway could not check the statement")
 _NOT_UTF8 = Verdict.refuse("the statement is not valid UTF-8", "22021")
 _FUNCTION_CALL = Verdict.refuse("the gateway refuses fast-path function calls")
+_MID_BATCH = Verdict.refuse(
+    "the gateway refuses SQL text with backslashes or non-ASCII characters after an Execute "
+    "in the same batch: send a Sync first, or pass the values as parameters"
+)
+
+
+def _lexes_alike(sql: bytes) -> bool:
+    """True if the server lexes this text the same whatever client_encoding and
+    standard_conforming_strings it has: ASCII (every client encoding Postgres allows
+    keeps ASCII bytes as themselves outside multibyte characters) without a backslash
+    (the only thing standard_conforming_strings changes)."""
+    return sql.isascii() and b"\\" not in sql
 
 
 class Session:
@@ -639,15 +661,19 @@ class Session:
         self.task: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
         self._relaying = False
+        self._release = False  # held client messages may go on (set on a ReadyForQuery)
         # Where each refused statement's error is expected: nonce -> (sync point, verdict).
         self._pending: dict[bytes, tuple[int, Verdict]] = {}
         self._sync_sent = 0  # Query, Sync and FunctionCall messages forwarded: one ReadyForQuery each
         self._ready_seen = 0
         self._executing = False  # an Execute forwarded since the last Sync
+        self._batch_executes = 0
+        self._last_execute_end = -1
+        self._copy_sync = False  # the last Sync came right after its batch's only Execute
         self._c2s = pgwire.Framer(
             b"QPFXSE", self._on_client, max_length=pgwire.MAX_CLIENT_MESSAGE, allowed=b"BCDEHScdf"
         )
-        self._s2c = pgwire.Framer(b"ESZ", self._on_server, max_length=pgwire.MAX_SERVER_MESSAGE)
+        self._s2c = pgwire.Framer(b"ESZG", self._on_server, max_length=pgwire.MAX_SERVER_MESSAGE)
 
     @property
     def key(self) -> str | None:
@@ -780,7 +806,11 @@ class Session:
         if self._finished.is_set():
             return
         try:
-            self.link.channel.write(self._c2s.feed(data))
+            if self._c2s.holding and not data:
+                self.link.channel.write(self._c2s.release())
+                self._resume_client()
+            else:
+                self.link.channel.write(self._c2s.feed(data))
         except Exception as error:  # a bug must not leave the session half-relayed
             self._internal_error(error)
             return
@@ -804,6 +834,16 @@ class Session:
         if self._s2c.stopped is not None:
             text = "the database changed client_encoding or standard_conforming_strings"
             self.finish("pinned parameter changed", _fatal("08P01", text))
+        elif self._release:
+            self._release = False
+            self._from_client(b"")
+
+    def _resume_client(self) -> None:
+        assert self.link is not None
+        if not self._c2s.holding:
+            self.client.reading_held = False
+            if not self.link.channel.write_paused:
+                self.client.resume_reading()
 
     def _internal_error(self, error: Exception) -> None:
         log.error("gateway: relay failed with %s", type(error).__name__)
@@ -816,11 +856,14 @@ class Session:
             if kind == 0x50:  # P
                 return self._on_parse(body)
             if kind == 0x53:  # Sync
-                self._sync_sent += 1
-                self._executing = False
+                self._on_sync()
             elif kind == 0x45:  # Execute
                 self._executing = True
+                self._batch_executes += 1
+                self._last_execute_end = self._c2s.message_end
+                self._copy_sync = False
             elif kind == 0x46:  # F: refused, whatever the function
+                self._copy_sync = False
                 self._sync_sent += 1
                 return self._poison_query(_FUNCTION_CALL, self._sync_sent)
             elif kind == 0x58:  # X: forwarded, then both sides close
@@ -830,19 +873,63 @@ class Session:
             self._c2s.stop(error)
             return b""
 
+    def _on_sync(self) -> None:
+        self._sync_sent += 1
+        # If that Execute starts a COPY FROM STDIN, the server reads this Sync in copy-in
+        # mode and ignores it (libpq sends one there); see _on_copy_in.
+        self._copy_sync = self._batch_executes == 1 and self._c2s.message_start == self._last_execute_end
+        self._batch_executes = 0
+        self._executing = False
+
+    def _on_copy_in(self) -> None:
+        """CopyInResponse: undo the count of a Sync the server will ignore.
+
+        Only when certain: the Sync came right after its batch's only Execute, nothing that
+        can start a statement came after it, and it is the only sync point unanswered (so
+        this COPY is that Execute's). Otherwise the count stays high, which can only make
+        `_must_wait` wait longer, never release early.
+        """
+        if self._copy_sync and self._sync_sent - self._ready_seen == 1:
+            self._sync_sent -= 1
+        self._copy_sync = False
+
     def _on_query(self, body: bytes) -> bytes | None:
         sql = pgwire.parse_query(body)
+        if self._must_wait(sql):
+            return None
+        self._copy_sync = False
         self._sync_sent += 1
-        verdict = self._inspect(sql)
+        verdict = _MID_BATCH if self._executing and not _lexes_alike(sql) else self._inspect(sql)
         return None if verdict.allowed else self._poison_query(verdict, self._sync_sent)
 
     def _on_parse(self, body: bytes) -> bytes | None:
         parsed = pgwire.parse_parse(body)
-        verdict = self._inspect(parsed.query)
+        if self._must_wait(parsed.query):
+            return None
+        self._copy_sync = False
+        mid_batch = self._executing and not _lexes_alike(parsed.query)
+        verdict = _MID_BATCH if mid_batch else self._inspect(parsed.query)
         if verdict.allowed:
             return None
         # Its error comes before the ReadyForQuery that answers the next Sync.
         return pgwire.parse(parsed.name, self._poison(verdict, self._sync_sent + 1))
+
+    def _must_wait(self, sql: bytes) -> bool:
+        """Hold SQL that could lex differently until earlier statements are answered.
+
+        A statement pipelined behind `SET client_encoding = 'SJIS'` (or scs = off, or a
+        function that calls set_config) would reach the server after the change but
+        before its ParameterStatus reaches us: the server would then lex it differently
+        from the rules. So such text waits for every earlier ReadyForQuery (the change
+        would have closed the session by then). Inside an unsynced batch after an Execute
+        there is nothing to wait for without a Sync: that case is refused (_MID_BATCH).
+        """
+        if _lexes_alike(sql) or self._executing or self._sync_sent == self._ready_seen:
+            return False
+        self._c2s.hold()
+        self.client.pause_reading()  # what is already read waits in the framer
+        self.client.reading_held = True
+        return True
 
     def _inspect(self, raw: bytes) -> Verdict:
         assert self.login is not None
@@ -870,6 +957,9 @@ class Session:
     def _on_server(self, kind: int, body: bytes) -> bytes | None:
         if kind == 0x45:  # ErrorResponse
             return self._rewrite_error(body)
+        if kind == 0x47:  # CopyInResponse
+            self._on_copy_in()
+            return None
         if kind == 0x53:  # ParameterStatus
             try:
                 name, value = pgwire.parse_parameter_status(body)
@@ -880,6 +970,8 @@ class Session:
                 return b""
             return None
         self._ready_seen += 1  # ReadyForQuery
+        if self._c2s.holding and self._sync_sent == self._ready_seen:
+            self._release = True
         while self._pending:
             nonce, (sync_point, _) = next(iter(self._pending.items()))
             if sync_point > self._ready_seen:

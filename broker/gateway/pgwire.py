@@ -409,6 +409,12 @@ class Framer:
     `allowed` (when given), stops the framer with a ProtocolError in `stopped`; a handler
     may also call `stop(reason)`. Output up to the message that stopped it is still
     returned, so the stream forwarded so far always ends at a message boundary then.
+
+    A handler may call `hold()` instead: that message and everything after it are kept,
+    unforwarded, until `release()`, which hands the message to the handler again.
+
+    During a handler call, `message_start`/`message_end` are the message's offsets in the
+    whole stream (so a handler can tell whether two messages were adjacent).
     """
 
     def __init__(
@@ -427,6 +433,11 @@ class Framer:
         self._skip = 0  # bytes of a pass-through message still to forward
         self._partial = bytearray()  # a header or a watched message, still incomplete
         self._need = 0
+        self._hold_requested = False
+        self._held: bytearray | None = None
+        self._offset = 0  # stream offset of the first byte not yet scanned
+        self.message_start = 0
+        self.message_end = 0
         self.stopped: object | None = None
 
     @property
@@ -437,13 +448,32 @@ class Framer:
     def stop(self, reason: object) -> None:
         self.stopped = reason
 
+    def hold(self) -> None:
+        """From within a handler: keep this message and what follows until `release()`."""
+        self._hold_requested = True
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def release(self) -> bytes:
+        """Go on from the held message (which may be held again)."""
+        if self._held is None:
+            return b""
+        data, self._held = bytes(self._held), None
+        return self.feed(data)
+
     def feed(self, data: bytes) -> bytes:
         if self.stopped is not None or not data:
+            return b""
+        if self._held is not None:
+            self._held += data
             return b""
         out: list[bytes] = []
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
+            self._offset += n
             if n == len(data):
                 return data
             out.append(data[:n])
@@ -469,7 +499,13 @@ class Framer:
             if kind in self._watch:
                 if end - i < total:
                     break
+                self.message_start, self.message_end = self._offset + i, self._offset + i + total
                 replacement = self._on_message(kind, buf[i + 5 : i + total])
+                if self._hold_requested:
+                    self._hold_requested = False
+                    self._held = bytearray(buf[i:])
+                    end = i
+                    break
                 if replacement is not None:
                     out.append(buf[start:i])
                     out.append(replacement)
@@ -480,7 +516,8 @@ class Framer:
             else:
                 self._skip = total - (end - i)
                 i = end
-        out.append(buf if start == 0 and i == end else buf[start:i])
+        out.append(buf if start == 0 and i == len(buf) else buf[start:i])
+        self._offset += i  # a partial or held rest is scanned again later, from here
         if i < end and self.stopped is None:
             self._partial = bytearray(buf[i:])
             self._need = 5 if end - i < 5 else 1 + _INT32.unpack_from(buf, i + 1)[0]

@@ -152,6 +152,102 @@ def test_terminate_closes_both_sides(gateway, handle, target):
             time.sleep(0.02)
 
 
+# Statements the server would lex differently after a pipelined settings change.
+# Under SJIS, "ゃ" (e3 82 83) followed by a backslash reads as two characters, the second
+# of them 83 5c, so the backslash no longer escapes the quote; under scs=off, 'a\\'
+# escapes it. Either way the server sees an INSERT that the rules (UTF-8, scs=on) can't.
+HIDDEN = [
+    ("SET client_encoding = 'SJIS'", "SELECT E'ゃ\\'; INSERT INTO items SELECT 666, current_user; --'", 666),
+    (
+        "SET standard_conforming_strings = off",
+        "SELECT 'a\\', 'b; INSERT INTO items SELECT 667, current_user; --'",
+        667,
+    ),
+]
+
+
+def item_exists(target, item_id):
+    with psycopg.connect(target.admin_dsn, autocommit=True) as admin:
+        return admin.execute("SELECT 1 FROM items WHERE id = %s", (item_id,)).fetchone() is not None
+
+
+@pytest.mark.parametrize(("setting", "hidden", "item_id"), HIDDEN)
+def test_the_threat_is_real_without_the_gateway(target, setting, hidden, item_id):
+    with psycopg.connect(target.admin_dsn, autocommit=True) as admin:
+        admin.execute("DELETE FROM items WHERE id = %s", (item_id,))
+    with RawClient(target.port) as raw:  # the superuser, straight to Postgres
+        raw.send(pgwire.startup_message({"user": "postgres", "database": target.dbname}))
+        raw.messages_until()
+        raw.send(pgwire.query(setting) + pgwire.query(hidden))
+        raw.messages_until()
+        raw.messages_until()
+    assert item_exists(target, item_id)
+    with psycopg.connect(target.admin_dsn, autocommit=True) as admin:
+        admin.execute("DELETE FROM items WHERE id = %s", (item_id,))
+
+
+@pytest.mark.parametrize(("setting", "hidden", "item_id"), HIDDEN)
+def test_a_pipelined_settings_change_closes_before_ambiguous_sql_runs(
+    gateway, handle, target, setting, hidden, item_id
+):
+    with logged_in(gateway, handle) as raw:
+        raw.send(pgwire.query(setting) + pgwire.query(hidden))
+        answer = raw.messages_until(b"")
+        assert kinds(answer) == b"CE"
+        assert error_fields(answer)["C"] == "08P01"
+    assert not item_exists(target, item_id)
+
+
+def test_ambiguous_sql_waits_for_earlier_answers_then_runs(gateway, handle):
+    with logged_in(gateway, handle) as raw:
+        raw.send(
+            pgwire.query("SELECT pg_sleep(0.2)") + pgwire.query("SELECT 'é\\'") + pgwire.query("SELECT 3")
+        )
+        answers = [raw.messages_until() for _ in range(3)]
+        assert [kinds(a) for a in answers] == [b"TDCZ"] * 3
+        assert answers[1][1][1].endswith("é\\".encode())
+
+
+def test_ambiguous_sql_after_an_execute_in_the_same_batch_is_refused(gateway, handle):
+    execute = pgwire.message(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0)) + pgwire.message(
+        b"E", b"\0" + struct.pack("!i", 0)
+    )
+    with logged_in(gateway, handle) as raw:
+        raw.send(
+            pgwire.parse(b"", "SELECT 1")
+            + execute
+            + pgwire.parse(b"", "SELECT 'é'")
+            + execute
+            + pgwire.message(b"S")
+        )
+        answer = raw.messages_until()
+        assert kinds(answer) == b"12DCEZ"
+        assert "send a Sync first" in error_fields(answer)["M"]
+        # Behind a Sync, the same text is fine.
+        raw.send(pgwire.parse(b"", "SELECT 'é'") + execute + pgwire.message(b"S"))
+        assert kinds(raw.messages_until()) == b"12DCZ"
+
+
+UNNAMED_EXECUTE = pgwire.message(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0)) + pgwire.message(
+    b"E", b"\0" + struct.pack("!i", 0)
+)
+
+
+def test_extended_copy_in_keeps_the_count_of_answers(gateway, handle):
+    # The server ignores the Sync that libpq sends right after a COPY's Execute.
+    with logged_in(gateway, handle) as raw:
+        raw.send(
+            pgwire.parse(b"", "COPY items (id, name) FROM STDIN") + UNNAMED_EXECUTE + pgwire.message(b"S")
+        )
+        assert kinds(raw.messages_until(b"G")) == b"12G"
+        raw.send(pgwire.message(b"d", b"424242\tcopied\n") + pgwire.message(b"c") + pgwire.message(b"S"))
+        assert kinds(raw.messages_until()) == b"CZ"
+        raw.send(pgwire.query("SELECT 'é'"))  # would wait for an answer that never comes
+        assert kinds(raw.messages_until()) == b"TDCZ"
+        raw.send(pgwire.query("DELETE FROM items WHERE id = 424242"))
+        assert kinds(raw.messages_until()) == b"CZ"
+
+
 # ---------------------------------------------------------------------------------------
 # The front door
 

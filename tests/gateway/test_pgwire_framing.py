@@ -34,7 +34,16 @@ def cuts(data: bytes, points: list[int]) -> list[bytes]:
 def test_framer_forwards_any_split_unchanged_and_sees_whole_messages(messages, points):
     stream = b"".join(messages)
     seen = []
-    framer = Framer(b"QP", lambda kind, body: seen.append((kind, body)), max_length=1 << 20)
+
+    def handler(kind, body):
+        # The offsets name exactly this message in the whole stream.
+        assert (
+            stream[framer.message_start : framer.message_end]
+            == bytes([kind]) + stream[framer.message_start + 1 : framer.message_start + 5] + body
+        )
+        seen.append((kind, body))
+
+    framer = Framer(b"QP", handler, max_length=1 << 20)
     out = b"".join(framer.feed(piece) for piece in cuts(stream, points))
     assert out == stream
     expected = [(m[0], m[5:]) for m in messages if m[:1] in (b"Q", b"P")]
@@ -177,3 +186,25 @@ def test_readers_check_lengths_before_reading():
         asyncio.run(read(pgwire.read_startup_packet, struct.pack("!i", 20_000)))
     with pytest.raises(ProtocolError):
         asyncio.run(read(pgwire.read_startup_packet, struct.pack("!i", 4)))
+
+
+def test_hold_keeps_the_message_and_what_follows_until_release():
+    waiting = [True]
+    seen = []
+
+    def handler(kind, body):
+        if body.startswith(b"wait") and waiting[0]:
+            framer.hold()
+            return None
+        seen.append(body)
+        return None
+
+    framer = Framer(b"Q", handler, max_length=1 << 20)
+    first, held, after = pgwire.query("a"), pgwire.query("wait"), pgwire.message(b"D", b"row")
+    assert framer.feed(first + held + after[:3]) == first
+    assert framer.holding
+    assert framer.feed(after[3:]) == b""
+    waiting[0] = False
+    assert framer.release() == held + after
+    assert not framer.holding and framer.at_boundary
+    assert seen == [b"a\0", b"wait\0"]
