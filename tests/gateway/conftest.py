@@ -36,7 +36,8 @@ DATABASE = "gw_target"
 
 
 def superuser_dsn(stack: Any, dbname: str = "postgres") -> str:
-    return stack.postgres.url(dbname).replace("postgresql+psycopg://", "postgresql://", 1)
+    url: str = stack.postgres.url(dbname)
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Target:
     admin_dsn: str
 
     def upstream(self, **changes: Any) -> Upstream:
-        values = dict(
+        values: dict[str, Any] = dict(
             host=self.host, port=self.port, dbname=self.dbname, user=self.user, password=self.password
         )
         values.update(changes)
@@ -315,6 +316,12 @@ class RawClient:
         self._buffer = self._buffer[1 + length :]
         return kind, body
 
+    def message(self) -> tuple[bytes, bytes]:
+        """The next message, which must come (the connection may not close first)."""
+        found = self.read_message()
+        assert found is not None, "the gateway closed the connection"
+        return found
+
     def closed(self) -> bool:
         """True if the gateway closes the connection (reading only what it still sends)."""
         try:
@@ -327,7 +334,7 @@ class RawClient:
             return False
 
     def messages_until(self, kinds: bytes = b"Z") -> list[tuple[bytes, bytes]]:
-        found = []
+        found: list[tuple[bytes, bytes]] = []
         while True:
             item = self.read_message()
             if item is None:

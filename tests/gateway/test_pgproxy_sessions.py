@@ -73,6 +73,7 @@ def test_psql_interrupted_cancels(gateway, handle):
         text=True,
         env=env,
     )
+    assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "connected"
     time.sleep(0.5)
     started = time.monotonic()

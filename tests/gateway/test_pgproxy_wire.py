@@ -307,11 +307,11 @@ def test_newer_protocol_minor_is_negotiated_down(gateway, handle):
     with RawClient(gateway.port) as raw:
         version = 3 << 16 | 2
         raw.send(pgwire.startup_message({"user": handle.id, "_pq_.something": "1"}, version=version))
-        kind, body = raw.read_message()
+        kind, body = raw.message()
         assert kind == b"v"
         assert struct.unpack("!ii", body[:8]) == (3 << 16, 1)
         assert body[8:] == b"_pq_.something\0"
-        assert raw.read_message()[0] == b"R"  # then SCRAM as usual
+        assert raw.message()[0] == b"R"  # then SCRAM as usual
 
 
 def test_protocol_2_is_refused(gateway):
@@ -325,7 +325,7 @@ def test_protocol_2_is_refused(gateway):
 def test_only_scram_sha_256_is_offered(gateway, handle):
     with RawClient(gateway.port) as raw:
         raw.send(pgwire.startup_message({"user": handle.id}))
-        kind, body = raw.read_message()
+        kind, body = raw.message()
         assert kind == b"R"
         assert pgwire.parse_auth_request(body) == (10, b"SCRAM-SHA-256\0\0")
         raw.send(pgwire.sasl_initial_response("SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=abc"))

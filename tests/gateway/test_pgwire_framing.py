@@ -33,7 +33,7 @@ def cuts(data: bytes, points: list[int]) -> list[bytes]:
 @given(messages=st.lists(message, max_size=20), points=st.lists(st.integers(0, 10_000), max_size=12))
 def test_framer_forwards_any_split_unchanged_and_sees_whole_messages(messages, points):
     stream = b"".join(messages)
-    seen = []
+    seen: list[tuple[bytes, bytes]] = []
 
     def handler(kind, body):
         # The offsets name exactly this message in the whole stream.

@@ -138,9 +138,9 @@ def test_verifier_string_is_postgres_format(stack):
         conn.execute("SET password_encryption = 'scram-sha-256'")
         conn.execute("DROP ROLE IF EXISTS gw_scram_check")
         conn.execute("CREATE ROLE gw_scram_check PASSWORD 'from-postgres'")
-        (text,) = conn.execute(
-            "SELECT rolpassword FROM pg_authid WHERE rolname = 'gw_scram_check'"
-        ).fetchone()
+        row = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'gw_scram_check'").fetchone()
+        assert row is not None
+        (text,) = row
         conn.execute("DROP ROLE gw_scram_check")
     verifier = Verifier.from_string(text)
     assert verifier.to_string() == text
