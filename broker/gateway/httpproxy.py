@@ -52,7 +52,10 @@ _ANSWER_DROPPED = frozenset(
     {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
      "content-encoding", "content-type", "cache-control"}
 )  # fmt: skip
-_QUERY_FORBIDDEN = frozenset(" #\\") | {chr(n) for n in range(0x20)} | {"\x7f"}
+# Never in a decoded path: control characters (header injection upstream) and backslashes
+# (some servers read them as `/`). The raw query, passed as it is, has no space or `#` too.
+_PATH_FORBIDDEN = frozenset("\\") | {chr(n) for n in range(0x20)} | {"\x7f"}
+_QUERY_FORBIDDEN = _PATH_FORBIDDEN | frozenset(" #")
 # Kept as they are when the checked path is encoded again (RFC 3986 pchar, less `%`).
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
@@ -82,7 +85,7 @@ def split_target(target: str) -> tuple[str, str, str] | None:
         path = unquote(rest, errors="strict")
     except UnicodeDecodeError:
         return None
-    if any(ch in _QUERY_FORBIDDEN for ch in path) or any(ch in _QUERY_FORBIDDEN for ch in query):
+    if any(ch in _PATH_FORBIDDEN for ch in path) or any(ch in _QUERY_FORBIDDEN for ch in query):
         return None
     if path:
         segments = path.split("/")
