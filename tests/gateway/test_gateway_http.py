@@ -179,7 +179,7 @@ def test_the_upstream_gets_the_real_header_and_the_client_never_sees_it(broker, 
     password = secret.split(".", 1)[1]
     assert password not in dump and handle["token"] not in dump
     for table in ("gateway_handles", "leases", "tasks"):
-        assert password not in rows(stack, f"SELECT string_agg(t::text, '') AS d FROM {table} t")[0].d  # noqa: S608
+        assert password not in rows(stack, f"SELECT string_agg(t::text, '') AS d FROM {table} t")[0].d
     names = {r.name for r in rows(stack, "SELECT name FROM leases WHERE task_id = :t", t=task_id)}
     replica = gateway.service.replica
     assert names == {f"api@{replica}", f"api@{replica}:token"}
@@ -231,7 +231,7 @@ def test_paths_that_climb_out_are_refused(broker, issuers, upstreams, path):
 
 def test_absolute_url_forms_never_reach_another_host(broker, issuers, upstreams):
     client, _, _ = broker
-    upstream, elsewhere = upstreams
+    _, elsewhere = upstreams
     _, credential = started(client, issuers)
     handle = credential["data"]
     parts = urlsplit(handle["url"])
@@ -347,7 +347,7 @@ def _send(port: int, payload: bytes) -> None:
 
 def test_junk_http_leaves_the_server_serving(broker, issuers, upstreams):
     client, _, _ = broker
-    upstream, elsewhere = upstreams
+    _, elsewhere = upstreams
     _, credential = started(client, issuers)
     handle = credential["data"]
     port = urlsplit(handle["url"]).port
