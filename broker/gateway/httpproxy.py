@@ -47,10 +47,11 @@ _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host",
      "content-length", "x-broker-handle", "accept-encoding", "expect"}
 )  # fmt: skip
-# Never relayed back: the gateway frames its own answer (and sends decoded bodies).
+# Never relayed back: the gateway frames its own answer (and sends decoded bodies), and
+# sends its own `Date` and `Server`.
 _ANSWER_DROPPED = frozenset(
     {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
-     "content-encoding", "content-type", "cache-control"}
+     "content-encoding", "content-type", "cache-control", "date", "server"}
 )  # fmt: skip
 # Never in a decoded path: control characters (header injection upstream) and backslashes
 # (some servers read them as `/`). The raw query, passed as it is, has no space or `#` too.
