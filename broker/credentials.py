@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -97,13 +99,85 @@ class PkiCredential(_Credential):
     alt_names: list[str] = Field(default_factory=list)
 
 
+# An HTTP header name (RFC 9110 token) and the `{data.<field>}` placeholders of its value.
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+_PLACEHOLDER = re.compile(r"\{data\.([A-Za-z0-9_-]{1,64})\}")
+# Headers the gateway owns or the transport frames a request with: a template naming one
+# could smuggle a second request or point the request elsewhere.
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "te", "trailer", "upgrade",
+     "keep-alive", "x-broker-handle", "cookie"}
+)  # fmt: skip
+
+
+class HttpGateway(_Credential):
+    """Where a `lease` gateway credential's requests go, and the header it is sent in
+    (docs/gateway.md, "HTTP"). `upstream` fixes scheme, host, port and base path; the
+    client's path is appended under it and nothing else."""
+
+    upstream: Annotated[str, Field(min_length=1, max_length=2000)]
+    header: Annotated[str, Field(min_length=1, max_length=1000)]
+
+    @model_validator(mode="after")
+    def _shape(self) -> HttpGateway:
+        parts = urlsplit(self.upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("gateway.upstream must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("gateway.upstream takes no query, fragment or user info")
+        if any(segment in (".", "..") for segment in parts.path.split("/")):
+            raise ValueError("gateway.upstream's path has no `.` or `..` segment")
+        _ = parts.port  # raises ValueError on a bad port
+        self.template()
+        return self
+
+    def template(self) -> tuple[str, str, tuple[str, ...]]:
+        """(header name, value template, the `data` fields it names); ValueError if bad."""
+        name, colon, value = self.header.partition(":")
+        name, value = name.strip(), value.strip()
+        if not colon or not _HEADER_NAME.match(name):
+            raise ValueError('gateway.header is "<Header-Name>: <value with {data.<field>}>"')
+        if name.lower() in _RESERVED_HEADERS or name.lower().startswith("proxy-"):
+            raise ValueError(f"gateway.header may not set {name}")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise ValueError("gateway.header's value has no control characters")
+        fields = tuple(_PLACEHOLDER.findall(value))
+        if not fields:
+            raise ValueError("gateway.header's value names at least one {data.<field>}")
+        if "{" in _PLACEHOLDER.sub("", value) or "}" in _PLACEHOLDER.sub("", value):
+            raise ValueError("gateway.header's placeholders are {data.<field>} only")
+        return name, value, fields
+
+
 class LeaseCredential(_Credential):
-    """Any Vault path that answers with a lease (AWS, RabbitMQ, Consul, ...)."""
+    """Any Vault path that answers with a lease (AWS, RabbitMQ, Consul, ...).
+
+    `delivery: gateway`: the workload gets a URL and a handle for the gateway's HTTP proxy
+    instead (docs/gateway.md, "HTTP"); the gateway sends requests to `gateway.upstream`
+    only, with `gateway.header` filled from the lease's data, if they meet every one of
+    `requests` (CEL over `request.method` and `request.path`)."""
 
     kind: Literal["lease"]
     path: Annotated[str, Field(pattern=_VAULT_PATH)]
     method: Literal["read", "write"] = "read"
     params: dict[str, Any] = Field(default_factory=dict)
+    delivery: Literal["direct", "gateway"] = "direct"
+    gateway: HttpGateway | None = None
+    requests: list[Annotated[str, Field(min_length=1, max_length=4000)] | StatementRule] = Field(
+        default_factory=list
+    )
+
+    @model_validator(mode="after")
+    def _gateway_keys(self) -> LeaseCredential:
+        if self.delivery == "gateway" and self.gateway is None:
+            raise ValueError("delivery: gateway needs `gateway: {upstream, header}`")
+        if self.delivery == "direct" and (self.gateway is not None or self.requests):
+            raise ValueError("`gateway` and `requests` apply to delivery: gateway only")
+        return self
+
+    @property
+    def via_gateway(self) -> bool:
+        return self.delivery == "gateway"
 
 
 def hashed_form(spec: CredentialSpec) -> dict[str, Any]:
@@ -115,6 +189,9 @@ def hashed_form(spec: CredentialSpec) -> dict[str, Any]:
             form.pop(key, None)
     if isinstance(spec, VaultTokenCredential) and not spec.via_gateway:
         for key in ("delivery", "requests"):
+            form.pop(key, None)
+    if isinstance(spec, LeaseCredential) and not spec.via_gateway:
+        for key in ("delivery", "gateway", "requests"):
             form.pop(key, None)
     return form
 

@@ -122,3 +122,22 @@ def vault_handle(handle: NewHandle, address: GatewayAddress) -> dict[str, Any]:
     """What hvac, the `bao`/`vault` CLI or any Vault client takes: an address and a token."""
     assert address.http_port is not None  # the issuer refuses the start without one
     return {"addr": f"http://{address.host}:{address.http_port}", "token": vault_token_string(handle)}
+
+
+# ---- HTTP handles ----------------------------------------------------------------------
+
+# The request header an HTTP handle's secret travels in; the gateway never sends it on.
+HTTP_HANDLE_HEADER = "X-Broker-Handle"
+HTTP_PREFIX = "/h/"
+
+
+def http_handle(handle: NewHandle, address: GatewayAddress) -> dict[str, Any]:
+    """What any HTTP client uses as it is: a base URL to call, and a header to send. The
+    URL names the handle's id (not a secret); the secret goes in `header` (docs/gateway.md,
+    "HTTP"). Same `sha256$` verifier as a Vault handle."""
+    assert address.http_port is not None  # the issuer refuses the start without one
+    return {
+        "url": f"http://{address.host}:{address.http_port}{HTTP_PREFIX}{handle.id}/",
+        "header": HTTP_HANDLE_HEADER,
+        "token": handle.secret,
+    }

@@ -220,6 +220,8 @@ class GatewayProcess:
         """Forget the Vault tokens of tasks that ended unheard, or are past their deadline by
         this process's clock; a request would be refused anyway, but the value goes."""
         held = self.service.vault_token_tasks()
+        for task_id, expires_at in self.service.http_tasks().items():  # HTTP headers too
+            held[task_id] = min(expires_at, held.get(task_id, expires_at))
         if not held:
             return
         now = self.clock.now()

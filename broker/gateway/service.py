@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.audit import record
 from broker.clock import Clock
-from broker.credentials import DatabaseCredential, VaultTokenCredential
+from broker.credentials import DatabaseCredential, LeaseCredential, VaultTokenCredential
 from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import UnknownTask
 from broker.gateway.events import AuditBatch
@@ -84,8 +84,21 @@ class HeldToken:
     expires_at: datetime
 
 
+@dataclass(frozen=True)
+class HeldHeader:
+    """The header an HTTP handle's requests are sent with, filled from the lease's data, on
+    this replica: memory only. `secrets` are the values filled in, each one that an
+    answer must not carry back."""
+
+    upstream: str
+    name: str
+    value: str = field(repr=False)
+    secrets: tuple[str, ...] = field(repr=False)
+    expires_at: datetime
+
+
 # What a replica holds for a credential it issued: each has the moment it must be given up.
-Held = TypeVar("Held", UpstreamLogin, HeldToken)
+Held = TypeVar("Held", UpstreamLogin, HeldToken, HeldHeader)
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,7 @@ class GatewayService:
         self._issuing: dict[tuple[uuid.UUID, str], threading.Lock] = {}
         self._lock = threading.Lock()
         self._vault_tokens: dict[tuple[uuid.UUID, str], HeldToken] = {}
+        self._http_headers: dict[tuple[uuid.UUID, str], HeldHeader] = {}
 
     # ---- the handle --------------------------------------------------------------------
 
@@ -177,6 +191,9 @@ class GatewayService:
             for key in [key for key in self._vault_tokens if key[0] == task_id]:
                 del self._vault_tokens[key]
                 self._issuing.pop(key, None)
+            for key in [key for key in self._http_headers if key[0] == task_id]:
+                del self._http_headers[key]
+                self._issuing.pop(key, None)
 
     def _issue(self, view: HandleView) -> UpstreamLogin:
         spec = self._spec(view)
@@ -194,7 +211,7 @@ class GatewayService:
         )
 
     def _issue_recorded(
-        self, view: HandleView, spec: DatabaseCredential | VaultTokenCredential, what: str
+        self, view: HandleView, spec: DatabaseCredential | VaultTokenCredential | LeaseCredential, what: str
     ) -> tuple[IssuedSecret, datetime]:
         """Steps 1 and 2 of the module docstring: a task token of this replica's own, then
         the credential, each recorded as a lease before it is used; the credential and when
@@ -363,6 +380,52 @@ class GatewayService:
     def _issue_vault_token(self, view: HandleView) -> HeldToken:
         secret, expires_at = self._issue_recorded(view, self._vault_spec(view), "vault token")
         return HeldToken(token=str(secret.data["token"]), expires_at=expires_at)
+
+    # ---- HTTP (docs/gateway.md, "HTTP") -------------------------------------------------
+    # A `lease` credential behind an HTTP handle: issued on the handle's first request as a
+    # Vault token is, and held as the one header its requests are sent with.
+
+    def http_header(self, view: HandleView) -> HeldHeader:
+        """The upstream and header this replica sends `view`'s requests with; issued on
+        first use. Refusal for an ended task, a failed issue or a lease without the fields
+        the template names."""
+        return self._held(view, self._http_headers, self._issue_http_header)
+
+    def http_tasks(self) -> dict[uuid.UUID, datetime]:
+        """The tasks this replica holds HTTP headers for, each with its earliest expiry."""
+        with self._lock:
+            held: dict[uuid.UUID, datetime] = {}
+            for (task_id, _), header in self._http_headers.items():
+                held[task_id] = min(header.expires_at, held.get(task_id, header.expires_at))
+            return held
+
+    def _http_spec(self, view: HandleView) -> LeaseCredential:
+        try:
+            spec = self._policies.current().task(view.task).credentials.get(view.name)
+        except UnknownTask:
+            spec = None
+        if not isinstance(spec, LeaseCredential) or not spec.via_gateway or spec.gateway is None:
+            raise Refusal(INVALID_AUTHORIZATION, "the policy no longer gives this task a gateway credential")
+        return spec
+
+    def _issue_http_header(self, view: HandleView) -> HeldHeader:
+        spec = self._http_spec(view)
+        assert spec.gateway is not None
+        name, template, fields = spec.gateway.template()
+        secret, expires_at = self._issue_recorded(view, spec, "credential")
+        filled: dict[str, str] = {}
+        for field_name in fields:
+            value = secret.data.get(field_name)
+            # A header can't carry a line break (request smuggling) or a non-string value.
+            if not isinstance(value, str | int) or any(ord(ch) < 0x20 for ch in str(value)):
+                self._issue_failed(view, "header field")
+                raise Refusal(INVALID_AUTHORIZATION, "the credential lacks a field its header names")
+            filled[field_name] = str(value)
+        value = template
+        for field_name, field_value in filled.items():
+            value = value.replace("{data." + field_name + "}", field_value)
+        secrets_ = tuple(sorted({v for v in filled.values() if v} | {value}, key=len, reverse=True))
+        return HeldHeader(spec.gateway.upstream, name, value, secrets_, expires_at)
 
     # ---- statements --------------------------------------------------------------------
 

@@ -30,16 +30,19 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote
 
 import urllib3
 
 from broker.config import VaultSettings
-from broker.gateway.handles import sha256_matches, split_vault_token
+from broker.gateway.handles import HTTP_PREFIX, sha256_matches, split_vault_token
 from broker.gateway.service import CANNOT_CONNECT_NOW, GatewayService, Refusal
 from broker.ledger.gateway import HandleView
 from broker.vault.http import _pool_manager
+
+if TYPE_CHECKING:
+    from broker.gateway.httpproxy import HttpProxy
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +279,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         headers = {name.lower(): value for name, value in self.headers.items()}
+        # `/h/<handle>/...` is the HTTP proxy for `lease` credentials; the rest, Vault's API.
+        api: VaultAPI | HttpProxy = self.server.api
+        if self.path.startswith(HTTP_PREFIX) and self.server.http is not None:
+            api = self.server.http
         try:
-            answer = self.server.api.handle(self.command.upper(), self.path, headers, body)
+            answer = api.handle(self.command.upper(), self.path, headers, body)
         except Exception as error:  # one request's failure is not the server's
             log.warning("gateway: a Vault API request failed (%s)", type(error).__name__)
             answer = errors(500, "the gateway failed on this request")
@@ -290,6 +297,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", answer.content_type)
         self.send_header("Content-Length", str(len(answer.body)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in getattr(answer, "headers", ()):  # an HTTP proxy answer's upstream headers
+            self.send_header(name, value)
         if close:
             self.close_connection = True
             self.send_header("Connection", "close")
@@ -311,8 +320,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], api: VaultAPI) -> None:
+    def __init__(self, address: tuple[str, int], api: VaultAPI, http: HttpProxy | None = None) -> None:
         self.api = api
+        self.http = http
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
 
@@ -342,6 +352,10 @@ class VaultAPIServer:
     def __init__(self, host: str, port: int, service: GatewayService, vault: VaultSettings) -> None:
         self._address = (host, port)
         self.api = VaultAPI(service, vault)
+        # Imported here: the proxy builds on this module's Answer and bounds.
+        from broker.gateway.httpproxy import HttpProxy
+
+        self.http = HttpProxy(service)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -351,7 +365,7 @@ class VaultAPIServer:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        self._server = _Server(self._address, self.api)
+        self._server = _Server(self._address, self.api, self.http)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="gateway-vault-api", daemon=True
         )
@@ -364,6 +378,7 @@ class VaultAPIServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.api.close()
+        self.http.close()
 
 
 __all__ = ["DENIED", "Answer", "VaultAPI", "VaultAPIServer", "denied", "scrub", "vault_path"]

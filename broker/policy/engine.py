@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from broker import tracing
-from broker.credentials import CredentialSpec, DatabaseCredential, VaultTokenCredential
+from broker.credentials import CredentialSpec, DatabaseCredential, LeaseCredential, VaultTokenCredential
 from broker.errors import TtlExceedsMax, UnknownTask
 from broker.identity.types import Identity
 from broker.policy.cel import (
@@ -477,11 +477,11 @@ def _compile_statements(
 def _compile_requests(
     spec: TaskPolicy, prefix: tuple[PathPart, ...], issues: list[PolicyIssue]
 ) -> dict[str, RequestRules] | None:
-    """Each gateway vault_token credential's `requests:`; None (and `issues`) if one is bad."""
+    """Each gateway vault_token or lease credential's `requests:`; None (and `issues`) if one is bad."""
     compiled: dict[str, RequestRules] = {}
     failed = False
     for name, credential in spec.credentials.items():
-        if not isinstance(credential, VaultTokenCredential) or not credential.via_gateway:
+        if not isinstance(credential, (VaultTokenCredential, LeaseCredential)) or not credential.via_gateway:
             continue
         entries = [
             entry if isinstance(entry, str) else {"name": entry.name, "when": entry.when}

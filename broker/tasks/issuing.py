@@ -29,13 +29,14 @@ from sqlalchemy.orm.attributes import set_committed_value
 from broker import lifecycle, metrics
 from broker.audit import record
 from broker.clock import Clock, rfc3339
-from broker.credentials import CredentialSpec, DatabaseCredential, VaultTokenCredential
+from broker.credentials import CredentialSpec, DatabaseCredential, LeaseCredential, VaultTokenCredential
 from broker.db import DatabaseUnavailable, unit_of_work
 from broker.errors import Conflict, IssuanceFailed
 from broker.gateway.handles import (
     GatewayAddress,
     NewHandle,
     database_handle,
+    http_handle,
     new_handle,
     new_vault_handle,
     vault_handle,
@@ -153,6 +154,8 @@ class Issuer:
             assert self._gateway is not None
             if isinstance(spec, VaultTokenCredential):
                 data = vault_handle(handle, self._gateway)
+            elif isinstance(spec, LeaseCredential):
+                data = http_handle(handle, self._gateway)
             else:
                 assert isinstance(spec, DatabaseCredential)
                 data = database_handle(handle, spec, self._gateway)
@@ -186,7 +189,20 @@ class Issuer:
             raise IssuanceFailed(
                 "the task has a Vault gateway credential and this broker's gateway serves no Vault API"
             )
-        return {name: new_handle() for name in wanted} | {name: new_vault_handle() for name in vault}
+        http = [
+            name for name, spec in specs.items() if isinstance(spec, LeaseCredential) and spec.via_gateway
+        ]
+        if http and (self._gateway is None or self._gateway.http_port is None):
+            self._mark_failed(task, "an HTTP gateway credential, and no gateway.http_bind", actor)
+            raise IssuanceFailed(
+                "the task has an HTTP gateway credential and this broker's gateway serves no HTTP"
+            )
+        # An HTTP handle is checked as a Vault handle is (sha256$, constant time).
+        return (
+            {name: new_handle() for name in wanted}
+            | {name: new_vault_handle() for name in vault}
+            | {name: new_vault_handle() for name in http}
+        )
 
     def take_token(
         self, identity: Identity, request: TaskRequest, compiled: CompiledTask, ttl: int

@@ -92,3 +92,33 @@ def vault_gateway_policy(path: Path, *, ttl: int = 300) -> Path:
     }
     path.write_text(yaml.safe_dump({"tasks": {VAULT_TASK: task}}))
     return path
+
+
+HTTP_TASK = "api-through-the-gateway"
+# The lease's own fields, both: the header is the whole credential.
+HTTP_HEADER = "Authorization: Bearer {data.username}.{data.password}"
+
+
+def http_gateway_policy(path: Path, upstream: str, *, ttl: int = 300) -> Path:
+    """A task type whose `lease` credential (the stack's database role, for a real lease
+    with real `data`) goes through the gateway's HTTP proxy to `upstream`."""
+    task: dict[str, Any] = {
+        "description": "Call an API through the gateway",
+        "ttl": {"default": ttl, "max": 900},
+        "workloads": [{"issuer": "spire", "subject": "spiffe://example.org/agents/*"}],
+        "owners": ["*@example.com"],
+        "credentials": {
+            "api": {
+                "kind": "lease",
+                "path": "database/creds/analytics-ro",
+                "delivery": "gateway",
+                "gateway": {"upstream": upstream, "header": HTTP_HEADER},
+                "requests": [
+                    {"name": "no-delete", "when": 'request.method != "DELETE"'},
+                    {"name": "no-admin", "when": '!request.path.startsWith("admin")'},
+                ],
+            }
+        },
+    }
+    path.write_text(yaml.safe_dump({"tasks": {HTTP_TASK: task}}))
+    return path
