@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from broker import tracing
 from broker.credentials import CredentialSpec, DatabaseCredential, LeaseCredential, VaultTokenCredential
@@ -457,38 +457,42 @@ def _compile_statements(
     spec: TaskPolicy, prefix: tuple[PathPart, ...], issues: list[PolicyIssue]
 ) -> dict[str, StatementRules] | None:
     """Each gateway database credential's `statements:`; None (and `issues`) if one is bad."""
-    compiled: dict[str, StatementRules] = {}
-    failed = False
-    for name, credential in spec.credentials.items():
-        if not isinstance(credential, DatabaseCredential) or not credential.via_gateway:
-            continue
-        entries = [
-            entry if isinstance(entry, str) else {"name": entry.name, "when": entry.when}
-            for entry in credential.statements
-        ]
-        try:
-            compiled[name] = compile_statement_rules(entries, (*prefix, "credentials", name, "statements"))
-        except PolicyError as error:
-            issues.extend(error.issues)
-            failed = True
-    return None if failed else compiled
+    return _compile_rule_lists(
+        spec, prefix, issues, "statements", (DatabaseCredential,), compile_statement_rules
+    )
 
 
 def _compile_requests(
     spec: TaskPolicy, prefix: tuple[PathPart, ...], issues: list[PolicyIssue]
 ) -> dict[str, RequestRules] | None:
     """Each gateway vault_token or lease credential's `requests:`; None (and `issues`) if one is bad."""
-    compiled: dict[str, RequestRules] = {}
+    kinds = (VaultTokenCredential, LeaseCredential)
+    return _compile_rule_lists(spec, prefix, issues, "requests", kinds, compile_request_rules)
+
+
+Rules = TypeVar("Rules", StatementRules, RequestRules)
+
+
+def _compile_rule_lists(
+    spec: TaskPolicy,
+    prefix: tuple[PathPart, ...],
+    issues: list[PolicyIssue],
+    key: str,
+    kinds: tuple[type, ...],
+    compile_list: Callable[[list[object], tuple[PathPart, ...]], Rules],
+) -> dict[str, Rules] | None:
+    """The rule list at `key` of each gateway credential of `kinds`, compiled by `compile_list`."""
+    compiled: dict[str, Rules] = {}
     failed = False
     for name, credential in spec.credentials.items():
-        if not isinstance(credential, (VaultTokenCredential, LeaseCredential)) or not credential.via_gateway:
+        if not isinstance(credential, kinds) or not getattr(credential, "via_gateway", False):
             continue
-        entries = [
+        entries: list[object] = [
             entry if isinstance(entry, str) else {"name": entry.name, "when": entry.when}
-            for entry in credential.requests
+            for entry in getattr(credential, key)
         ]
         try:
-            compiled[name] = compile_request_rules(entries, (*prefix, "credentials", name, "requests"))
+            compiled[name] = compile_list(entries, (*prefix, "credentials", name, key))
         except PolicyError as error:
             issues.extend(error.issues)
             failed = True

@@ -23,14 +23,19 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, text
 
 from broker.config import settings_from_mapping
 from broker.dev.stack.postgres import free_port
 from broker.services import build_services
 from tests.conftest import broker_config
 from tests.factories import AGENT, start_task
-from tests.support.gateway import HTTP_TASK, gateway_section, http_gateway_policy, running_gateway
+from tests.support.gateway import (
+    HTTP_TASK,
+    api_and_gateway,
+    gateway_section,
+    http_gateway_policy,
+    ledger_rows,
+)
 from tests.support.waiting import wait_for
 
 
@@ -95,17 +100,11 @@ def upstreams() -> Iterator[tuple[Recorder, Recorder]]:
 
 @pytest.fixture
 def broker(stack, issuers, tmp_path, clean_db, upstreams):
+    """The API in this process and a gateway beside it."""
     upstream, _ = upstreams
     policy = http_gateway_policy(tmp_path / "policy.yaml", upstream.url + "/api", ttl=60)
-    section = gateway_section(free_port(), http_bind=f"127.0.0.1:{free_port()}", audit_flush_seconds=0.1)
-    settings = settings_from_mapping(broker_config(stack, issuers, policy, gateway=section), env={})
-    services = build_services(settings)
-    from broker.app import create_app
-
-    client = create_app(services=services).test_client()
-    with running_gateway(settings) as gateway:
-        yield client, services, gateway
-    services.close()
+    with api_and_gateway(stack, issuers, policy, http_bind=True) as parts:
+        yield parts
 
 
 def started(client: Any, issuers: Any) -> tuple[str, dict[str, Any]]:
@@ -113,14 +112,6 @@ def started(client: Any, issuers: Any) -> tuple[str, dict[str, Any]]:
     assert response.status_code == 201, response.get_json()
     body = response.get_json()
     return body["task_id"], body["credentials"]["api"]
-
-
-def rows(stack: Any, sql: str, **params: Any) -> list[Any]:
-    engine = create_engine(stack.database_url)
-    with engine.connect() as connection:
-        found = list(connection.execute(text(sql), params).all())
-    engine.dispose()
-    return found
 
 
 def call(handle: dict[str, Any], method: str, path: str, **headers: str) -> requests.Response:
@@ -138,7 +129,9 @@ def real_header(gateway: Any) -> str:
 def audited(stack: Any) -> list[dict[str, Any]]:
     return [
         row.detail
-        for row in rows(stack, "SELECT detail FROM audit_events WHERE event = 'gateway.request' ORDER BY seq")
+        for row in ledger_rows(
+            stack, "SELECT detail FROM audit_events WHERE event = 'gateway.request' ORDER BY seq"
+        )
     ]
 
 
@@ -151,9 +144,9 @@ def test_the_start_answers_a_url_and_a_header(broker, issuers, stack):
     port = services.settings.gateway.http_port
     assert handle["url"].startswith(f"http://127.0.0.1:{port}/h/brk_") and handle["url"].endswith("/")
     handle_id = handle["url"].rstrip("/").rsplit("/", 1)[1]
-    [row] = rows(stack, "SELECT kind, verifier FROM gateway_handles WHERE id = :id", id=handle_id)
+    [row] = ledger_rows(stack, "SELECT kind, verifier FROM gateway_handles WHERE id = :id", id=handle_id)
     assert row.kind == "lease" and row.verifier.startswith("sha256$") and handle["token"] not in row.verifier
-    assert rows(stack, "SELECT id FROM leases WHERE task_id = :t", t=task_id) == []
+    assert ledger_rows(stack, "SELECT id FROM leases WHERE task_id = :t", t=task_id) == []
 
 
 def test_the_upstream_gets_the_real_header_and_the_client_never_sees_it(broker, issuers, stack, upstreams):
@@ -176,12 +169,12 @@ def test_the_upstream_gets_the_real_header_and_the_client_never_sees_it(broker, 
     secret = real.removeprefix("Bearer ")
     assert secret not in answer.text and secret not in json.dumps(dict(answer.headers))
     assert secret not in json.dumps(credential)
-    dump = rows(stack, "SELECT string_agg(a::text, '') AS dump FROM audit_events a")[0].dump
+    dump = ledger_rows(stack, "SELECT string_agg(a::text, '') AS dump FROM audit_events a")[0].dump
     password = secret.split(".", 1)[1]
     assert password not in dump and handle["token"] not in dump
     for table in ("gateway_handles", "leases", "tasks"):
-        assert password not in rows(stack, f"SELECT string_agg(t::text, '') AS d FROM {table} t")[0].d
-    names = {r.name for r in rows(stack, "SELECT name FROM leases WHERE task_id = :t", t=task_id)}
+        assert password not in ledger_rows(stack, f"SELECT string_agg(t::text, '') AS d FROM {table} t")[0].d
+    names = {r.name for r in ledger_rows(stack, "SELECT name FROM leases WHERE task_id = :t", t=task_id)}
     replica = gateway.service.replica
     assert names == {f"api@{replica}", f"api@{replica}:token"}
     wait_for(lambda: any(d.get("kind") == "http" and d["status"] == 200 for d in audited(stack)), timeout=5)
@@ -282,7 +275,9 @@ def test_wrong_and_unknown_handles_are_refused_and_audited(broker, issuers, stac
     assert requests.get(base + "x", headers={"X-Vault-Token": handle["token"]}, timeout=10).status_code == 403
     assert upstream.seen == []
     wait_for(
-        lambda: len(rows(stack, "SELECT 1 FROM audit_events WHERE event = 'gateway.handle_refused'")) >= 3,
+        lambda: (
+            len(ledger_rows(stack, "SELECT 1 FROM audit_events WHERE event = 'gateway.handle_refused'")) >= 3
+        ),
         timeout=5,
     )
 
@@ -298,7 +293,7 @@ def test_after_finish_the_handle_is_refused(broker, issuers, stack, upstreams):
     assert call(handle, "GET", "x").status_code == 403
     assert len(upstream.seen) == 1
     wait_for(lambda: gateway.service._http_headers == {}, timeout=5)
-    states = {r.state for r in rows(stack, "SELECT state FROM leases WHERE task_id = :t", t=task_id)}
+    states = {r.state for r in ledger_rows(stack, "SELECT state FROM leases WHERE task_id = :t", t=task_id)}
     assert states == {"revoked"}
 
 
@@ -313,8 +308,8 @@ def test_a_gateway_without_http_bind_refuses_the_start(stack, issuers, tmp_path,
         response = start_task(client, issuers, HTTP_TASK)
         assert response.status_code == 502, response.get_json()
         assert "serves no HTTP" in response.get_json()["detail"]
-        assert rows(stack, "SELECT id FROM gateway_handles") == []
-        assert rows(stack, "SELECT id FROM leases") == []
+        assert ledger_rows(stack, "SELECT id FROM gateway_handles") == []
+        assert ledger_rows(stack, "SELECT id FROM leases") == []
     finally:
         services.close()
 

@@ -8,10 +8,8 @@ handle after; the credential the gateway issued is a lease of the task, revoked 
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -24,40 +22,31 @@ from broker.services import build_services
 from tests.conftest import broker_config
 from tests.factories import AGENT, dynamic_roles, start_task
 from tests.support.fault_proxy import HttpFaultProxy
-from tests.support.gateway import GATEWAY_TASK, gateway_policy, gateway_section, running_gateway
+from tests.support.gateway import (
+    GATEWAY_TASK,
+    api_and_gateway,
+    gateway_policy,
+    gateway_section,
+    running_gateway,
+)
 from tests.support.waiting import wait_for
 
 SECRET_LITERAL = "a-literal-only-the-query-knows"
 
 
-@contextlib.contextmanager
-def api_and_gateway(stack, issuers, tmp_path, recheck_seconds: float) -> Iterator[tuple[Any, Any, Any]]:
-    """The API in this process and a gateway beside it, sharing one config."""
-    policy = gateway_policy(stack, tmp_path / "policy.yaml", ttl=60)
-    section = gateway_section(free_port(), audit_flush_seconds=0.1, recheck_seconds=recheck_seconds)
-    settings = settings_from_mapping(broker_config(stack, issuers, policy, gateway=section), env={})
-    services = build_services(settings)
-    from broker.app import create_app
-
-    client = create_app(services=services).test_client()
-    try:
-        with running_gateway(settings) as gateway:
-            yield client, services, gateway
-    finally:
-        services.close()
-
-
 @pytest.fixture
 def broker(stack, issuers, tmp_path, clean_db):
     # A recheck far apart: a session cut within a second was cut by the task-end notification.
-    with api_and_gateway(stack, issuers, tmp_path, recheck_seconds=30) as parts:
+    policy = gateway_policy(stack, tmp_path / "policy.yaml", ttl=60)
+    with api_and_gateway(stack, issuers, policy, recheck_seconds=30) as parts:
         yield parts
 
 
 @pytest.fixture
 def rechecking_broker(stack, issuers, tmp_path, clean_db):
     # No scheduler runs here: a deadline is seen only by the gateway's own recheck.
-    with api_and_gateway(stack, issuers, tmp_path, recheck_seconds=0.2) as parts:
+    policy = gateway_policy(stack, tmp_path / "policy.yaml", ttl=60)
+    with api_and_gateway(stack, issuers, policy, recheck_seconds=0.2) as parts:
         yield parts
 
 

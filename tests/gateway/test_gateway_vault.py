@@ -26,30 +26,28 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, text
 
 from broker.config import settings_from_mapping
 from broker.dev.stack.postgres import free_port
 from broker.services import build_services
 from tests.conftest import broker_config
 from tests.factories import AGENT, start_task, vault
-from tests.support.gateway import VAULT_TASK, gateway_section, running_gateway, vault_gateway_policy
+from tests.support.gateway import (
+    VAULT_TASK,
+    api_and_gateway,
+    gateway_section,
+    ledger_rows,
+    vault_gateway_policy,
+)
 from tests.support.waiting import wait_for
 
 
 @pytest.fixture
 def broker(stack, issuers, tmp_path, clean_db):
-    """The API in this process and a gateway with its Vault API beside it."""
+    """The API in this process and a gateway beside it."""
     policy = vault_gateway_policy(tmp_path / "policy.yaml", ttl=60)
-    section = gateway_section(free_port(), http_bind=f"127.0.0.1:{free_port()}", audit_flush_seconds=0.1)
-    settings = settings_from_mapping(broker_config(stack, issuers, policy, gateway=section), env={})
-    services = build_services(settings)
-    from broker.app import create_app
-
-    client = create_app(services=services).test_client()
-    with running_gateway(settings) as gateway:
-        yield client, services, gateway
-    services.close()
+    with api_and_gateway(stack, issuers, policy, http_bind=True) as parts:
+        yield parts
 
 
 def started(client: Any, issuers: Any) -> tuple[str, dict[str, Any]]:
@@ -59,18 +57,12 @@ def started(client: Any, issuers: Any) -> tuple[str, dict[str, Any]]:
     return body["task_id"], body["credentials"]["token"]
 
 
-def rows(stack: Any, sql: str, **params: Any) -> list[Any]:
-    engine = create_engine(stack.database_url)
-    with engine.connect() as connection:
-        found = list(connection.execute(text(sql), params).all())
-    engine.dispose()
-    return found
-
-
 def requests_audited(stack: Any) -> list[dict[str, Any]]:
     return [
         row.detail
-        for row in rows(stack, "SELECT detail FROM audit_events WHERE event = 'gateway.request' ORDER BY seq")
+        for row in ledger_rows(
+            stack, "SELECT detail FROM audit_events WHERE event = 'gateway.request' ORDER BY seq"
+        )
     ]
 
 
@@ -97,20 +89,24 @@ def test_the_start_answers_an_address_and_a_handle_token(broker, issuers, stack)
     assert handle["addr"] == f"http://127.0.0.1:{services.settings.gateway.http_port}"
     handle_id, _, secret = handle["token"].partition(".")
     assert handle_id.startswith("brk_") and len(secret) >= 32  # 192 bits, url-safe base64
-    [row] = rows(stack, "SELECT task_id, kind, verifier FROM gateway_handles WHERE id = :id", id=handle_id)
+    [row] = ledger_rows(
+        stack, "SELECT task_id, kind, verifier FROM gateway_handles WHERE id = :id", id=handle_id
+    )
     assert str(row.task_id) == task_id and row.kind == "vault_token"
     assert row.verifier.startswith("sha256$") and secret not in row.verifier
-    audit = rows(stack, "SELECT string_agg(a::text, '') AS dump FROM audit_events a")[0].dump
+    audit = ledger_rows(stack, "SELECT string_agg(a::text, '') AS dump FROM audit_events a")[0].dump
     assert secret not in audit
     # Nothing issued at start: the gateway issues on the handle's first request.
-    assert rows(stack, "SELECT id FROM leases WHERE task_id = :t", t=task_id) == []
+    assert ledger_rows(stack, "SELECT id FROM leases WHERE task_id = :t", t=task_id) == []
 
 
 def test_hvac_reads_through_the_handle_and_the_token_is_a_lease_of_the_task(broker, issuers, stack):
     client, _, gateway = broker
     task_id, credential = started(client, issuers)
     assert read_q3(credential["data"])
-    leases = rows(stack, "SELECT name, kind, state FROM leases WHERE task_id = :t ORDER BY name", t=task_id)
+    leases = ledger_rows(
+        stack, "SELECT name, kind, state FROM leases WHERE task_id = :t ORDER BY name", t=task_id
+    )
     replica = gateway.service.replica
     assert [(lease.name, lease.kind) for lease in leases] == [
         (f"token@{replica}", "vault_token"),
@@ -127,7 +123,7 @@ def test_first_requests_at_once_issue_one_token(broker, issuers, stack):
     with ThreadPoolExecutor(8) as pool:
         read = list(pool.map(lambda _: read_q3(credential["data"]), range(8)))
     assert all(read)
-    assert len(rows(stack, "SELECT id FROM leases WHERE task_id = :t", t=task_id)) == 2
+    assert len(ledger_rows(stack, "SELECT id FROM leases WHERE task_id = :t", t=task_id)) == 2
 
 
 def test_the_bao_cli_reads_through_the_handle(broker, issuers):
@@ -231,12 +227,14 @@ def test_wrong_and_unknown_handles_are_refused_and_audited(broker, issuers, stac
         answer = requests.get(url, headers=headers, timeout=10)
         assert answer.status_code == 403 and answer.json()["errors"]
     wait_for(
-        lambda: len(rows(stack, "SELECT 1 FROM audit_events WHERE event = 'gateway.handle_refused'")) >= 4,
+        lambda: (
+            len(ledger_rows(stack, "SELECT 1 FROM audit_events WHERE event = 'gateway.handle_refused'")) >= 4
+        ),
         timeout=5,
     )
     whys = {
         r.why
-        for r in rows(
+        for r in ledger_rows(
             stack, "SELECT detail->>'why' AS why FROM audit_events WHERE event = 'gateway.handle_refused'"
         )
     }
@@ -255,7 +253,7 @@ def test_after_finish_the_handle_is_refused_and_the_token_is_revoked(broker, iss
         read_q3(handle)
     assert vault(stack, "GET", "secret/data/reports/q3", token=real).status_code == 403
     wait_for(lambda: real_tokens(gateway) == [], timeout=5)
-    states = {r.state for r in rows(stack, "SELECT state FROM leases WHERE task_id = :t", t=task_id)}
+    states = {r.state for r in ledger_rows(stack, "SELECT state FROM leases WHERE task_id = :t", t=task_id)}
     assert states == {"revoked"}
 
 
@@ -343,7 +341,7 @@ def test_a_gateway_without_http_bind_refuses_the_start_and_issues_nothing(stack,
         assert response.get_json()["code"] == "issuance_failed"
         assert "Vault API" in response.get_json()["detail"]
         assert "credentials" not in response.get_json()
-        assert rows(stack, "SELECT id FROM gateway_handles") == []
-        assert rows(stack, "SELECT id FROM leases") == []
+        assert ledger_rows(stack, "SELECT id FROM gateway_handles") == []
+        assert ledger_rows(stack, "SELECT id FROM leases") == []
     finally:
         services.close()

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from sqlalchemy import create_engine, text
 
-from broker.config import Settings
+from broker.config import Settings, settings_from_mapping
 from broker.dev.stack import TARGET_DB, Stack
+from broker.dev.stack.postgres import free_port
 
 if TYPE_CHECKING:
     from broker.gateway.runner import GatewayProcess
+    from tests.support.tokens import TestIssuer
 
 GATEWAY_TASK = "analytics-gateway"
 READ_ONLY = 'statement.command in ["SELECT", "SHOW", "BEGIN", "COMMIT", "ROLLBACK"]'
@@ -50,6 +53,38 @@ def gateway_policy(stack: Stack, path: Path, *, ttl: int = 300) -> Path:
 
 def gateway_section(port: int, **extra: Any) -> dict[str, Any]:
     return {"postgres_bind": f"127.0.0.1:{port}", "advertise_host": "127.0.0.1", **extra}
+
+
+@contextlib.contextmanager
+def api_and_gateway(
+    stack: Stack, issuers: dict[str, TestIssuer], policy: Path, **section: Any
+) -> Iterator[tuple[Any, Any, GatewayProcess]]:
+    """The API (a Flask test client on its own services) and a gateway beside it, on one
+    config: `section` adds to the gateway's (ports are free ones; http_bind=True for one)."""
+    from broker.app import create_app
+    from broker.services import build_services
+    from tests.conftest import broker_config
+
+    if section.pop("http_bind", False):
+        section["http_bind"] = f"127.0.0.1:{free_port()}"
+    gateway = gateway_section(free_port(), audit_flush_seconds=0.1, **section)
+    settings = settings_from_mapping(broker_config(stack, issuers, policy, gateway=gateway), env={})
+    services = build_services(settings)
+    try:
+        with running_gateway(settings) as process:
+            yield create_app(services=services).test_client(), services, process
+    finally:
+        services.close()
+
+
+def ledger_rows(stack: Stack, sql: str, **params: Any) -> list[Any]:
+    """Rows of the broker's own database, read as the test's superuser."""
+    engine = create_engine(stack.database_url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(text(sql), params).all())
+    finally:
+        engine.dispose()
 
 
 @contextlib.contextmanager
