@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 	$(BIN)/broker dev $(if $(PORT),--port $(PORT))
 
+# Two workers, a whole module each (its fixtures stay together), each starting a Postgres
+# and an OpenBao of its own; one process when the tests are pointed at an outside stack
+# (BROKER_TEST_DATABASE_URL), whose tables the workers would empty under each other.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(BROKER_TEST_DATABASE_URL),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check broker tests migrations bench
