@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import uuid
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ from broker.audit.events import AUDIT_EVENTS
 from broker.console import SECURITY_HEADERS
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "broker" / "console" / "templates"
-SOME_ID = str(uuid.uuid4())
+# Fixed, so every test worker collects the same parametrized ids.
+SOME_ID = "f55813d4-bf91-427a-a0a7-da11f43157b2"
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
