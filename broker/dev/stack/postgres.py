@@ -12,9 +12,11 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,11 +215,26 @@ def start_postgres(workdir: Path) -> PostgresHandle:
     workdir.mkdir(parents=True, exist_ok=True)
     run_as = _run_as()
     _prepare_permissions(bin_dir, workdir, run_as)
-    handle = PostgresHandle(workdir, free_port(), workdir / "sock", bin_dir, run_as)
+    handle = PostgresHandle(workdir, free_port(), _socket_dir(workdir), bin_dir, run_as)
     _initdb(handle)
     handle.start()
     atexit.register(handle.stop)
     return handle
+
+
+# A Unix socket's path is at most 107 bytes on Linux, `.s.PGSQL.<port>` included.
+_SOCKET_PATH_MAX = 107 - len("/.s.PGSQL.65535")
+
+
+def _socket_dir(workdir: Path) -> Path:
+    """`workdir/sock`, or a short directory of its own in the temp dir when that path is too
+    long for a socket (a deep test or CI directory); the server can't start without one."""
+    preferred = workdir / "sock"
+    if len(str(preferred).encode()) <= _SOCKET_PATH_MAX:
+        return preferred
+    short = Path(tempfile.mkdtemp(prefix="pgsock-"))
+    atexit.register(shutil.rmtree, short, ignore_errors=True)
+    return short
 
 
 def _initdb(handle: PostgresHandle) -> None:
