@@ -111,7 +111,11 @@ def _write_out_of_order(services) -> None:
     transactions committed out of order, the case chain order exists for) and c is not sealed
     yet. Written directly: the order can't be forced through the sealer."""
     with services.engine.begin() as connection:
-        for name, chain_seq in (("test.first_written", 2), ("test.second_written", 1), ("test.unsealed", None)):
+        for name, chain_seq in (
+            ("test.first_written", 2),
+            ("test.second_written", 1),
+            ("test.unsealed", None),
+        ):
             connection.execute(
                 text(
                     "INSERT INTO audit_events (id, at, event, actor, detail, row_mac, chain_seq, prev_hash, hash)"
@@ -144,4 +148,7 @@ def test_tail_is_in_chain_order_not_insertion_order_and_leaves_out_the_unsealed(
     _write_out_of_order(services)
     result = CliRunner().invoke(main, ["audit", "tail", "--config", str(config_file), "-n", "2"])
     assert result.exit_code == 0, result.output
-    assert [event["event"] for event in _lines(result.output)] == ["test.second_written", "test.first_written"]
+    assert [event["event"] for event in _lines(result.output)] == [
+        "test.second_written",
+        "test.first_written",
+    ]

@@ -18,7 +18,6 @@ from sqlalchemy import text
 
 from broker.policy.engine import TaskRequest
 from broker.tasks.service import start_hash
-
 from tests.factories import AGENT, OTHER_AGENT, start_body
 
 OPEN = ("issuing", "pending_approval", "active")
@@ -219,8 +218,14 @@ _requests = st.builds(
 
 
 @settings(max_examples=200, deadline=None)
-@given(request=_requests, other=_requests, field=st.sampled_from(["task", "owner", "purpose", "ttl_seconds", "context"]))
-def test_any_one_field_changed_is_another_request(request: TaskRequest, other: TaskRequest, field: str) -> None:
+@given(
+    request=_requests,
+    other=_requests,
+    field=st.sampled_from(["task", "owner", "purpose", "ttl_seconds", "context"]),
+)
+def test_any_one_field_changed_is_another_request(
+    request: TaskRequest, other: TaskRequest, field: str
+) -> None:
     changed = replace(request, **{field: getattr(other, field)})
     assume(getattr(changed, field) != getattr(request, field))
     assert start_hash(changed) != start_hash(request)
