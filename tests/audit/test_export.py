@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 from click.testing import CliRunner
+from sqlalchemy import text
 
 from broker.audit import seal_pending
 from broker.audit.export import SCHEMA
@@ -102,3 +104,51 @@ def test_tail_prints_the_newest_and_follow_prints_what_is_sealed_later(
     assert followed, err
     assert {event["task_id"] for event in followed} == {task["task_id"]}
     assert [event["chain_seq"] for event in followed] == sorted(event["chain_seq"] for event in followed)
+
+
+def _write_out_of_order(services) -> None:
+    """Three events written in `seq` order a, b, c, where the chain holds b before a (two
+    transactions committed out of order, the case chain order exists for) and c is not sealed
+    yet. Written directly: the order can't be forced through the sealer."""
+    with services.engine.begin() as connection:
+        for name, chain_seq in (
+            ("test.first_written", 2),
+            ("test.second_written", 1),
+            ("test.unsealed", None),
+        ):
+            connection.execute(
+                text(
+                    "INSERT INTO audit_events (id, at, event, actor, detail, row_mac, chain_seq, prev_hash, hash)"
+                    " VALUES (:id, now(), :event, 'test', '{}', 'mac', :chain_seq, :prev, :hash)"
+                ),
+                {
+                    "id": str(uuid.uuid4()),
+                    "event": name,
+                    "chain_seq": chain_seq,
+                    "prev": None if chain_seq is None else f"prev-{chain_seq}",
+                    "hash": None if chain_seq is None else f"hash-{chain_seq}",
+                },
+            )
+
+
+def test_export_is_in_chain_order_not_insertion_order_and_leaves_out_the_unsealed(services, config_file):
+    _write_out_of_order(services)
+    result = CliRunner().invoke(
+        main, ["audit", "export", "--config", str(config_file), "--since", "2000-01-01T00:00:00Z"]
+    )
+    assert result.exit_code == 0, result.output
+    events = _lines(result.output)
+    assert [(event["chain_seq"], event["event"]) for event in events] == [
+        (1, "test.second_written"),
+        (2, "test.first_written"),
+    ]
+
+
+def test_tail_is_in_chain_order_not_insertion_order_and_leaves_out_the_unsealed(services, config_file):
+    _write_out_of_order(services)
+    result = CliRunner().invoke(main, ["audit", "tail", "--config", str(config_file), "-n", "2"])
+    assert result.exit_code == 0, result.output
+    assert [event["event"] for event in _lines(result.output)] == [
+        "test.second_written",
+        "test.first_written",
+    ]

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
+from broker.policy.engine import TaskRequest
+from broker.tasks.service import start_hash
 from tests.factories import AGENT, OTHER_AGENT, start_body
 
 OPEN = ("issuing", "pending_approval", "active")
@@ -192,3 +197,71 @@ def test_simultaneous_starts_of_two_task_types_with_one_key_make_one_task(app, i
         thread.join()
     assert 201 in answers and sorted(answers)[1] in (409, 422)
     assert len([row for row in tasks(services) if row["state"] in OPEN]) == 1
+
+
+# Every field of the start body is in the retry hash: a field left out would let a retry with
+# another owner, purpose, TTL or context be answered as the first start (issue 30).
+_json_leaf = st.none() | st.booleans() | st.integers(-(2**31), 2**31) | st.text(max_size=8)
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+_requests = st.builds(
+    TaskRequest,
+    task=st.text(min_size=1, max_size=12),
+    owner=st.text(min_size=1, max_size=12),
+    purpose=st.text(max_size=12),
+    ttl_seconds=st.none() | st.integers(1, 86400),
+    context=st.dictionaries(st.text(max_size=6), _json, max_size=4),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    request=_requests,
+    other=_requests,
+    field=st.sampled_from(["task", "owner", "purpose", "ttl_seconds", "context"]),
+)
+def test_any_one_field_changed_is_another_request(
+    request: TaskRequest, other: TaskRequest, field: str
+) -> None:
+    changed = replace(request, **{field: getattr(other, field)})
+    assume(getattr(changed, field) != getattr(request, field))
+    assert start_hash(changed) != start_hash(request)
+
+
+def _reordered(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _reordered(value[key]) for key in reversed(list(value))}
+    if isinstance(value, list):
+        return [_reordered(item) for item in value]
+    return value
+
+
+@settings(max_examples=100, deadline=None)
+@given(request=_requests)
+def test_keys_reordered_at_any_depth_are_the_same_request(request: TaskRequest) -> None:
+    assert start_hash(replace(request, context=_reordered(dict(request.context)))) == start_hash(request)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"task": "everything"},
+        {"owner": "bob@example.com"},
+        {"purpose": "another weekly report"},
+        {"ttl_seconds": 600},
+        {"context": {"environment": "staging"}},
+        {"context": {"environment": "staging", "ticket": {"id": 8, "tags": ["a"]}}},
+    ],
+    ids=["task", "owner", "purpose", "ttl_seconds", "context", "context-nested"],
+)
+def test_a_retry_with_one_field_changed_is_refused(client, issuers, services, change: dict[str, Any]) -> None:
+    # The first start carries a nested context, so the last change differs only deep inside it.
+    first_body: dict[str, Any] = {"context": {"environment": "staging", "ticket": {"id": 7, "tags": ["a"]}}}
+    assert start(client, issuers, **first_body).status_code == 201
+    retry = start(client, issuers, **{**first_body, **change})
+    assert retry.status_code == 422
+    assert retry.get_json()["code"] == "idempotency_key_reused"
+    assert len(tasks(services)) == 1
