@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 from urllib.parse import urlencode
 
@@ -38,10 +38,19 @@ class ClientBase:
 
     `token` is a JWT string or a `TokenSource` (asked again before every request).
     `timeout` bounds each HTTP request; `retries` is how many times a failed request is
-    tried again when its `Retry` allows it.
+    tried again when its `Retry` allows it. `sleep` is how a pause between attempts is taken
+    (tests pass a recorder, so the bounds on every pause can be measured without waiting).
     """
 
-    def __init__(self, url: str, token: str | TokenSource, *, timeout: float, retries: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | TokenSource,
+        *,
+        timeout: float,
+        retries: int,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         if not url:
             raise ValueError("the broker URL is empty (set --url or $BROKER_URL)")
         self.url = url.rstrip("/")
@@ -50,7 +59,7 @@ class ClientBase:
         self.retries = max(0, retries)
         # urllib3's own retries are off: which failures may be retried depends on the call.
         self._http = urllib3.PoolManager(retries=False)
-        self._sleep = time.sleep
+        self._sleep = sleep
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
