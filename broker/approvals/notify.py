@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,11 +30,31 @@ from broker.config import NotifySettings
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Broker-Signature"
+# The signature over `<timestamp>.<body>`: a captured delivery replayed later carries an old
+# timestamp the receiver refuses, and a fresh timestamp breaks this signature.
+TIMESTAMP_HEADER = "X-Broker-Timestamp"
+TIMESTAMPED_SIGNATURE_HEADER = "X-Broker-Signature-V2"
 _RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def sign(secret: bytes, body: bytes) -> str:
+    # Body only: kept for receivers written before the timestamped signature.
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def sign_timestamped(secret: bytes, timestamp: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def verify_timestamped(
+    secret: bytes, timestamp: str, body: bytes, signature: str, *, now: float, tolerance: float = 300
+) -> bool:
+    """The receiver's check (docs/configuration.md): signature fits and the timestamp is fresh."""
+    try:
+        fresh = abs(now - int(timestamp)) <= tolerance
+    except ValueError:
+        return False
+    return fresh and hmac.compare_digest(sign_timestamped(secret, timestamp, body), signature)
 
 
 def approval_url(settings: NotifySettings, task_id: str) -> str | None:
@@ -72,7 +93,16 @@ def _facts(payload: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Approval lapses", payload.get("approval_expires_at")),
         ("Task id", payload.get("task_id")),
     ]
-    return [(label, str(value)) for label, value in facts if value]
+    return [(label, _inert(str(value))) for label, value in facts if value]
+
+
+def _inert(text: str) -> str:
+    # A newline in a purpose would start a forged `*Owner:*` line, and bidi or invisible
+    # characters make an approver read other text than is there: show them as code points.
+    return "".join(
+        f"U+{ord(char):04X}" if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") else char
+        for char in text
+    )
 
 
 def _issued(credentials: Any) -> str | None:
@@ -87,12 +117,49 @@ def _slack_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+_SLACK_SECTION_LIMIT = 3000  # Slack refuses a section text longer than this
+
+
+def _shorten_escaped(text: str, budget: int) -> str:
+    """`text` Slack-escaped, cut to `budget` characters between escapes, never inside one."""
+    out: list[str] = []
+    used = 0
+    for char in text:
+        piece = _slack_escape(char)
+        if used + len(piece) > budget - 1:
+            return "".join(out) + "…"
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
+
+
+def _slack_lines(facts: list[tuple[str, str]]) -> str:
+    # Only the workload may be shortened: task, owner, what is issued, approvers and the
+    # task id are what an approver decides on, so they always appear in full.
+    def line(label: str, value: str) -> str:
+        return f"*{label}:* {value}"
+
+    escaped = [(label, _slack_escape(value)) for label, value in facts]
+    total = len("\n".join(line(label, value) for label, value in escaped))
+    if total <= _SLACK_SECTION_LIMIT:
+        return "\n".join(line(label, value) for label, value in escaped)
+    raw = dict(facts)
+    budget = (
+        max(1, len(dict(escaped)["Workload"]) - (total - _SLACK_SECTION_LIMIT)) if "Workload" in raw else 0
+    )
+    return "\n".join(
+        line(label, _shorten_escaped(raw[label], budget) if label == "Workload" else value)
+        for label, value in escaped
+    )
+
+
 def slack_body(event: str, payload: Mapping[str, Any], link: str | None) -> dict[str, Any]:
-    headline = f"{_HEADLINES.get(event, event)}: {payload.get('task', '')}"
-    lines = "\n".join(f"*{label}:* {_slack_escape(value)}" for label, value in _facts(payload))
+    headline = _inert(f"{_HEADLINES.get(event, event)}: {payload.get('task', '')}")
+    lines = _slack_lines(_facts(payload))
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": headline[:150]}},
-        {"type": "section", "text": {"type": "mrkdwn", "text": lines[:3000]}},
+        # verbatim: a bare URL or #channel in user text is not turned into a link by Slack.
+        {"type": "section", "text": {"type": "mrkdwn", "text": lines, "verbatim": True}},
     ]
     if link is not None and event == "approval.requested":
         blocks.append(
@@ -123,7 +190,7 @@ def teams_body(event: str, payload: Mapping[str, Any], link: str | None) -> dict
                 "size": "Medium",
                 "weight": "Bolder",
                 "wrap": True,
-                "text": _teams_escape(f"{_HEADLINES.get(event, event)}: {payload.get('task', '')}"),
+                "text": _teams_escape(_inert(f"{_HEADLINES.get(event, event)}: {payload.get('task', '')}")),
             },
             {
                 "type": "FactSet",
@@ -197,7 +264,11 @@ class Notifier:
         assert settings is not None
         headers = {"Content-Type": "application/json"}
         if self._secret is not None:
-            headers[SIGNATURE_HEADER] = sign(self._secret.get_secret_value(), body)
+            secret = self._secret.get_secret_value()
+            timestamp = str(int(time.time()))
+            headers[SIGNATURE_HEADER] = sign(secret, body)
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[TIMESTAMPED_SIGNATURE_HEADER] = sign_timestamped(secret, timestamp, body)
         for attempt in range(settings.retries + 1):
             if attempt:
                 self._sleep(min(30.0, settings.retry_base_seconds * 2 ** (attempt - 1)))

@@ -192,3 +192,46 @@ def test_a_dead_receiver_does_not_fail_the_start(stack, issuers, policy_file, cl
     assert client.post("/task/start", json=body, headers=issuers["spire"].bearer(AGENT)).status_code == 202
     services.notifier.drain()
     services.close()
+
+
+def test_a_receiver_that_never_answers_in_time_does_not_slow_the_start(stack, issuers, policy_file, clean_db):
+    import time
+
+    from broker.app import create_app
+    from broker.services import build_services
+
+    release = threading.Event()
+
+    class Stuck(BaseHTTPRequestHandler):
+        def do_POST(self):
+            release.wait(10)  # answers only when the test is done, far past the timeout
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Stuck)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = broker_config(
+            stack,
+            issuers,
+            policy_file,
+            notify={
+                "webhook_url": f"http://127.0.0.1:{server.server_port}/",
+                "timeout_seconds": 5,
+                "retries": 0,
+            },
+        )
+        services = build_services(settings_from_mapping(config, env={}))
+        client = create_app(services=services).test_client()
+        body = start_body("deploy-prod", purpose="release 1.4 to production", context={"environment": "prod"})
+        started = time.monotonic()
+        answer = client.post("/task/start", json=body, headers=issuers["spire"].bearer(AGENT))
+        took = time.monotonic() - started
+        assert answer.status_code == 202
+        assert took < 4  # the start did not wait for the receiver's 5 s timeout
+        services.close()
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
