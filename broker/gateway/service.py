@@ -230,7 +230,10 @@ class GatewayService:
             raise Refusal(
                 CANNOT_CONNECT_NOW, f"the gateway could not get this task's {what}; retry"
             ) from None
-        self._record(view, self._token_lease(view, token))
+        # Each issuance's leases are named apart: a credential that expires before its task
+        # (a role's max_ttl, or the second lost to rounding) is issued again under new names.
+        issuance = f"{view.name}@{self.replica}.{secrets.token_hex(2)}"
+        self._record(view, self._token_lease(view, issuance, token))
         try:
             secret = self._vault.issue(
                 token, spec, ttl_seconds=ttl, task_id=str(view.task_id), workload=view.workload
@@ -241,7 +244,8 @@ class GatewayService:
             raise Refusal(
                 CANNOT_CONNECT_NOW, f"the gateway could not get this task's {what}; retry"
             ) from None
-        expires_at = self._record(view, self._credential_lease(view, secret), token=token, secret=secret)
+        credential = self._credential_lease(view, issuance, secret)
+        expires_at = self._record(view, credential, token=token, secret=secret)
         return secret, expires_at
 
     def _spec(self, view: HandleView) -> DatabaseCredential:
@@ -282,18 +286,15 @@ class GatewayService:
             raise Refusal(INVALID_AUTHORIZATION, "the task this handle belongs to has ended")
         return lease.expires_at
 
-    def _token_lease(self, view: HandleView, token: TaskToken) -> Lease:
+    def _token_lease(self, view: HandleView, issuance: str, token: TaskToken) -> Lease:
         # Named after the credential's lease so it sorts after it: the task's end revokes the
         # credential (synchronously) before the token that created it.
-        return self._lease(
-            view, f"{view.name}@{self.replica}:token", "gateway_token", "token", token.accessor, None
-        )
+        return self._lease(view, f"{issuance}:token", "gateway_token", "token", token.accessor, None)
 
-    def _credential_lease(self, view: HandleView, secret: IssuedSecret) -> Lease:
+    def _credential_lease(self, view: HandleView, issuance: str, secret: IssuedSecret) -> Lease:
         lease = self._lease(
-            view, f"{view.name}@{self.replica}", view.kind, secret.handle.kind, secret.handle.ref,
-            secret.vault_lease_id,
-        )  # fmt: skip
+            view, issuance, view.kind, secret.handle.kind, secret.handle.ref, secret.vault_lease_id
+        )
         lease.expires_at = min(secret.expires_at, lease.expires_at)
         return lease
 

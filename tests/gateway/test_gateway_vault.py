@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -108,9 +109,11 @@ def test_hvac_reads_through_the_handle_and_the_token_is_a_lease_of_the_task(brok
         stack, "SELECT name, kind, state FROM leases WHERE task_id = :t ORDER BY name", t=task_id
     )
     replica = gateway.service.replica
+    issuance = leases[0].name
+    assert re.fullmatch(rf"token@{replica}\.[0-9a-f]{{4}}", issuance)
     assert [(lease.name, lease.kind) for lease in leases] == [
-        (f"token@{replica}", "vault_token"),
-        (f"token@{replica}:token", "gateway_token"),
+        (issuance, "vault_token"),
+        (f"{issuance}:token", "gateway_token"),
     ]
     wait_for(lambda: any(d["allowed"] and d["status"] == 200 for d in requests_audited(stack)), timeout=5)
     [detail] = [d for d in requests_audited(stack) if d["path"] == "secret/data/reports/q3"]
