@@ -303,20 +303,7 @@ class TaskService:
         )
         task.request_hash = request_hash(task, compiled.credentials)
         if not decision.allowed:
-            record(
-                session,
-                self._clock,
-                "task.denied",
-                identity.id,
-                owner=request.owner,
-                purpose=request.purpose,
-                detail={
-                    "task": request.task,
-                    "rule": decision.failed_rule,
-                    "why": decision.detail,
-                    "context": request.context,
-                },
-            )
+            self._denied(session, identity, request, rule=decision.failed_rule, why=decision.detail)
             return Recorded(task, "refused", decision, None)
         if decision.approval_required:
             approval = compiled.approval
@@ -344,20 +331,19 @@ class TaskService:
             raise self._reclaimed()
         return Recorded(task, "issuing", decision, token)
 
+    def _denied(self, session: Session, identity: Identity, request: TaskRequest, **detail: Any) -> None:
+        """`task.denied`: no task is recorded, so the event carries the owner and purpose."""
+        record(
+            session, self._clock, "task.denied", identity.id, owner=request.owner, purpose=request.purpose,
+            detail={"task": request.task, **detail, "context": request.context},
+        )  # fmt: skip
+
     def _locked(
         self, session: Session, identity: Identity, request: TaskRequest, lock: uuid.UUID
     ) -> Recorded:
         """A start an operator's lock refuses: audited as a denial, so the log shows what a
         locked-out workload still tried."""
-        record(
-            session,
-            self._clock,
-            "task.denied",
-            identity.id,
-            owner=request.owner,
-            purpose=request.purpose,
-            detail={"task": request.task, "rule": "lock", "lock_id": str(lock), "context": request.context},
-        )
+        self._denied(session, identity, request, rule="lock", lock_id=str(lock))
         placeholder = Task(id=uuid.uuid4(), task=request.task, workload=identity.id, owner=request.owner)
         return Recorded(placeholder, "locked", None, None, lock=lock)
 
