@@ -92,6 +92,7 @@ def run_bounded(
     # Whatever the command left running in its group must not keep the credentials. (A
     # process group id is not reused while any member of the group is alive.)
     _kill_group(child.pid, signal.SIGKILL)
+    _wait_group_gone(child.pid, KILL_GRACE_SECONDS)
     for capture in (out, err):
         capture.thread.join(timeout=KILL_GRACE_SECONDS)
     stdout, stdout_cut = _render(out, cap, redactor)
@@ -126,6 +127,19 @@ def _end_group(child: subprocess.Popen[bytes]) -> None:
         child.wait(timeout=KILL_GRACE_SECONDS)
     _kill_group(child.pid, signal.SIGKILL)
     child.wait()
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    """SIGKILL is delivered when a process next runs: wait (bounded) until the group is
+    empty, so the call answers only once nothing it started runs on. A member its new parent
+    has not reaped yet (a zombie) still counts, hence the bound."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.01)
 
 
 def _kill_group(pgid: int, signum: int) -> None:
