@@ -25,6 +25,15 @@ class NamedRule:
     rule: CelRule
 
 
+@dataclass(frozen=True, slots=True)
+class RuleVerdict:
+    """A list of named rules' answer for one input: every rule must pass."""
+
+    allowed: bool
+    rule: str | None  # the first rule that refused, None when allowed
+    detail: str
+
+
 def compile_named_rules(
     entries: Sequence[object],
     path: tuple[PathPart, ...],

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from broker.policy.cel import CelActivation, CelVariables
-from broker.policy.named_rules import NamedRule, compile_named_rules
+from broker.policy.named_rules import NamedRule, RuleVerdict, compile_named_rules
 from broker.policy.schema import PathPart
 
 REQUEST_VARIABLES = CelVariables(
@@ -40,11 +39,7 @@ CACHE_SIZE = 1024
 RequestRule = NamedRule
 
 
-@dataclass(frozen=True, slots=True)
-class RequestVerdict:
-    allowed: bool
-    rule: str | None  # the first rule that refused, None when allowed
-    detail: str
+RequestVerdict = RuleVerdict
 
 
 class RequestRules:

@@ -84,7 +84,7 @@ from typing import Any
 from pglast import ast, enums, parser
 
 from broker.policy.cel import CelActivation, CelVariables
-from broker.policy.named_rules import NamedRule, compile_named_rules
+from broker.policy.named_rules import NamedRule, RuleVerdict, compile_named_rules
 from broker.policy.schema import PathPart
 
 log = logging.getLogger(__name__)
@@ -510,13 +510,6 @@ STATEMENT_VARIABLES = CelVariables(
 
 
 StatementRule = NamedRule
-
-
-@dataclass(frozen=True, slots=True)
-class RuleVerdict:
-    allowed: bool
-    rule: str | None  # the first rule that refused, None when allowed
-    detail: str
 
 
 class StatementRules:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +35,7 @@ from tests.support.gateway import (
     gateway_section,
     http_gateway_policy,
     ledger_rows,
+    send_raw,
 )
 from tests.support.waiting import wait_for
 
@@ -332,18 +332,6 @@ _JUNK = st.one_of(
 )
 
 
-def _send(port: int, payload: bytes) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-        try:
-            connection.sendall(payload)
-            connection.shutdown(socket.SHUT_WR)
-            connection.settimeout(2)
-            while connection.recv(65536):
-                pass
-        except OSError:
-            pass
-
-
 def test_junk_http_leaves_the_server_serving(broker, issuers, upstreams):
     client, _, _ = broker
     _, elsewhere = upstreams
@@ -355,7 +343,7 @@ def test_junk_http_leaves_the_server_serving(broker, issuers, upstreams):
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(payload=_JUNK)
     def junk(payload: bytes) -> None:
-        _send(port, payload)
+        send_raw(port, payload)
 
     junk()
     assert call(handle, "GET", "still").status_code == 200

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from tests.support.gateway import (
     api_and_gateway,
     gateway_section,
     ledger_rows,
+    send_raw,
     vault_gateway_policy,
 )
 from tests.support.waiting import wait_for
@@ -303,18 +303,6 @@ _JUNK = st.one_of(
 )
 
 
-def _send(port: int, payload: bytes) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-        try:
-            connection.sendall(payload)
-            connection.shutdown(socket.SHUT_WR)
-            connection.settimeout(2)
-            while connection.recv(65536):
-                pass
-        except OSError:
-            pass  # the server may close on us mid-way: that is its right
-
-
 def test_junk_http_never_kills_the_server(broker, issuers):
     client, _, _ = broker
     _, credential = started(client, issuers)
@@ -325,7 +313,7 @@ def test_junk_http_never_kills_the_server(broker, issuers):
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(payload=_JUNK)
     def junk_then_a_good_request(payload: bytes) -> None:
-        _send(port, payload)
+        send_raw(port, payload)
 
     junk_then_a_good_request()
     assert read_q3(handle)

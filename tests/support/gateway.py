@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,3 +158,17 @@ def http_gateway_policy(path: Path, upstream: str, *, ttl: int = 300) -> Path:
     }
     path.write_text(yaml.safe_dump({"tasks": {HTTP_TASK: task}}))
     return path
+
+
+def send_raw(port: int, payload: bytes) -> None:
+    """Send `payload` as a client would and read until the server closes (it may close on
+    us mid-way: that is its right)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        try:
+            connection.sendall(payload)
+            connection.shutdown(socket.SHUT_WR)
+            connection.settimeout(2)
+            while connection.recv(65536):
+                pass
+        except OSError:
+            pass
